@@ -1,0 +1,39 @@
+# make test: the whole test suite; make demo: see Zarkov work.  Both set up
+# everything they need on a fresh machine: .venv/, the package and its pinned
+# dependencies, and the bundled database (built with Go) unless
+# ZARKOV_TEST_MONGO_URI names another server.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv db test demo bench clean stop
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+db: venv
+	@if [ -z "$$ZARKOV_TEST_MONGO_URI" ]; then scripts/dev-db start; fi
+
+# pytest exits 5 when it collected no test: say so loudly and fail.
+test: venv db
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: FAILED: no tests ran" >&2; fi; exit $$rc
+
+demo: venv db
+	$(PY) scripts/demo
+
+bench: venv db
+	$(PY) bench/zmr.py
+	$(PY) bench/aggregate.py
+	$(PY) bench/ingest.py
+
+stop:
+	scripts/dev-db stop
+
+clean: stop
+	rm -rf var $(VENV) *.egg-info

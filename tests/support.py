@@ -1,0 +1,125 @@
+"""Helpers for tests that run real Zarkov processes: ports, polling, process groups."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZCMD = [sys.executable, os.path.join(ROOT, "scripts", "zcmd")]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition"):
+    """Poll ``cond`` until it returns a true value (returned) or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last one
+            last_exc = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def proc_env(extra: dict | None = None) -> dict:
+    """The environment for child processes: the repo importable, output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+class Processes:
+    """Processes started by one test; every one is killed (with its children) at the end."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
+        """Start ``argv`` in its own process group, output to ``<log_dir>/<name>.log``."""
+        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=proc_env(kw.pop("env", None)),
+                             cwd=kw.pop("cwd", ROOT), start_new_session=True, **kw)
+        log.close()
+        self.procs.append((name, p))
+        return p
+
+    def zcmd(self, name: str, config_path: str, *args: str, **kw) -> subprocess.Popen:
+        """Start ``zcmd -y config_path args...`` in the background."""
+        return self.start(name, ZCMD + ["-y", config_path, *args], **kw)
+
+    def log(self, name: str) -> str:
+        """What the named process has written so far."""
+        try:
+            with open(os.path.join(self.log_dir, f"{name}.log"), errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def kill(self, p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the process group of ``p`` and reap it."""
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        """Stop everything: SIGTERM first, SIGKILL to whatever remains."""
+        for _, p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for _, p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # children of a process that exited may live on in its group
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if p.poll() is None:
+                p.wait(timeout=10)
+
+
+def run_zcmd(config_path: str | None, *args: str, timeout: float = 300, input: str | None = None,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``zcmd`` to completion and return the CompletedProcess (text output)."""
+    argv = ZCMD + (["-y", config_path] if config_path else []) + list(args)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=proc_env(env),
+                          cwd=ROOT, input=input)
+
+
+def write_config(path: str, data: dict) -> str:
+    """Write a YAML config file and return its path."""
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+    return path

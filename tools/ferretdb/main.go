@@ -1,0 +1,60 @@
+// Command ferretdb-zarkov runs the bundled MongoDB-compatible server for Zarkov's
+// development and tests: FerretDB with SQLite storage, embedded as a library so that
+// the module zip's missing version file (FerretDB issue 2982) does not matter.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/FerretDB/FerretDB/ferretdb"
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:27018", "TCP address to listen on")
+	dataDir := flag.String("data", "var/ferretdb", "directory of the SQLite files")
+	logLevel := flag.String("log-level", "error", "log level: debug, info, warn or error")
+	flag.Parse()
+
+	dir, err := filepath.Abs(*dataDir)
+	if err != nil {
+		log.Fatalf("ferretdb: data dir %q: %v", *dataDir, err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		log.Fatalf("ferretdb: data dir %q: %v", dir, err)
+	}
+
+	f, err := ferretdb.New(&ferretdb.Config{
+		Listener:  ferretdb.ListenerConfig{TCP: *listen},
+		Handler:   "sqlite",
+		SQLiteURL: "file:" + dir + "/",
+		Logger:    newLogger(*logLevel),
+	})
+	if err != nil {
+		log.Fatalf("ferretdb: %v", err)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	fmt.Fprintf(os.Stderr, "ferretdb: listening on %s, data in %s\n", *listen, dir)
+	if err := f.Run(ctx); err != nil && ctx.Err() == nil {
+		log.Fatalf("ferretdb: %v", err)
+	}
+}
+
+// newLogger returns a text logger on stderr at the named level.
+func newLogger(level string) *slog.Logger {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		log.Fatalf("ferretdb: -log-level %q: %v", level, err)
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}

@@ -1,0 +1,1 @@
+"""The ``zcmd`` command line: option parsing and command lookup, nothing else."""

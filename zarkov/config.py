@@ -1,0 +1,205 @@
+"""The one configuration schema of Zarkov: defaults, YAML loading and validation.
+
+Every command builds a :class:`Config` with :func:`load` and reads its settings as
+attributes (``config.mongo_uri``, ``config.zmr.reduce_count``).  Errors name the
+file and the key, so that ``zcmd`` can print them on one line and exit with 2.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration file or value that cannot be used; the message names it."""
+
+
+# key: (type or tuple of types, default).  ``None`` as a default means "unset".
+TOP_SCHEMA: dict[str, tuple[Any, Any]] = {
+    "mongo_uri": (str, "mongodb://localhost:27017"),
+    "mongo_database": (str, "zarkov"),
+    "bson_bind_address": (str, "tcp://0.0.0.0:6543"),
+    "json_bind_address": (str, "tcp://0.0.0.0:6544"),
+    "bson_uri": (str, "tcp://127.0.0.1:6543"),
+    "publish_bind_address": (str, "tcp://0.0.0.0:6545"),
+    "web_port": (int, 8081),
+    "journal": (str, "journal"),
+    "journal_file_size": (int, 262144),
+    "journal_min_files": (int, 4),
+    "num_event_servers": (int, 0),
+    "num_event_logs": (int, 4),
+    "verbose": (bool, False),
+    # Seconds between two runs of the real-time aggregation loop of `serve`.
+    "realtime_interval": ((int, float), 5.0),
+    # Seconds a run's lease on an AggDef lasts without renewal (another host may
+    # take a pending run over after that).
+    "agg_lease_seconds": ((int, float), 60.0),
+    # Optional shared key that event senders put in a first frame.
+    "shared_key": ((str, type(None)), None),
+    # Where `serve` logs; "-" is stderr.
+    "log_file": (str, "-"),
+}
+
+ZMR_SCHEMA: dict[str, tuple[Any, Any]] = {
+    "req_uri": (str, "tcp://127.0.0.1:5555"),
+    "req_bind": (str, "tcp://0.0.0.0:5555"),
+    "worker_uri": (str, "tcp://0.0.0.0"),
+    "src_port": (int, 0),
+    "sink_port": (int, 0),
+    "local_workers": (int, 2),
+    "processes_per_worker": (int, 0),
+    "reduce_count": (int, 256),
+    "map_chunk_size": (int, 5000000),
+    "map_chunks_per_page": (int, 20),
+    "outstanding_chunks": (int, 4),
+    "max_chunk_timeout": ((int, float), 600),
+    "request_greenlets": (int, 16),
+    "compress": (int, 0),
+    "job_root": (str, "/tmp/zmr"),
+    "event_limit": (int, 100000),
+    "requests_per_worker_process": (int, 256),
+    "suicide_level": (int, 3145728),
+}
+
+# Keys whose value must be > 0 (the others may be 0 where 0 means "automatic").
+POSITIVE = {
+    "journal_file_size", "journal_min_files", "num_event_logs", "realtime_interval",
+    "agg_lease_seconds", "zmr.reduce_count", "zmr.map_chunk_size",
+    "zmr.map_chunks_per_page", "zmr.outstanding_chunks", "zmr.max_chunk_timeout",
+    "zmr.request_greenlets", "zmr.event_limit", "zmr.requests_per_worker_process",
+    "zmr.suicide_level",
+}
+
+
+class Section:
+    """Attribute access to one validated section of the configuration."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self.__dict__.update(values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dict copy of the section (nested sections as dicts too)."""
+        return {k: (v.as_dict() if isinstance(v, Section) else v)
+                for k, v in self.__dict__.items()}
+
+    def __repr__(self) -> str:
+        return f"Section({self.as_dict()!r})"
+
+
+class Config(Section):
+    """The whole validated configuration: top-level keys and the ``zmr`` section."""
+
+    zmr: Section
+    source: str
+
+    def validate(self) -> "Config":
+        """Check every key against the schema; raise ConfigError naming the key."""
+        data = self.as_dict()
+        data.pop("source", None)
+        _validate(data, self.source)
+        return self
+
+
+def defaults() -> dict[str, Any]:
+    """The default value of every key, as a nested dict."""
+    d = {k: copy.deepcopy(v[1]) for k, v in TOP_SCHEMA.items()}
+    d["zmr"] = {k: copy.deepcopy(v[1]) for k, v in ZMR_SCHEMA.items()}
+    return d
+
+
+def _type_name(t: Any) -> str:
+    ts = t if isinstance(t, tuple) else (t,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null"}
+    return " or ".join(names.get(x, x.__name__) for x in ts)
+
+
+def _check(key: str, value: Any, expected: Any, source: str) -> None:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise ConfigError(f"{source}: key '{key}': expected {_type_name(expected)}, "
+                          f"got {value!r}")
+    if key in POSITIVE and value <= 0:
+        raise ConfigError(f"{source}: key '{key}': must be greater than 0, got {value!r}")
+    if key != "zmr.processes_per_worker" and key.endswith(("_workers", "_servers", "_port")) \
+            and isinstance(value, int) and value < 0:
+        raise ConfigError(f"{source}: key '{key}': must not be negative, got {value!r}")
+
+
+def _validate(data: Mapping[str, Any], source: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the file must hold a mapping of keys, "
+                          f"got {type(data).__name__}")
+    for key, value in data.items():
+        if key == "zmr":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: key 'zmr': expected a mapping, got {value!r}")
+            for zkey, zvalue in value.items():
+                if zkey not in ZMR_SCHEMA:
+                    raise ConfigError(f"{source}: unknown key 'zmr.{zkey}'")
+                _check(f"zmr.{zkey}", zvalue, ZMR_SCHEMA[zkey][0], source)
+        elif key not in TOP_SCHEMA:
+            raise ConfigError(f"{source}: unknown key '{key}'")
+        else:
+            _check(key, value, TOP_SCHEMA[key][0], source)
+    if data.get("zmr", {}).get("processes_per_worker", 0) < 0:
+        raise ConfigError(f"{source}: key 'zmr.processes_per_worker': must not be negative")
+
+
+def from_dict(data: Mapping[str, Any] | None = None, source: str = "<config>") -> Config:
+    """Build a validated Config from a (partial) nested dict over the defaults."""
+    data = dict(data or {})
+    _validate(data, source)
+    merged = defaults()
+    for key, value in data.items():
+        if key == "zmr":
+            merged["zmr"].update(value)
+        else:
+            merged[key] = value
+    cfg = Config({k: v for k, v in merged.items() if k != "zmr"})
+    cfg.zmr = Section(merged["zmr"])
+    cfg.source = source
+    return cfg
+
+
+def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load a YAML file (or only defaults when ``path`` is None), apply overrides.
+
+    ``overrides`` maps dotted keys (``mongo_uri``, ``zmr.req_uri``) to values.
+    """
+    data: dict[str, Any] = {}
+    source = path or "<defaults>"
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+        if loaded is not None:
+            if not isinstance(loaded, Mapping):
+                raise ConfigError(f"{path}: the file must hold a mapping of keys, "
+                                  f"got {type(loaded).__name__}")
+            data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in loaded.items()}
+    for dotted, value in (overrides or {}).items():
+        if "." in dotted:
+            section, key = dotted.split(".", 1)
+            data.setdefault(section, {})[key] = value
+        else:
+            data[dotted] = value
+    return from_dict(data, source)
+
+
+def worker_processes(n: int) -> int:
+    """Resolve a process count where 0 means one per core."""
+    return n if n > 0 else (os.cpu_count() or 1)
