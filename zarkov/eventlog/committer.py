@@ -1,0 +1,209 @@
+"""Journal → MongoDB: commit journaled events to the ``event`` collection in batches.
+
+A file is committed as soon as it is full (closed by the writer); the records of
+the open file are committed after one idle second (no new event), or when the
+oldest of them has waited ``MAX_DELAY`` seconds under a steady trickle.  Events
+carry their ``_id`` from the journal, and ``insert_many(ordered=False)`` reports a
+duplicate key for one already stored, so committing a record twice (a replay after
+a crash, a retry after a lost reply) stores it once.  A file is deleted once all its
+records are committed.  When the database is unreachable, files wait and the commit
+is retried with a growing pause; intake goes on meanwhile.  At start-up every file
+left in the journal directories this process owns is replayed.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+
+import gevent
+from bson.raw_bson import RawBSONDocument
+from pymongo.collection import Collection
+from pymongo.errors import (BulkWriteError, ConnectionFailure, DuplicateKeyError,
+                            OperationFailure, PyMongoError)
+
+from zarkov.eventlog.journal import HEADER, MAGIC, Journal, read_records
+from zarkov.eventlog.rejects import RejectLog
+from zarkov.eventlog.stats import Stats
+
+IDLE = 1.0
+MAX_DELAY = 3.0
+CHUNK_BYTES = 4 << 20
+CHUNK_DOCS = 10000
+RETRY_MIN, RETRY_MAX = 0.5, 5.0
+DUPLICATE_CODES = frozenset((11000, 11001, 12582))
+
+log = logging.getLogger("zarkov.eventlog")
+
+
+class DatabaseDown(Exception):
+    """The database could not be reached; the batch is to be retried later."""
+
+
+class Committer:
+    """The commit greenlet of one event-server process."""
+
+    def __init__(self, collection: Collection, journal: Journal, replay: list[str],
+                 stats: Stats, rejects: RejectLog):
+        self.collection = collection
+        self.journal = journal
+        self.stats = stats
+        self.rejects = rejects
+        self.backlog: collections.deque[str] = collections.deque(replay)
+        self.done: dict[str, int] = {}   # path -> offset up to which records are stored
+        self._greenlet = None
+        self._stopping = False
+        self._deadline = float("inf")
+        self._pending_since: float | None = None
+        self._retry = RETRY_MIN
+        if replay:
+            log.info("replaying %d journal file(s) left by an earlier run", len(replay))
+
+    def start(self) -> None:
+        """Start the commit greenlet."""
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self, timeout: float) -> bool:
+        """Commit what is journaled (the journal must be closed first), within ``timeout``.
+
+        Returns True when everything was committed; files left are replayed at the
+        next start.
+        """
+        self._stopping = True
+        self._deadline = time.monotonic() + timeout
+        self.journal.changed.set()
+        if self._greenlet is None:
+            return not self.backlog
+        self._greenlet.join(timeout)
+        if not self._greenlet.dead:
+            self._greenlet.kill(block=True, timeout=2)
+        return not self.backlog and not self.journal.closed
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        j = self.journal
+        while True:
+            self.backlog.extend(j.closed)
+            j.closed.clear()
+            self.stats.backlog_files = len(self.backlog)
+            try:
+                if self.backlog:
+                    self._commit_file(self.backlog[0])
+                    self.backlog.popleft()
+                    continue
+                if self._stopping:
+                    return
+                if j.fd is not None and j.size > self.done.get(j.path, len(MAGIC)):
+                    now = time.monotonic()
+                    if self._pending_since is None:
+                        self._pending_since = now
+                    wait = min(IDLE - (now - j.last_append),
+                               MAX_DELAY - (now - self._pending_since))
+                    if wait <= 0:
+                        self._commit_open_file()
+                        self._pending_since = None
+                        continue
+                    j.changed.clear()
+                    gevent.sleep(min(wait, 0.25))  # wakes for a rotation soon enough
+                    continue
+                self._pending_since = None
+                j.changed.clear()
+                j.changed.wait()
+            except DatabaseDown:
+                if self._stopping and time.monotonic() + self._retry > self._deadline:
+                    return
+                gevent.sleep(self._retry)
+                self._retry = min(RETRY_MAX, self._retry * 2)
+
+    def _commit_open_file(self) -> None:
+        j = self.journal
+        path, end = j.path, j.size
+        start = self.done.get(path, len(MAGIC))
+        docs, _, _ = read_records(path, start, end)
+        self._insert_records(path, start, docs)
+
+    def _commit_file(self, path: str) -> None:
+        start = self.done.get(path, 0)
+        try:
+            docs, _, problem = read_records(path, start)
+        except FileNotFoundError:
+            self.done.pop(path, None)
+            return
+        if start < len(MAGIC):
+            start = len(MAGIC)
+        self._insert_records(path, start, docs)
+        self.done.pop(path, None)
+        if problem:
+            # Why keep it: the tail cannot be read; an operator may want to look at it.
+            log.error("journal file %s: %s; committed %d event(s) before it, "
+                      "kept as %s.corrupt", path, problem, len(docs), path)
+            os.replace(path, path + ".corrupt")
+        else:
+            os.unlink(path)
+
+    def _insert_records(self, path: str, offset: int, docs: list[bytes]) -> None:
+        """Insert ``docs`` (read from ``path`` at ``offset``) in chunks, noting progress."""
+        i = 0
+        while i < len(docs):
+            chunk, nbytes = [], 0
+            while i < len(docs) and len(chunk) < CHUNK_DOCS and nbytes < CHUNK_BYTES:
+                chunk.append(docs[i])
+                nbytes += len(docs[i])
+                i += 1
+            self._insert(chunk)
+            offset += nbytes + HEADER.size * len(chunk)
+            self.done[path] = offset
+
+    def _insert(self, docs: list[bytes]) -> None:
+        """Store ``docs``; raises DatabaseDown when the database cannot be reached."""
+        try:
+            self.collection.insert_many([RawBSONDocument(d) for d in docs], ordered=False)
+            self._stored(len(docs), 0)
+        except BulkWriteError as e:
+            errors = e.details.get("writeErrors", [])
+            dups = sum(1 for x in errors if x.get("code") in DUPLICATE_CODES)
+            refused = [x for x in errors if x.get("code") not in DUPLICATE_CODES]
+            for x in refused:
+                self.rejects.add("database", docs[x["index"]],
+                                 f"refused by the database: {x.get('errmsg')}")
+            if e.details.get("writeConcernErrors"):
+                self._down(e)  # why retry: the write may not be durable; replays are harmless
+            self._stored(len(docs) - len(refused), dups)
+        except ConnectionFailure as e:
+            self._down(e)
+        except OperationFailure as e:
+            # The server refused the batch as a whole: find the documents it refuses.
+            log.warning("batch refused (%s); inserting its %d events one by one", e, len(docs))
+            self._insert_one_by_one(docs)
+        except PyMongoError as e:
+            self._down(e)
+
+    def _insert_one_by_one(self, docs: list[bytes]) -> None:
+        for doc in docs:
+            try:
+                self.collection.insert_one(RawBSONDocument(doc))
+                self._stored(1, 0)
+            except DuplicateKeyError:
+                self._stored(1, 1)
+            except ConnectionFailure as e:
+                self._down(e)
+            except OperationFailure as e:
+                self.rejects.add("database", doc, f"refused by the database: {e}")
+
+    def _stored(self, n: int, dups: int) -> None:
+        self.stats.committed += n
+        self.stats.duplicates += dups
+        if not self.stats.db_ok:
+            log.info("the database is back; committing the journal")
+        self.stats.db_ok = True
+        self._retry = RETRY_MIN
+
+    def _down(self, e: Exception) -> None:
+        if self.stats.db_ok:
+            log.error("cannot commit to the database (%s); events stay in the journal "
+                      "and are retried", e)
+        self.stats.db_ok = False
+        self.stats.last_db_error = str(e)[:200]
+        raise DatabaseDown(str(e)) from e

@@ -1,0 +1,179 @@
+"""The event schema: turn one received message into the BSON document to store.
+
+An event (SPEC §3) has ``timestamp`` (a datetime, filled with the receive time when
+missing), ``type`` (a string, required), ``context`` (a document, ``{}`` when missing)
+and ``extra`` (anything).  Its ``_id`` (an ObjectId) is given here, before the event
+is journaled, so that replaying the journal after a crash inserts nothing twice: the
+second insert of the same ``_id`` fails with a duplicate-key error, which the
+committer reads as "already stored".  An ``_id`` sent by the client is kept.
+
+A message with ``"$command": "event_noval"`` is stored as sent, minus that key (and
+plus an ``_id`` when it has none).  Any other ``$command`` is rejected, and so is a
+top-level key the schema does not know.
+
+For BSON messages the received bytes are stored as they are: the fields that must
+be added (``_id``, ``timestamp``, ``context``) are spliced in front of the received
+elements, so a valid event is decoded once (to validate it) and never re-encoded.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import struct
+from typing import Any
+
+import bson
+from bson import ObjectId
+from bson.codec_options import CodecOptions
+
+# MongoDB refuses documents over 16 MiB; keep room for the fields added here.
+MAX_BSON_SIZE = 16 * 1024 * 1024
+MAX_EVENT_SIZE = MAX_BSON_SIZE - 1024
+
+FIELDS = frozenset(("_id", "timestamp", "type", "context", "extra"))
+NOVAL = "event_noval"
+
+_CODEC = CodecOptions(tz_aware=False)
+_INT32 = struct.Struct("<i")
+_INT64 = struct.Struct("<q")
+_ID_PREFIX = b"\x07_id\x00"
+_TS_PREFIX = b"\x09timestamp\x00"
+_EMPTY_CONTEXT = b"\x03context\x00\x05\x00\x00\x00\x00"
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+class Rejected(Exception):
+    """A message that is not a valid event; the message says why, in a few words."""
+
+
+def now_millis() -> int:
+    """The current time as BSON stores datetimes: milliseconds since the epoch."""
+    return int((_dt.datetime.now(_dt.timezone.utc) - _EPOCH).total_seconds() * 1000)
+
+
+def _check_fields(doc: dict) -> None:
+    for key in doc:
+        if key not in FIELDS:
+            raise Rejected(f"unknown field {key!r}")
+    if "type" not in doc:
+        raise Rejected("missing field 'type'")
+    if not isinstance(doc["type"], str):
+        raise Rejected(f"field 'type' must be a string, got {type(doc['type']).__name__}")
+    if "timestamp" in doc and not isinstance(doc["timestamp"], _dt.datetime):
+        raise Rejected("field 'timestamp' must be a datetime, "
+                       f"got {type(doc['timestamp']).__name__}")
+    if "context" in doc and not isinstance(doc["context"], dict):
+        raise Rejected("field 'context' must be a document, "
+                       f"got {type(doc['context']).__name__}")
+
+
+def _command(doc: dict) -> Any:
+    cmd = doc["$command"]
+    if cmd != NOVAL:
+        raise Rejected(f"unknown $command {cmd!r}")
+    return cmd
+
+
+def prepare_bson(msg: bytes, now_ms: int) -> bytes:
+    """Validate one BSON message and return the document to journal and store.
+
+    ``now_ms`` is the receive time (milliseconds since the epoch) used when the event
+    has no timestamp.  Raises Rejected when the message is not a valid event.
+    """
+    size = len(msg)
+    if size > MAX_EVENT_SIZE:
+        raise Rejected(f"message of {size} bytes is over the 16 MB limit")
+    try:
+        doc = bson.decode(msg, _CODEC)
+    except Exception as e:  # InvalidBSON and friends: the bytes are not one document
+        raise Rejected(f"not a BSON document ({e})") from None
+    if "$command" in doc:
+        _command(doc)
+        del doc["$command"]
+        if "_id" not in doc:
+            doc = {"_id": ObjectId(), **doc}
+        return bson.encode(doc)
+    _check_fields(doc)
+    # Splice the missing fields in front of the received elements (why: no re-encoding).
+    head = b""
+    if "_id" not in doc:
+        head = _ID_PREFIX + ObjectId().binary
+    if "timestamp" not in doc:
+        head += _TS_PREFIX + _INT64.pack(now_ms)
+    if "context" not in doc:
+        head += _EMPTY_CONTEXT
+    if not head:
+        return msg
+    return _INT32.pack(size + len(head)) + head + msg[4:]
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    # Why: "1e999" parses as inf, which MongoDB-compatible servers may refuse.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def json_to_doc(obj: Any) -> Any:
+    """Replace every ``{"$datetime": <unix seconds>}`` in a parsed JSON value with a UTC datetime."""
+    if isinstance(obj, dict):
+        if "$datetime" in obj:
+            value = obj["$datetime"]
+            if len(obj) != 1 or isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise Rejected("'$datetime' must be the only key, with a number of seconds")
+            try:
+                return _EPOCH + _dt.timedelta(seconds=value)
+            except OverflowError:
+                raise Rejected(f"'$datetime' {value!r} is out of range") from None
+        return {k: json_to_doc(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_to_doc(v) for v in obj]
+    return obj
+
+
+def parse_json(text: str | bytes) -> dict:
+    """Parse one JSON object (with ``$datetime`` values) into an event document."""
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Rejected(f"not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise Rejected(f"a JSON {type(obj).__name__} is not an event object")
+    return json_to_doc(obj)
+
+
+def prepare_json(msg: bytes, now_ms: int) -> bytes:
+    """Validate one JSON message and return the BSON document to journal and store."""
+    if len(msg) > MAX_EVENT_SIZE:
+        raise Rejected(f"message of {len(msg)} bytes is over the 16 MB limit")
+    doc = parse_json(msg)
+    return prepare_doc(doc, now_ms)
+
+
+def prepare_doc(doc: dict, now_ms: int) -> bytes:
+    """Validate a decoded event document and return its BSON, ``_id`` first."""
+    if "$command" in doc:
+        _command(doc)
+        out = dict(doc)
+        del out["$command"]
+    else:
+        _check_fields(doc)
+        out = dict(doc)
+        if "timestamp" not in out:
+            out["timestamp"] = _EPOCH + _dt.timedelta(milliseconds=now_ms)
+        out.setdefault("context", {})
+    if "_id" not in out:
+        out = {"_id": ObjectId(), **out}
+    try:
+        data = bson.encode(out)
+    except Exception as e:  # an int over 64 bits, a key that is not a string ...
+        raise Rejected(f"cannot be stored as BSON ({e})") from None
+    if len(data) > MAX_BSON_SIZE:
+        raise Rejected(f"event of {len(data)} bytes is over the 16 MB limit")
+    return data

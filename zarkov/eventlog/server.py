@@ -1,0 +1,400 @@
+"""The event logger: ingest sockets, validation, rejects, and the processes that run them.
+
+:class:`EventServer` is the work of one process: two PULL sockets (BSON and JSON),
+each drained by a greenlet in batches; every message is validated
+(:mod:`zarkov.eventlog.schema`), the valid ones appended to the journal in one write
+per batch, the bad ones set aside (:mod:`zarkov.eventlog.rejects`); a commit
+greenlet (:mod:`zarkov.eventlog.committer`) moves the journal into MongoDB.
+
+:class:`EventLogger` is what commands use.  With one event server it runs an
+EventServer in the calling (gevent) process, bound to ``bson_bind_address`` and
+``json_bind_address``.  With ``num_event_servers`` > 1 (0 = one per core) a ZeroMQ
+proxy in native threads binds the public addresses and deals messages round-robin
+to N child processes (``python -m zarkov.eventlog.child``), each with its own
+journal directory ``<journal>/server-<i>``, so validation and journaling use N cores.
+
+Shared key: when ``shared_key`` is set, every message must have two frames, the key
+and then the event; otherwise a message's last frame is the event.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import gevent
+import gevent.event
+import pymongo
+from pymongo.write_concern import WriteConcern
+import zmq as zmq_plain
+import zmq.green as zmq
+
+from zarkov import config as C
+from zarkov.eventlog import journal as J
+from zarkov.eventlog.committer import Committer
+from zarkov.eventlog.rejects import RejectLog, rejects_path
+from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
+from zarkov.eventlog.stats import Stats, read_stats, stats_path, total, write_stats
+
+BATCH = 1000            # most messages taken from a socket before journaling them
+DRAIN_AT_STOP = 200000  # most messages still taken from the sockets when stopping
+STATS_INTERVAL = 0.1
+
+log = logging.getLogger("zarkov.eventlog")
+
+
+def server_dir(journal_dir: str, index: int) -> str:
+    """The journal directory of event server ``index``."""
+    return os.path.join(journal_dir, f"server-{index}")
+
+
+def _owned_dirs(journal_dir: str, index: int, count: int) -> list[str]:
+    # Why: after a change of num_event_servers, directories of servers that no longer
+    # run are replayed by the server whose index they equal modulo the new count.
+    out = []
+    try:
+        names = os.listdir(journal_dir)
+    except FileNotFoundError:
+        return out
+    for name in sorted(names):
+        if name.startswith("server-") and name[7:].isdigit() and int(name[7:]) % count == index:
+            out.append(os.path.join(journal_dir, name))
+    return out
+
+
+def mongo_collection(config: C.Config):
+    """The ``event`` collection, with acknowledged writes whatever the URI says."""
+    client = pymongo.MongoClient(config.mongo_uri, serverSelectionTimeoutMS=2000,
+                                 connectTimeoutMS=2000, socketTimeoutMS=120000)
+    coll = client[config.mongo_database]["event"]
+    if not coll.write_concern.acknowledged:
+        coll = coll.with_options(write_concern=WriteConcern(w=1))
+    return client, coll
+
+
+class EventServer:
+    """One process's share of the event logger (use :class:`EventLogger` to run one).
+
+    ``bson_endpoint``/``json_endpoint`` are bound when ``bind`` is true (the single
+    process case), else connected to (a child behind the proxy).
+    """
+
+    def __init__(self, config: C.Config, index: int = 0, count: int = 1,
+                 bson_endpoint: str | None = None, json_endpoint: str | None = None,
+                 bind: bool = True):
+        self.config = config
+        self.index = index
+        self.count = count
+        self.bson_endpoint = bson_endpoint or config.bson_bind_address
+        self.json_endpoint = json_endpoint or config.json_bind_address
+        self.bind = bind
+        self.stats = Stats(index)
+        self.key = config.shared_key.encode() if config.shared_key is not None else None
+        os.makedirs(config.journal, exist_ok=True)
+        self.rejects = RejectLog(rejects_path(config.journal), self.stats)
+        self.journal = J.Journal(server_dir(config.journal, index), config.journal_file_size)
+        self._sockets: list[Any] = []
+        self._greenlets: list[Any] = []
+        self._running = False
+        self.client = None
+        self.committer: Committer | None = None
+
+    def start(self) -> "EventServer":
+        """Bind or connect the sockets, replay the journal, start the greenlets."""
+        ctx = zmq.Context.instance()
+        for endpoint, prepare, source in ((self.bson_endpoint, prepare_bson, "bson"),
+                                          (self.json_endpoint, prepare_json, "json")):
+            sock = ctx.socket(zmq.PULL)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 100000)
+            (sock.bind if self.bind else sock.connect)(endpoint)
+            self._sockets.append((sock, prepare, source))
+        replay = [p for d in _owned_dirs(self.config.journal, self.index, self.count)
+                  for p in J.list_files(d)]
+        self.journal.open()
+        self.client, coll = mongo_collection(self.config)
+        self.committer = Committer(coll, self.journal, replay, self.stats, self.rejects)
+        self.committer.start()
+        self._running = True
+        for sock, prepare, source in self._sockets:
+            self._greenlets.append(gevent.spawn(self._receive, sock, prepare, source))
+        self._stats_greenlet = gevent.spawn(self._write_stats_loop)
+        write_stats(stats_path(self.config.journal, self.index), self.stats)
+        return self
+
+    # -- the hot path ---------------------------------------------------------------
+
+    def _receive(self, sock, prepare: Callable[[bytes, int], bytes], source: str) -> None:
+        while self._running:
+            batch = [sock.recv_multipart()]  # waits cooperatively
+            self._drain(sock, batch, BATCH)
+            self._handle(batch, prepare, source)
+            gevent.sleep(0)  # why: let the committer and the other socket run
+
+    @staticmethod
+    def _drain(sock, batch: list, limit: int) -> None:
+        try:
+            while len(batch) < limit:
+                batch.append(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+
+    def _handle(self, batch: list[list[bytes]], prepare, source: str) -> None:
+        now = now_millis()
+        key = self.key
+        records = []
+        frame = J.frame
+        for frames in batch:
+            msg = frames[-1]
+            if key is not None:
+                if len(frames) != 2 or not hmac.compare_digest(frames[0], key):
+                    self.rejects.add(source, msg, "missing or wrong shared key")
+                    continue
+            elif len(frames) > 2:
+                self.rejects.add(source, msg, f"{len(frames)} frames: expected 1, "
+                                 "or 2 with a shared key")
+                continue
+            try:
+                records.append(frame(prepare(msg, now)))
+            except Rejected as e:
+                self.rejects.add(source, msg, str(e))
+        if records:
+            self.journal.append(records, len(records))
+            self.stats.accepted += len(records)
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    def _write_stats_loop(self) -> None:
+        path = stats_path(self.config.journal, self.index)
+        last = None
+        while True:
+            gevent.sleep(STATS_INTERVAL)
+            snap = self.stats.as_dict()
+            if snap != last:
+                write_stats(path, self.stats)
+                last = snap
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop intake, journal what the sockets still hold, commit within ``timeout``.
+
+        Returns True when everything journaled was committed.
+        """
+        if not self._running:
+            return True
+        self._running = False
+        deadline = time.monotonic() + timeout
+        gevent.killall(self._greenlets)
+        for sock, prepare, source in self._sockets:
+            batch: list = []
+            self._drain(sock, batch, DRAIN_AT_STOP)
+            if batch:
+                self._handle(batch, prepare, source)
+            sock.close(0)
+        self.journal.close()
+        ok = self.committer.stop(max(1.0, deadline - time.monotonic()))
+        self._stats_greenlet.kill()
+        self.stats.backlog_files = len(self.committer.backlog)
+        write_stats(stats_path(self.config.journal, self.index), self.stats)
+        self.client.close()
+        s = self.stats
+        log.info("event server %d stopped: accepted %d, rejected %d, committed %d%s",
+                 self.index, s.accepted, s.rejected, s.committed,
+                 "" if ok else "; the rest stays in the journal for the next start")
+        return ok
+
+
+class _Proxy:
+    """A ZeroMQ PULL → PUSH proxy in a native thread (it never touches gevent)."""
+
+    def __init__(self, ctx, frontend: str, name: str):
+        self.ctx = ctx
+        self.front = ctx.socket(zmq_plain.PULL)
+        self.front.setsockopt(zmq_plain.LINGER, 0)
+        self.front.bind(frontend)
+        self.back = ctx.socket(zmq_plain.PUSH)
+        self.back.bind("tcp://127.0.0.1:*")
+        self.backend = self.back.getsockopt(zmq_plain.LAST_ENDPOINT).decode()
+        self.control_uri = f"inproc://zarkov-eventlog-{name}"
+        self.control = ctx.socket(zmq_plain.PAIR)
+        self.control.bind(self.control_uri)
+        self.result = None
+
+    def start(self) -> None:
+        """Run the proxy in a thread of gevent's pool."""
+        self.result = gevent.get_hub().threadpool.spawn(self._run)
+
+    def _run(self) -> None:
+        try:
+            zmq_plain.proxy_steerable(self.front, self.back, None, self.control)
+        finally:
+            self.front.close(0)
+            # Why a linger: hand what is queued to the servers before they stop.
+            self.back.close(2000)
+            self.control.close(0)
+
+    def stop(self) -> None:
+        """End the proxy and wait for its thread."""
+        sock = self.ctx.socket(zmq_plain.PAIR)
+        sock.connect(self.control_uri)
+        sock.send(b"TERMINATE")
+        sock.close(1000)
+        if self.result is not None:
+            self.result.get(timeout=10)
+
+
+class EventLogger:
+    """The event logger: start it in a gevent process, stop it to flush the journal.
+
+    >>> logger = EventLogger(config).start()   # returns at once; greenlets do the work
+    >>> logger.stats()                         # {"accepted": ..., "committed": ...}
+    >>> logger.stop()                          # flushes the journal, commits what it can
+    """
+
+    def __init__(self, config: C.Config):
+        self.config = config
+        self.count = C.worker_processes(config.num_event_servers)
+        self.server: EventServer | None = None
+        self._proxies: list[_Proxy] = []
+        self._children: dict[int, subprocess.Popen] = {}
+        self._watchers: list[Any] = []
+        self._stopping = False
+        self.stopped = gevent.event.Event()
+
+    def start(self) -> "EventLogger":
+        """Bind the sockets and start serving; raises zmq.ZMQError if a bind fails."""
+        cfg = self.config
+        os.makedirs(cfg.journal, exist_ok=True)
+        if self.count == 1:
+            self.server = EventServer(cfg).start()
+        else:
+            self._start_processes()
+        log.info("event logger: BSON on %s, JSON on %s, journal %s, %d server process%s",
+                 cfg.bson_bind_address, cfg.json_bind_address, cfg.journal, self.count,
+                 "" if self.count == 1 else "es")
+        return self
+
+    def _start_processes(self) -> None:
+        cfg = self.config
+        for name in os.listdir(cfg.journal):  # stats of servers that will not run
+            if name.startswith("stats-") and name[6:-5].isdigit() and int(name[6:-5]) >= self.count:
+                os.unlink(os.path.join(cfg.journal, name))
+        ctx = zmq_plain.Context()
+        self._ctx = ctx
+        self._proxies = [_Proxy(ctx, cfg.bson_bind_address, f"bson-{os.getpid()}"),
+                         _Proxy(ctx, cfg.json_bind_address, f"json-{os.getpid()}")]
+        for p in self._proxies:
+            p.start()
+        for i in range(self.count):
+            self._spawn(i)
+            self._watchers.append(gevent.spawn(self._watch, i))
+
+    def _spawn(self, index: int) -> None:
+        env = dict(os.environ)
+        top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = top + os.pathsep + env.get("PYTHONPATH", "")
+        data = self.config.as_dict()
+        data.pop("source", None)
+        env["ZARKOV_EVENTLOG_CONFIG"] = json.dumps(data)
+        argv = [sys.executable, "-m", "zarkov.eventlog.child", "--index", str(index),
+                "--count", str(self.count), "--bson", self._proxies[0].backend,
+                "--json", self._proxies[1].backend, "--parent", str(os.getpid())]
+        self._children[index] = subprocess.Popen(argv, env=env)
+
+    def _watch(self, index: int) -> None:
+        while not self._stopping:
+            code = self._children[index].wait()
+            if self._stopping:
+                return
+            log.error("event server %d exited with status %s; starting it again", index, code)
+            gevent.sleep(1.0)
+            if not self._stopping:
+                self._spawn(index)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters summed over the server processes: accepted, rejected, committed, ..."""
+        if self.server is not None:
+            return total([self.server.stats.as_dict()])
+        snaps = [s for s in read_stats(self.config.journal) if s.get("index", 0) < self.count]
+        return total(snaps)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop intake, flush the journal and commit what can be within ``timeout`` s."""
+        if self._stopping:
+            return True
+        self._stopping = True
+        try:
+            if self.server is not None:
+                return self.server.stop(timeout)
+            for p in self._proxies:
+                p.stop()
+            for p in self._children.values():
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout + 5
+            ok = True
+            for p in self._children.values():
+                try:
+                    ok = p.wait(timeout=max(0.1, deadline - time.monotonic())) == 0 and ok
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                    ok = False
+            gevent.killall(self._watchers)
+            self._ctx.term()
+            return ok
+        finally:
+            self.stopped.set()
+
+
+def run_until_signal(config: C.Config) -> int:
+    """Run the event logger until SIGTERM or SIGINT, then stop it; the exit status."""
+    stop = gevent.event.Event()
+    handlers = [gevent.signal_handler(s, stop.set) for s in (signal.SIGTERM, signal.SIGINT)]
+    try:
+        logger = EventLogger(config).start()
+    except zmq.ZMQError as e:
+        log.error("cannot bind the event logger's sockets: %s", e)
+        return 1
+    stop.wait()
+    for h in handlers:
+        h.cancel()
+    log.info("stopping the event logger")
+    return 0 if logger.stop() else 3
+
+
+def child_main(argv: list[str]) -> int:
+    """A server process behind the proxy (started by EventLogger, not by hand)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--bson", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--parent", type=int, required=True)
+    args = p.parse_args(argv)
+    config = C.from_dict(json.loads(os.environ["ZARKOV_EVENTLOG_CONFIG"]), "<event logger>")
+    logging.basicConfig(
+        level=logging.DEBUG if config.verbose else logging.INFO,
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    stop = gevent.event.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(s, stop.set)
+
+    def orphan_watch() -> None:
+        # Why: a parent killed with SIGKILL cannot stop us; journal and exit then.
+        while os.getppid() == args.parent:
+            gevent.sleep(1.0)
+        log.warning("event server %d: the event logger is gone; stopping", args.index)
+        stop.set()
+
+    server = EventServer(config, args.index, args.count, args.bson, args.json, bind=False)
+    server.start()
+    gevent.spawn(orphan_watch)
+    stop.wait()
+    return 0 if server.stop() else 3

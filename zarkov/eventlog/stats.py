@@ -1,0 +1,79 @@
+"""Counters of one event-logger process, and the stats file that shows them.
+
+Each event-server process writes ``stats-<index>.json`` under the journal directory
+a few times a second (when something changed), replacing it atomically, so that
+operators, tests and ``zcmd serve`` can read what the logger has done without a
+socket of its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+FIELDS = ("accepted", "rejected", "committed", "duplicates")
+
+
+class Stats:
+    """Counters: events accepted (journaled), rejected, committed (confirmed stored),
+    duplicates (of the committed ones, already in the database: a replay)."""
+
+    def __init__(self, index: int = 0):
+        self.index = index
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.accepted = 0
+        self.rejected = 0
+        self.committed = 0
+        self.duplicates = 0
+        self.backlog_files = 0
+        self.db_ok = True
+        self.last_db_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready snapshot."""
+        return {"index": self.index, "pid": self.pid, "started": self.started,
+                "accepted": self.accepted, "rejected": self.rejected,
+                "committed": self.committed, "duplicates": self.duplicates,
+                "backlog_files": self.backlog_files, "db_ok": self.db_ok,
+                "last_db_error": self.last_db_error}
+
+
+def stats_path(journal_dir: str, index: int) -> str:
+    """Where process ``index`` writes its stats."""
+    return os.path.join(journal_dir, f"stats-{index}.json")
+
+
+def write_stats(path: str, stats: Stats) -> None:
+    """Replace the stats file atomically (write a temporary file, then rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(stats.as_dict(), f)
+    os.replace(tmp, path)
+
+
+def read_stats(journal_dir: str) -> list[dict[str, Any]]:
+    """The stats of every process that wrote some under ``journal_dir``."""
+    out = []
+    try:
+        names = sorted(n for n in os.listdir(journal_dir)
+                       if n.startswith("stats-") and n.endswith(".json"))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        try:
+            with open(os.path.join(journal_dir, name)) as f:
+                out.append(json.load(f))
+        except (OSError, ValueError):  # being replaced right now: skip this round
+            continue
+    return out
+
+
+def total(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the counters of several processes' snapshots."""
+    out: dict[str, Any] = {k: sum(s.get(k, 0) for s in snapshots) for k in FIELDS}
+    out["backlog_files"] = sum(s.get("backlog_files", 0) for s in snapshots)
+    out["db_ok"] = all(s.get("db_ok", True) for s in snapshots)
+    out["processes"] = len(snapshots)
+    return out
