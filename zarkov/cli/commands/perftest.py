@@ -1,0 +1,25 @@
+"""zcmd perftest: send synthetic events to an event logger, for load tests."""
+import argparse
+import sys
+
+from zarkov.config import Config
+
+SUMMARY = "send n synthetic events at a rate (events/s, 0 = flat out) for load tests"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``<uri> <n> <concurrency> <rate>``."""
+    parser.add_argument("uri", help="the event logger's BSON address (bson_uri)")
+    parser.add_argument("n", type=int, help="how many events")
+    parser.add_argument("concurrency", type=int, help="how many sockets send at once")
+    parser.add_argument("rate", type=float, help="events per second in all; 0 = as fast as possible")
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    """Send the events (with the configured shared key) and print the rates."""
+    from zarkov.eventlog import perftest
+    if args.n < 0 or args.concurrency < 1 or args.rate < 0:
+        print("zcmd perftest: n must be >= 0, concurrency >= 1 and rate >= 0", file=sys.stderr)
+        return 2
+    perftest.run(args.uri, args.n, args.concurrency, args.rate, config.shared_key)
+    return 0

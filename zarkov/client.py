@@ -1,0 +1,92 @@
+"""ZarkovClient: how applications send events to the event logger.
+
+Fire-and-forget: an event is one BSON document pushed on a ZeroMQ PUSH socket
+connected to the logger's ``bson_uri``; nothing waits for an answer.  ZeroMQ queues
+up to ``hwm`` events while the logger is unreachable; past that, by default, an event
+is dropped (counted in ``dropped``) rather than stalling the application — pass
+``send_timeout`` (seconds, ``None`` = wait for ever) to wait for room instead.
+Works in plain processes and under gevent (``zmq.green`` when gevent has patched).
+
+>>> client = ZarkovClient("tcp://127.0.0.1:6543")
+>>> client.event("download", {"user": "bob", "project": "zarkov"}, extra={"file": "a.tgz"})
+>>> client.event_noval({"type": "raw", "anything": [1, 2]})
+>>> client.close()
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Mapping
+
+import bson
+
+from zarkov import wire
+
+
+class ZarkovClient:
+    """A PUSH socket to the event logger; close it (or use ``with``) to flush."""
+
+    def __init__(self, uri: str, shared_key: str | bytes | None = None, hwm: int = 100000,
+                 send_timeout: float | None = 0.0, linger: float = 5.0):
+        self.uri = uri
+        self.key = shared_key.encode() if isinstance(shared_key, str) else shared_key
+        self.linger = linger
+        self.dropped = 0
+        self.sent = 0
+        self._z = wire.zmq_module()
+        self._sock = wire.context().socket(self._z.PUSH)
+        self._sock.setsockopt(self._z.SNDHWM, hwm)
+        self._flags = 0
+        if send_timeout is None:
+            self._sock.setsockopt(self._z.SNDTIMEO, -1)
+        elif send_timeout <= 0:
+            self._flags = self._z.NOBLOCK
+        else:
+            self._sock.setsockopt(self._z.SNDTIMEO, int(send_timeout * 1000))
+        self._sock.connect(uri)
+
+    def event(self, type: str, context: Mapping[str, Any],
+              extra: Any = None, timestamp: dt.datetime | None = None) -> bool:
+        """Send one event; the logger fills ``timestamp`` with the receive time when None.
+
+        Returns False when the event was dropped (queue full past the send timeout).
+        """
+        doc: dict[str, Any] = {"type": type, "context": context}
+        if extra is not None:
+            doc["extra"] = extra
+        if timestamp is not None:
+            doc["timestamp"] = timestamp
+        return self.send_raw(bson.encode(doc))
+
+    def event_noval(self, doc: Mapping[str, Any] | None = None, **fields: Any) -> bool:
+        """Send a document that the logger stores as sent, without validation.
+
+        Give it as a mapping, as keyword arguments, or both (keywords win).
+        """
+        out = {"$command": "event_noval"}
+        out.update(doc or {})
+        out.update(fields)
+        return self.send_raw(bson.encode(out))
+
+    def send_raw(self, data: bytes) -> bool:
+        """Send one already encoded BSON message; False when it was dropped."""
+        try:
+            if self.key is not None:
+                self._sock.send_multipart([self.key, data], self._flags)
+            else:
+                self._sock.send(data, self._flags)
+        except self._z.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def close(self, linger: float | None = None) -> None:
+        """Close the socket, waiting up to ``linger`` seconds to hand queued events over."""
+        wait = self.linger if linger is None else linger
+        self._sock.close(linger=-1 if wait < 0 else int(wait * 1000))
+
+    def __enter__(self) -> "ZarkovClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
