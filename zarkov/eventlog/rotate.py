@@ -4,9 +4,14 @@
 one that would fall off the end is first written to the dump directory as a BSON
 file (documents back to back, as ``mongodump`` writes them), then dropped.  Renames
 go from the oldest to the newest so that no rename ever lands on an existing
-collection (FerretDB has no ``renameCollection`` with ``dropTarget``).  The indexes
-of the old ``event`` are created again on the new one, which the logger's next
-insert starts.
+collection (FerretDB has no ``renameCollection`` with ``dropTarget``).
+
+Where the server refuses the rename itself (FerretDB 1.24 refuses collection names
+with a dot in ``renameCollection``), documents are moved in batches instead: inserted
+into the target (a duplicate key counts as done, so a rerun after a crash completes
+the move) and then deleted from the source by ``_id``; ``event`` is never dropped,
+so events the logger inserts meanwhile stay in it.  Either way the new ``event``
+has the indexes the old one had.
 """
 from __future__ import annotations
 
@@ -16,8 +21,11 @@ import os
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pymongo.database import Database
+from pymongo.errors import BulkWriteError, OperationFailure
 
 COLLECTION = "event"
+MOVE_BATCH = 5000
+INVALID_NAMESPACE = 73
 
 
 class RotateError(Exception):
@@ -55,6 +63,39 @@ def _copy_indexes(db: Database, source: str, target: str) -> list[str]:
     return made
 
 
+def _move_documents(db: Database, source: str, target: str) -> int:
+    _copy_indexes(db, source, target)
+    raw = db.get_collection(source, codec_options=CodecOptions(document_class=RawBSONDocument))
+    moved = 0
+    while True:
+        batch = list(raw.find().sort("_id", 1).limit(MOVE_BATCH))
+        if not batch:
+            return moved
+        try:
+            db[target].insert_many(batch, ordered=False)
+        except BulkWriteError as e:
+            if any(x.get("code") != 11000 for x in e.details.get("writeErrors", [])):
+                raise
+        db[source].delete_many({"_id": {"$in": [d["_id"] for d in batch]}})
+        moved += len(batch)
+
+
+def _move(db: Database, source: str, target: str) -> str:
+    """Rename ``source`` to ``target``, or move its documents where renaming is refused."""
+    try:
+        db[source].rename(target)
+    except OperationFailure as e:
+        if e.code != INVALID_NAMESPACE:
+            raise
+        moved = _move_documents(db, source, target)
+        if source != COLLECTION:
+            db.drop_collection(source)
+        return f"moved {moved} documents from {source} to {target} (rename refused: {e.details.get('errmsg')})"
+    if source == COLLECTION:
+        _copy_indexes(db, target, COLLECTION)
+    return f"renamed {source} to {target}"
+
+
 def rotate(db: Database, dump_dir: str, keep: int) -> list[str]:
     """Rotate the event collections of ``db``, keeping ``keep``; returns what was done."""
     if keep < 1:
@@ -75,11 +116,7 @@ def rotate(db: Database, dump_dir: str, keep: int) -> list[str]:
         if older in names:
             raise RotateError(f"{db.name}.{older} exists while {newer} is to be renamed "
                               "to it: was a rotate interrupted? move one of them away")
-        db[newer].rename(older)
+        done.append(_move(db, newer, older))
         names.discard(newer)
         names.add(older)
-        done.append(f"renamed {newer} to {older}")
-    if f"{COLLECTION}.0" in names:
-        for index in _copy_indexes(db, f"{COLLECTION}.0", COLLECTION):
-            done.append(f"created index {index} on the new {COLLECTION}")
     return done

@@ -1,0 +1,101 @@
+"""The event logger keeps every accepted event: SIGKILL mid-commit, database down."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pymongo
+import pytest
+
+from tests.eventlog_util import load, push, seqs, start_logger, stats, wait_accepted
+from tests.support import ROOT, free_port, wait_for
+
+FERRETDB = os.path.join(ROOT, "var", "bin", "ferretdb")
+
+
+def burst(first: int, n: int) -> list[dict]:
+    """``n`` events numbered from ``first`` in ``extra.seq``."""
+    return [{"type": "burst", "context": {"user": f"u{i % 50}", "project": "p"},
+             "extra": {"seq": i, "pad": "x" * 40}} for i in range(first, first + n)]
+
+
+def test_sigkill_before_everything_is_committed_then_restart_stores_each_event_once(
+        procs, config_file, db):
+    path = config_file()
+    cfg = load(path)
+    p = start_logger(procs, path)
+    n = 20000
+    push(cfg["bson_bind_address"], burst(0, n))
+    wait_accepted(procs, p, cfg["journal"], n)
+    procs.kill(p)  # SIGKILL: no flush, no goodbye
+    stored = db.event.count_documents({})
+    assert stored < n, "everything was committed before the kill: the test proves nothing"
+
+    p2 = start_logger(procs, path, "eventlog2")
+    wait_for(lambda: db.event.count_documents({}) >= n, timeout=90,
+             what="the replayed journal committed")
+    wait_for(lambda: stats(cfg["journal"]).get("backlog_files") == 0, what="no backlog")
+    assert seqs(db.event) == list(range(n))
+    s = stats(cfg["journal"])
+    assert s["pid"] == p2.pid and s["committed"] >= n - stored
+    assert "replaying" in procs.log("eventlog2")
+    procs.kill(p2, signal.SIGTERM)
+    assert p2.returncode == 0
+    journal_files = [f for f in os.listdir(os.path.join(cfg["journal"], "server-0"))]
+    assert journal_files == [], journal_files
+
+
+def _ping(uri: str) -> bool:
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=300)
+    try:
+        return bool(client.admin.command("ping"))
+    finally:
+        client.close()
+
+
+def test_events_sent_while_the_database_is_down_are_stored_once_it_is_back(
+        procs, config_file, tmp_path):
+    if not os.access(FERRETDB, os.X_OK):
+        pytest.skip("needs the bundled FerretDB binary (scripts/dev-db build)")
+    port = free_port()
+    uri = f"mongodb://127.0.0.1:{port}/"
+    data = tmp_path / "ferretdb"
+    data.mkdir()
+
+    def start_db(name: str):
+        proc = procs.start(name, [FERRETDB, "-listen", f"127.0.0.1:{port}", "-data", str(data)])
+        wait_for(lambda: _ping(uri), timeout=30, what="the private database server")
+        return proc
+
+    database = start_db("ferretdb")
+    path = config_file(mongo_uri=uri, mongo_database="zdown")
+    cfg = load(path)
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+    event = client.zdown.event
+    try:
+        p = start_logger(procs, path)
+        push(cfg["bson_bind_address"], burst(0, 1000))
+        wait_for(lambda: event.count_documents({}) == 1000, what="the first events stored")
+
+        procs.kill(database, signal.SIGTERM)
+        push(cfg["bson_bind_address"], burst(1000, 1500))
+        wait_accepted(procs, p, cfg["journal"], 2500)
+        wait_for(lambda: stats(cfg["journal"]).get("db_ok") is False, timeout=30,
+                 what="the logger to notice the database is down")
+        procs.kill(p)  # SIGKILL while the database is down
+
+        p2 = start_logger(procs, path, "eventlog2")
+        push(cfg["bson_bind_address"], burst(2500, 1500))
+        wait_accepted(procs, p2, cfg["journal"], 1500)
+
+        start_db("ferretdb2")
+        wait_for(lambda: event.count_documents({}) >= 4000, timeout=60,
+                 what="every event committed once the database is back")
+        wait_for(lambda: stats(cfg["journal"]).get("backlog_files") == 0, what="no backlog")
+        assert seqs(event) == list(range(4000))
+        assert "cannot commit to the database" in procs.log("eventlog")
+        assert "replaying" in procs.log("eventlog2")
+    finally:
+        client.close()
+        shutil.rmtree(data, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""The event logger's parts in-process: schema, journal files, rotate, and perftest through zcmd."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import bson
+import pytest
+
+from tests.eventlog_util import load, start_logger
+from tests.support import run_zcmd, wait_for
+from zarkov.eventlog import journal as J
+from zarkov.eventlog.rotate import rotate
+from zarkov.eventlog.schema import Rejected, prepare_bson, prepare_json
+
+
+def test_bson_event_is_stored_as_received_with_missing_fields_in_front():
+    sent = bson.encode({"type": "t", "extra": {"a": [1, {"b": 2}]}})
+    doc = bson.decode(prepare_bson(sent, 1300000000123))
+    assert list(doc) == ["_id", "timestamp", "context", "type", "extra"]
+    assert doc["timestamp"] == dt.datetime(2011, 3, 13, 7, 6, 40, 123000)
+    assert doc["context"] == {} and doc["extra"] == {"a": [1, {"b": 2}]}
+    complete = bson.encode({"_id": 1, "timestamp": dt.datetime(2020, 1, 1), "type": "t",
+                            "context": {}})
+    assert prepare_bson(complete, 0) is complete  # nothing to add: the very bytes
+
+
+def test_json_datetimes_and_rejects():
+    doc = bson.decode(prepare_json(b'{"type": "t", "extra": {"when": [{"$datetime": 0}]}}', 0))
+    assert doc["extra"]["when"][0] == dt.datetime(1970, 1, 1)
+    for bad in (b'{"type": "t", "x": {"$datetime": 1, "y": 2}}', b'"text"', b'{"type": 1e999}',
+                b'{"type": "t", "extra": 123456789012345678901234567890}', b"\xff\xfe"):
+        with pytest.raises(Rejected):
+            prepare_json(bad, 0)
+
+
+def test_journal_reads_back_and_stops_at_a_torn_tail(tmp_path):
+    j = J.Journal(str(tmp_path / "j"), file_size=300)
+    j.open()
+    docs = [bson.encode({"i": i, "pad": "x" * 50}) for i in range(10)]
+    for d in docs:
+        j.append([J.frame(d)], 1)
+    j.close()
+    files = J.list_files(str(tmp_path / "j"))
+    assert len(files) == len(j.closed) >= 3  # rotated when full
+    back = [d for f in files for d in J.read_records(f)[0]]
+    assert back == docs
+    before, end, problem = J.read_records(files[-1])
+    assert before and problem is None
+    with open(files[-1], "ab") as f:  # a crash in the middle of a write
+        f.write(J.frame(docs[0])[:20])
+    got, stop, problem = J.read_records(files[-1])
+    assert got == before and stop == end and "torn record" in problem
+    j2 = J.Journal(str(tmp_path / "j"), file_size=300)
+    j2.open()  # a new run starts a new file after the old ones
+    assert j2.path not in files and os.path.basename(j2.path) > os.path.basename(files[-1])
+    j2.close()
+
+
+def test_rotate_keeps_num_event_logs_and_dumps_the_oldest(db, tmp_path):
+    for name, n in (("event", 3), ("event.0", 2), ("event.1", 1)):
+        db[name].insert_many([{"type": name, "i": i} for i in range(n)])
+    db.event.create_index("type", name="by_type")
+    dump = str(tmp_path / "dump")
+    done = rotate(db, dump, keep=2)
+    assert any("dumped event.1 (1 documents)" in line for line in done), done
+    names = set(db.list_collection_names())
+    assert {"event.0", "event.1"} <= names and "event.2" not in names
+    assert db["event.0"].count_documents({"type": "event"}) == 3
+    assert db["event.1"].count_documents({"type": "event.0"}) == 2
+    assert "by_type" in db.event.index_information()
+    [dumped] = os.listdir(dump)
+    with open(os.path.join(dump, dumped), "rb") as f:
+        assert [d["type"] for d in bson.decode_all(f.read())] == ["event.1"]
+    db.event.insert_one({"type": "new"})
+    done = rotate(db, dump, keep=2)  # again: event.1 (the old event.0) is dumped and dropped
+    assert any("dumped event.1 (2 documents)" in line for line in done), done
+    assert [d["type"] for d in db["event.0"].find()] == ["new"]
+    assert db["event.1"].count_documents({"type": "event"}) == 3
+    assert len(os.listdir(dump)) == 2
+
+
+def test_perftest_and_rotate_through_zcmd(procs, config_file, db, tmp_path):
+    path = config_file()
+    cfg = load(path)
+    start_logger(procs, path)
+    out = run_zcmd(path, "perftest", cfg["bson_uri"], "1500", "3", "1000", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "second 1: sent" in out.stdout and "perftest: sent 1500 events" in out.stdout
+    wait_for(lambda: db.event.count_documents({}) == 1500, what="the perftest events stored")
+    assert sorted(d["extra"]["seq"] for d in db.event.find({}, {"extra.seq": 1})) == list(range(1500))
+    out = run_zcmd(path, "rotate", str(tmp_path / "dump"), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "event to event.0" in out.stdout
+    assert db["event.0"].count_documents({}) == 1500
