@@ -65,7 +65,9 @@ def req_socket(uri: str, ctx=None):
     sock.setsockopt(z.REQ_RELAXED, 1)
     sock.setsockopt(z.REQ_CORRELATE, 1)
     sock.connect(uri)
-    sock.zarkov_uri = uri  # type: ignore[attr-defined]
+    # Plain zmq sockets read any attribute assignment as a socket option; bypass
+    # that to remember the URI for error messages.
+    object.__setattr__(sock, "zarkov_uri", uri)
     return sock
 
 
