@@ -1,0 +1,233 @@
+"""Tasks in flight: send, time limits, sending again, late duplicates.
+
+The router has one :class:`Dispatcher`: it owns the PUSH socket that feeds the
+worker processes and routes every message from the sink to the job it belongs
+to.  Each phase of a job (map chunks, reduce partitions, ...) is a
+:class:`TaskSet`: it keeps at most ``limit()`` tasks in flight, remembers which
+tasks were answered, and sends a task again when its time limit passes.
+
+A time limit adapts to the durations observed in the phase (falling back to the
+previous phase, then to ``max_chunk_timeout``): a SIGKILLed worker costs a few
+task durations, not ten minutes.  The first answer to a task wins; any later
+answer (from a worker that was only slow) is counted and dropped.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Callable
+
+import bson
+import gevent
+import gevent.event
+import gevent.lock
+
+from zarkov.wire import CODEC
+
+log = logging.getLogger("zarkov.zmr.dispatch")
+
+FLOOR = 2.0         # seconds added to every time limit: scheduling noise, queueing
+FACTOR = 3.0        # a task may take this many times the slowest recent one
+MAX_ATTEMPTS = 5    # sends of one task before the job is failed
+WORKER_SEEN = 3.5   # seconds since its last heartbeat after which a worker counts as gone
+
+
+class TaskFailed(Exception):
+    """A task of the set failed; ``traceback`` is the worker's (or the router's)."""
+
+    def __init__(self, traceback: str):
+        super().__init__(traceback.strip().splitlines()[-1] if traceback.strip() else "task failed")
+        self.traceback = traceback
+
+
+class Task:
+    """One message in flight and when it was last sent."""
+
+    __slots__ = ("task_id", "frames", "size", "sent_at", "attempts")
+
+    def __init__(self, task_id: int, frames: list[bytes], size: int):
+        self.task_id = task_id
+        self.frames = frames
+        self.size = size
+        self.sent_at = 0.0
+        self.attempts = 0
+
+
+class Dispatcher:
+    """The router's PUSH socket, the registry of task sets and the worker roll-call."""
+
+    def __init__(self, push_socket):
+        self.push = push_socket
+        # Frames of one multipart message must not interleave with another's, and
+        # a green socket must not be waited on by two greenlets at once.
+        self._lock = gevent.lock.Semaphore()
+        self.sets: dict[str, TaskSet] = {}
+        self.workers: dict[tuple[str, int], float] = {}
+        self.unrouted = 0
+
+    def send(self, frames: list[bytes]) -> None:
+        """Send one task (blocks while no worker can take it)."""
+        with self._lock:
+            self.push.send_multipart(frames)
+
+    def register(self, taskset: "TaskSet") -> None:
+        """Route replies for ``taskset.job_id`` to ``taskset``."""
+        self.sets[taskset.job_id] = taskset
+
+    def unregister(self, taskset: "TaskSet") -> None:
+        """Stop routing replies to ``taskset`` (a later one may have replaced it)."""
+        if self.sets.get(taskset.job_id) is taskset:
+            del self.sets[taskset.job_id]
+
+    def on_message(self, frames: list[bytes]) -> None:
+        """Handle one message from the sink: a heartbeat or a task's reply."""
+        try:
+            header = bson.decode(frames[0], CODEC)
+        except Exception:  # noqa: BLE001 - a garbled message must not stop the sink
+            log.warning("dropped a message from the sink that is not BSON")
+            return
+        now = time.monotonic()
+        if "hb" in header:
+            self.workers[(header.get("host", "?"), header["hb"])] = now
+            return
+        ts = self.sets.get(header.get("j"))
+        if ts is None:
+            self.unrouted += 1  # a late answer for a job that has moved on or ended
+            return
+        ts.on_reply(header, frames[1:])
+
+    def live_workers(self) -> list[tuple[str, int]]:
+        """(host, pid) of the worker processes heard from recently."""
+        now = time.monotonic()
+        for key, seen in list(self.workers.items()):
+            if now - seen > WORKER_SEEN * 10:
+                del self.workers[key]
+        return sorted(k for k, seen in self.workers.items() if now - seen <= WORKER_SEEN)
+
+    def limit(self, outstanding: int) -> int:
+        """Tasks one set may have in flight: enough that no worker process idles.
+
+        Two per live process keep each busy while its next task travels.
+        """
+        return max(outstanding, 2 * len(self.live_workers()))
+
+    def tick(self) -> None:
+        """Send again the tasks whose time limit has passed (called periodically)."""
+        now = time.monotonic()
+        for ts in list(self.sets.values()):
+            ts.resend_expired(now)
+
+
+class TaskSet:
+    """The tasks of one phase of one job."""
+
+    def __init__(self, dispatcher: Dispatcher, job_id: str, name: str,
+                 on_result: Callable[[int, dict, list[bytes]], None],
+                 limit: Callable[[], int], cap: float, previous: "TaskSet | None" = None):
+        self.dispatcher = dispatcher
+        self.job_id = job_id
+        self.name = name
+        self.on_result = on_result
+        self.limit = limit
+        self.cap = float(cap)
+        self.pending: dict[int, Task] = {}
+        self.done: set[int] = set()
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(
+            previous.recent if previous else (), maxlen=16)
+        self.resent = 0
+        self.duplicates = 0
+        self.error: TaskFailed | None = None
+        self.closed = False
+        self._slot = gevent.event.Event()
+        self._finished = gevent.event.Event()
+        dispatcher.register(self)
+
+    # -- the job's side -------------------------------------------------------
+
+    def add(self, task_id: int, frames: list[bytes], size: int = 0) -> None:
+        """Send a new task, first waiting while ``limit()`` tasks are in flight."""
+        while len(self.pending) >= self.limit() and self.error is None:
+            self._slot.clear()
+            self._slot.wait(1.0)  # the limit grows as workers appear: look again
+        if self.error is not None:
+            raise self.error
+        task = Task(task_id, frames, size)
+        self.pending[task_id] = task
+        self._send(task)
+
+    def close(self) -> None:
+        """No more tasks will be added."""
+        self.closed = True
+        self._check_finished()
+
+    def wait(self) -> None:
+        """Block until every task is answered; raise TaskFailed if one failed."""
+        self._finished.wait()
+        self.dispatcher.unregister(self)
+        if self.error is not None:
+            raise self.error
+
+    def fail(self, traceback: str) -> None:
+        """End the set in failure (a task failed, or its result could not be used)."""
+        if self.error is None:
+            self.error = TaskFailed(traceback)
+        self.pending.clear()
+        self._slot.set()
+        self._finished.set()
+
+    # -- the dispatcher's side ------------------------------------------------
+
+    def on_reply(self, header: dict, frames: list[bytes]) -> None:
+        """A worker answered task ``header['t']``: first answers count, others not."""
+        task = self.pending.get(header.get("t"))
+        if task is None:
+            self.duplicates += 1
+            return
+        if not header.get("ok"):
+            self.fail(header.get("traceback") or "a worker reported a failure without traceback")
+            return
+        del self.pending[task.task_id]
+        self.done.add(task.task_id)
+        self.recent.append((time.monotonic() - task.sent_at, task.size))
+        try:
+            self.on_result(task.task_id, header, frames)
+        except Exception:  # noqa: BLE001 - the job reports it with the traceback
+            import traceback
+            self.fail(traceback.format_exc())
+            return
+        self._slot.set()
+        self._check_finished()
+
+    def time_limit(self, task: Task) -> float:
+        """Seconds ``task`` may stay unanswered before it is sent again."""
+        if not self.recent:
+            return self.cap
+        slowest = max(d for d, _ in self.recent)
+        per_byte = max(d / s for d, s in self.recent if s) if any(s for _, s in self.recent) else 0.0
+        estimate = max(slowest, per_byte * task.size)
+        return min(self.cap, FLOOR + FACTOR * estimate)
+
+    def resend_expired(self, now: float) -> None:
+        """Send again each task whose time limit has passed; fail after MAX_ATTEMPTS."""
+        for task in list(self.pending.values()):
+            if task.sent_at and now - task.sent_at > self.time_limit(task):
+                if task.attempts >= MAX_ATTEMPTS:
+                    self.fail(f"{self.name} task {task.task_id} was not answered after "
+                              f"{task.attempts} attempts of up to {self.time_limit(task):.1f} s; "
+                              f"worker processes may be dying on it")
+                    return
+                log.info("job %s: %s task %d not answered in %.1f s: sending it again",
+                         self.job_id, self.name, task.task_id, now - task.sent_at)
+                self.resent += 1
+                self._send(task)
+
+    def _send(self, task: Task) -> None:
+        task.sent_at = 0.0  # not timed while the send waits for a worker
+        task.attempts += 1
+        self.dispatcher.send(task.frames)
+        task.sent_at = time.monotonic()
+
+    def _check_finished(self) -> None:
+        if self.closed and not self.pending:
+            self._finished.set()

@@ -1,0 +1,301 @@
+"""One job and its phases: query → map → reduce (+finalize) → commit.
+
+A :class:`Job` runs in its own greenlet inside the router.  It reads the input
+(:mod:`.reader`), keeps chunks in flight through a :class:`~.dispatch.TaskSet`,
+appends the map output to partition files (:mod:`.spill`), has each partition
+reduced on a worker, then writes the outputs (:mod:`.commit`).  ``status()`` is
+the document that the ``status`` request returns.
+
+Any failure — shipped code raising, source that does not compile, the database
+refusing a write — ends the job in state ``error`` with a traceback.  Outputs
+are written only after every task succeeded, so a failed job leaves them as
+they were (except a database failure in the middle of a ``merge``/``reduce``
+write: there is no transaction to roll back).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from typing import Any, Callable
+
+import bson
+import gevent
+import gevent.event
+import gevent.queue
+
+from zarkov.zmr import commit, reader
+from zarkov.zmr.dispatch import TaskFailed, TaskSet
+from zarkov.zmr.jobspec import JobSpec
+from zarkov.zmr.spill import Spill
+
+log = logging.getLogger("zarkov.zmr.job")
+
+READ_AHEAD = 2      # chunks read and waiting for a free slot
+COMMIT_BATCH = 1000  # output documents per write / per re-reduce task
+
+_END = object()
+
+
+class JobFailed(Exception):
+    """The job cannot go on; ``traceback`` says why."""
+
+    def __init__(self, traceback: str):
+        super().__init__(traceback)
+        self.traceback = traceback
+
+
+class Job:
+    """One mapreduce, xmapreduce or basic job owned by a router."""
+
+    def __init__(self, router, spec: JobSpec):
+        self.router = router
+        self.spec = spec
+        self.job_id = uuid.uuid4().hex
+        self.zcfg = router.config.zmr
+        self.info: dict[str, Any] = {"state": "ready", "phase": "ready", "kind": spec.kind}
+        if spec.kind != "basic":
+            self.info.update(docs_read=0, chunks_done=0, chunks_total=0, partitions_done=0,
+                             partitions_total=0, docs_written=0, chunks_resent=0,
+                             duplicates_ignored=0)
+        self.created = time.time()
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.done = gevent.event.Event()
+        self.greenlet: gevent.Greenlet | None = None
+        self._task_seq = 0
+        self._sets: list[TaskSet] = []
+        self._spill: Spill | None = None
+        self._outputs: dict[str, int] = {}     # target collection -> out file index
+        self._colls: dict[str, str] = {}       # target collection -> name the map gave
+        self._temps: list[str] = []
+
+    # -- public ------------------------------------------------------------------
+
+    def start(self) -> "Job":
+        """Run the job in a new greenlet."""
+        self.greenlet = gevent.spawn(self.run)
+        return self
+
+    def status(self) -> dict[str, Any]:
+        """The job's state and progress, as the ``status`` request reports it."""
+        out = dict(self.info)
+        for ts in self._sets:
+            out["chunks_resent"] = out.get("chunks_resent", 0) + ts.resent
+            out["duplicates_ignored"] = out.get("duplicates_ignored", 0) + ts.duplicates
+        if self.started is not None:
+            out["elapsed"] = round((self.ended or time.time()) - self.started, 3)
+        return out
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job has ended (complete or error)."""
+        return self.done.is_set()
+
+    def run(self) -> None:
+        """All phases; the outcome is recorded in ``info``, never raised."""
+        self.started = time.time()
+        log.info("job %s (%s) started", self.job_id, self.spec.kind)
+        try:
+            self._check_sources()
+            if self.spec.kind == "basic":
+                self._basic()
+            else:
+                self._spill = Spill(self.zcfg.job_root, self.job_id)
+                self._map()
+                self._reduce()
+                self._commit()
+            self._phase("complete")
+        except (JobFailed, TaskFailed) as e:
+            self._failed(e.traceback)
+        except gevent.GreenletExit:
+            self._failed("the router stopped before the job ended")
+        except Exception:  # noqa: BLE001 - the router's own failures end the job too
+            self._failed(traceback.format_exc())
+        finally:
+            self._cleanup()
+            self.ended = time.time()
+            log.info("job %s ended: %s in %.2f s", self.job_id, self.info["state"],
+                     self.ended - self.started)
+            self.done.set()
+
+    # -- phases ------------------------------------------------------------------
+
+    def _phase(self, name: str) -> None:
+        self.info["state"] = self.info["phase"] = name
+
+    def _failed(self, tb: str) -> None:
+        self.info["state"] = "error"
+        self.info["traceback"] = tb
+
+    def _check_sources(self) -> None:
+        # Compiling (not running) the sources here fails a job with a syntax error
+        # at once, instead of once per chunk on the workers.
+        for what, (text, name) in self.spec.fns.items():
+            try:
+                compile(text, f"<{what} {name}>", "exec")
+            except SyntaxError:
+                raise JobFailed(traceback.format_exc()) from None
+
+    def _next_id(self) -> int:
+        self._task_seq += 1
+        return self._task_seq
+
+    def _taskset(self, name: str, on_result: Callable[[int, dict, list[bytes]], None]) -> TaskSet:
+        ts = TaskSet(self.router.dispatcher, self.job_id, name, on_result,
+                     lambda: self.router.dispatcher.limit(self.zcfg.outstanding_chunks),
+                     self.zcfg.max_chunk_timeout, self._sets[-1] if self._sets else None)
+        self._sets.append(ts)
+        return ts
+
+    def _header(self, kind: str, **extra: Any) -> dict[str, Any]:
+        return {"j": self.job_id, "kind": kind, "fns": self.spec.fns,
+                "xmr": self.spec.kind == "xmapreduce", **extra}
+
+    def _run_tasks(self, ts: TaskSet, tasks) -> None:
+        """Add every (header, payload frames, size) of ``tasks`` to ``ts`` and wait."""
+        try:
+            for header, payload, size in tasks:
+                tid = self._next_id()
+                ts.add(tid, [bson.encode({**header, "t": tid}), *payload], size)
+            ts.close()
+            ts.wait()
+        finally:
+            self.router.dispatcher.unregister(ts)
+
+    def _basic(self) -> None:
+        self._phase("running")
+        ts = self._taskset("basic", lambda tid, h, f: self.info.__setitem__("result", h.get("result")))
+        header = self._header("basic", args=self.spec.args, kwargs=self.spec.kwargs)
+        self._run_tasks(ts, [(header, [], 0)])
+
+    def _map(self) -> None:
+        self._phase("map")
+        queue: gevent.queue.Queue = gevent.queue.Queue(maxsize=READ_AHEAD)
+        feeder = gevent.spawn(self._read_input, queue)
+        header = self._header("map", rc=self.zcfg.reduce_count)
+
+        def chunks():
+            while True:
+                item = queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                chunk, count = item
+                self.info["docs_read"] += count
+                self.info["chunks_total"] += 1
+                yield header, [chunk], len(chunk)
+
+        try:
+            self._run_tasks(self._taskset("map", self._on_map_result), chunks())
+        finally:
+            feeder.kill()
+
+    def _read_input(self, queue: gevent.queue.Queue) -> None:
+        try:
+            db = self.router.mongo[self.spec.database]
+            batches = reader.raw_batches(db, self.spec.input_names, self.spec.query)
+            for item in reader.cut_chunks(batches, self.zcfg.map_chunk_size):
+                queue.put(item)
+            queue.put(_END)
+        except Exception as e:  # noqa: BLE001 - handed to the job's greenlet
+            e.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+            queue.put(JobFailed(e.traceback))  # type: ignore[attr-defined]
+
+    def _on_map_result(self, tid: int, header: dict, frames: list[bytes]) -> None:
+        for p, data in zip(header["parts"], frames):
+            self._spill.append(f"part-{p:04d}", data)
+        self.info["chunks_done"] += 1
+
+    def _reduce(self) -> None:
+        self._phase("reduce")
+        names = self._spill.names("part-")
+        self.info["partitions_total"] = len(names)
+        if self.spec.kind == "mapreduce":
+            self._out_index(self.spec.output_name, "")  # replace leaves it empty if no output
+        # In reduce mode, finalize runs after folding in the stored values (commit).
+        header = self._header("reduce", finalize=self.spec.output_type != "reduce")
+        tasks = ((header, [data], len(data))
+                 for data in (self._spill.read(n) for n in names))
+        self._run_tasks(self._taskset("reduce", self._on_reduce_result), tasks)
+
+    def _out_index(self, target: str, coll: str) -> int:
+        if target not in self._outputs:
+            self._outputs[target] = len(self._outputs)
+            self._colls[target] = coll
+        return self._outputs[target]
+
+    def _target(self, coll: str) -> str:
+        if self.spec.kind == "mapreduce":
+            return self.spec.output_name
+        if not isinstance(coll, str) or not coll:
+            raise JobFailed(f"xmapreduce: map yielded collection name {coll!r}; "
+                            f"it must be a non-empty string")
+        return self.spec.output_prefix + coll
+
+    def _on_reduce_result(self, tid: int, header: dict, frames: list[bytes]) -> None:
+        for coll, data in zip(header["colls"], frames):
+            idx = self._out_index(self._target(coll), coll)
+            self._spill.append(f"out-{idx:03d}", data)
+        self.info["partitions_done"] += 1
+
+    # -- commit ------------------------------------------------------------------
+
+    def _written(self, n: int) -> None:
+        self.info["docs_written"] += n
+
+    def _batches(self, name: str):
+        if not self._spill.exists(name):
+            return iter(())
+        return self._spill.iter_batches(name, COMMIT_BATCH)
+
+    def _commit(self) -> None:
+        self._phase("commit")
+        db = self.router.mongo[self.spec.database]
+        prefix = "out-"
+        if self.spec.output_type == "reduce":
+            self._rereduce(db)
+            prefix = "final-"
+        files = {t: f"{prefix}{i:03d}" for t, i in self._outputs.items()}
+        if self.spec.output_type == "replace" and not self.router.can_rename(self.spec.database):
+            for target in self._outputs:
+                commit.replace_in_place(db[target], self._batches(files[target]), self._written)
+        elif self.spec.output_type == "replace":
+            for target, idx in self._outputs.items():  # build every output aside first
+                tmp = commit.temp_name(self.job_id, idx)
+                self._temps.append(tmp)
+                db.drop_collection(tmp)
+                db.create_collection(tmp)
+                commit.insert(db[tmp], self._batches(files[target]), self._written)
+            for target, idx in self._outputs.items():
+                commit.rename_over(self.router.mongo, self.spec.database,
+                                   commit.temp_name(self.job_id, idx), target)
+            self._temps.clear()
+        else:
+            for target in self._outputs:
+                commit.upsert(db[target], self._batches(files[target]), self._written)
+
+    def _rereduce(self, db) -> None:
+        """Reduce mode: fold the stored values in, on workers, before any write."""
+        def tasks():
+            for target, idx in self._outputs.items():
+                extra = {"c": self._colls[target]} if self.spec.kind == "xmapreduce" else {}
+                header = self._header("rereduce", finalize=True, echo={"out": idx}, **extra)
+                for batch in self._batches(f"out-{idx:03d}"):
+                    new = b"".join(batch)
+                    yield header, [new, commit.existing(db[target], batch)], len(new)
+
+        def on_result(tid: int, header: dict, frames: list[bytes]) -> None:
+            self._spill.append(f"final-{header['echo']['out']:03d}", frames[0])
+
+        self._run_tasks(self._taskset("rereduce", on_result), tasks())
+
+    def _cleanup(self) -> None:
+        for ts in self._sets:
+            self.router.dispatcher.unregister(ts)
+        if self._temps:
+            commit.drop_quietly(self.router.mongo[self.spec.database], self._temps)
+        if self._spill is not None:
+            self._spill.remove()

@@ -1,0 +1,108 @@
+"""Job requests: required fields, defaults and types (SPEC §4).
+
+:func:`parse` turns a ``mapreduce`` / ``xmapreduce`` / ``basic`` request into a
+:class:`JobSpec` or raises :class:`BadRequest`, whose message the router sends
+back in the reply's ``error`` field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import bson
+
+from zarkov.wire import CODEC
+
+OUTPUT_TYPES = ("replace", "merge", "reduce")
+JOB_COMMANDS = ("mapreduce", "xmapreduce", "basic")
+_DB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+
+
+class BadRequest(Exception):
+    """A request the router cannot act on; the message says which field and why."""
+
+
+@dataclasses.dataclass
+class JobSpec:
+    """What a job does, after defaults: the router's view of one request."""
+
+    kind: str                       # mapreduce, xmapreduce or basic
+    fns: dict[str, list[str]]       # {"map": [text, name], "reduce": ..., "finalize": ...}
+    database: str = "zarkov"
+    input_names: list[str] = dataclasses.field(default_factory=lambda: ["event"])
+    query: dict = dataclasses.field(default_factory=dict)
+    output_name: str = "zagg.result"
+    output_type: str = "replace"
+    output_prefix: str = ""         # xmapreduce: prepended to each collection name
+    args: list = dataclasses.field(default_factory=list)
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    wait: bool = False
+
+
+def _str(doc: Mapping[str, Any], field: str, default: Any = None) -> Any:
+    value = doc.get(field)
+    if value is None:
+        if default is None:
+            raise BadRequest(f"missing required field '{field}'")
+        value = default
+    if not isinstance(value, str) or (not value and field != "output_prefix"):
+        raise BadRequest(f"field '{field}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _function(doc: Mapping[str, Any], what: str, prefix: str, required: bool) -> list[str] | None:
+    if not required and doc.get(f"{prefix}_text") is None and doc.get(f"{prefix}_name") is None:
+        return None
+    return [_str(doc, f"{prefix}_text"), _str(doc, f"{prefix}_name")]
+
+
+def _query(value: Any) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bson.decode(bytes(value), CODEC)
+        except Exception as e:  # noqa: BLE001
+            raise BadRequest(f"field 'query' is not a BSON-encoded document: {e}") from None
+    if isinstance(value, Mapping):
+        return dict(value)  # convenient for clients that send the filter as is
+    raise BadRequest(f"field 'query' must be BSON-encoded binary, got {type(value).__name__}")
+
+
+def parse(command: str, doc: Mapping[str, Any], default_database: str = "zarkov") -> JobSpec:
+    """The JobSpec of a job request; raises BadRequest naming the faulty field."""
+    wait = bool(doc.get("wait", False))
+    if command == "basic":
+        fns = {"func": _function(doc, "func", "func", True)}
+        args = doc.get("args") or []
+        kwargs = doc.get("kwargs") or {}
+        if not isinstance(args, list):
+            raise BadRequest(f"field 'args' must be a list, got {type(args).__name__}")
+        if not isinstance(kwargs, Mapping):
+            raise BadRequest(f"field 'kwargs' must be a document, got {type(kwargs).__name__}")
+        return JobSpec("basic", fns, args=list(args), kwargs=dict(kwargs), wait=wait)
+    if command not in JOB_COMMANDS:
+        raise BadRequest(f"unknown job command '{command}'")
+    fns = {"map": _function(doc, "map", "map", True),
+           "reduce": _function(doc, "reduce", "reduce", True)}
+    finalize = _function(doc, "finalize", "finalize", False)
+    if finalize:
+        fns["finalize"] = finalize
+    database = _str(doc, "database", default_database)
+    if not _DB_NAME.match(database):
+        raise BadRequest(f"field 'database': not a valid database name: {database!r}")
+    names = doc.get("input_names", ["event"])
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise BadRequest(f"field 'input_names' must be a non-empty list of names, got {names!r}")
+    output_type = _str(doc, "output_type", "replace")
+    if output_type not in OUTPUT_TYPES:
+        raise BadRequest(f"field 'output_type' must be one of {', '.join(OUTPUT_TYPES)}, "
+                         f"got {output_type!r}")
+    return JobSpec(command, fns, database=database, input_names=list(names),
+                   query=_query(doc.get("query")),
+                   output_name=_str(doc, "output_name", "zagg.result"),
+                   output_type=output_type,
+                   output_prefix=_str(doc, "output_prefix", ""), wait=wait)
