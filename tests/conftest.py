@@ -113,6 +113,7 @@ def cluster(procs, config_file):
     wait_for(lambda: wire.request(uri, {"$command": "echo"}, timeout=1.0), timeout=30,
              what="the router to answer echo")
     procs.zcmd("worker", path, "zmr-worker")
-    wait_for(lambda: wire.request(uri, {"$command": "status"}, timeout=1.0).get("workers", 0) >= 2
-             or True, timeout=30, what="workers")
+    # status without a job id reports the worker processes heard from recently.
+    wait_for(lambda: wire.request(uri, {"$command": "status"}, timeout=1.0).get("workers", 0) >= 2,
+             timeout=30, what="2 worker processes to report to the router")
     yield path
