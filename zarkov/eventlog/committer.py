@@ -90,8 +90,7 @@ class Committer:
             self.stats.backlog_files = len(self.backlog)
             try:
                 if self.backlog:
-                    self._commit_file(self.backlog[0])
-                    self.backlog.popleft()
+                    self._commit_backlog()
                     continue
                 if self._stopping:
                     return
@@ -124,21 +123,40 @@ class Committer:
         docs, _, _ = read_records(path, start, end)
         self._insert_records(path, start, docs)
 
-    def _commit_file(self, path: str) -> None:
-        start = self.done.get(path, 0)
-        try:
-            docs, _, problem = read_records(path, start)
-        except FileNotFoundError:
-            self.done.pop(path, None)
-            return
-        if start < len(MAGIC):
-            start = len(MAGIC)
-        self._insert_records(path, start, docs)
+    def _commit_backlog(self) -> None:
+        """Commit the oldest closed files: several small ones in one insert (why: fewer
+        round trips when the logger is behind), a big one in chunks."""
+        group = []
+        ndocs = nbytes = 0
+        for path in list(self.backlog):
+            start = self.done.get(path, 0)
+            try:
+                docs, _, problem = read_records(path, start)
+            except FileNotFoundError:
+                docs, problem = [], None
+            size = sum(map(len, docs))
+            if group and (ndocs + len(docs) > CHUNK_DOCS or nbytes + size > CHUNK_BYTES):
+                break
+            group.append((path, max(start, len(MAGIC)), docs, problem))
+            ndocs += len(docs)
+            nbytes += size
+        if len(group) == 1:
+            path, start, docs, problem = group[0]
+            self._insert_records(path, start, docs)
+        elif ndocs:
+            self._insert([d for _, _, docs, _ in group for d in docs])
+        for path, _, docs, problem in group:
+            self._finish_file(path, len(docs), problem)
+            self.backlog.popleft()
+
+    def _finish_file(self, path: str, count: int, problem: str | None) -> None:
         self.done.pop(path, None)
+        if not os.path.exists(path):
+            return
         if problem:
             # Why keep it: the tail cannot be read; an operator may want to look at it.
             log.error("journal file %s: %s; committed %d event(s) before it, "
-                      "kept as %s.corrupt", path, problem, len(docs), path)
+                      "kept as %s.corrupt", path, problem, count, path)
             os.replace(path, path + ".corrupt")
         else:
             os.unlink(path)
@@ -158,9 +176,11 @@ class Committer:
 
     def _insert(self, docs: list[bytes]) -> None:
         """Store ``docs``; raises DatabaseDown when the database cannot be reached."""
+        started = time.monotonic()
         try:
             self.collection.insert_many([RawBSONDocument(d) for d in docs], ordered=False)
             self._stored(len(docs), 0)
+            log.debug("committed %d events in %.3f s", len(docs), time.monotonic() - started)
         except BulkWriteError as e:
             errors = e.details.get("writeErrors", [])
             dups = sum(1 for x in errors if x.get("code") in DUPLICATE_CODES)

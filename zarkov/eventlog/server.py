@@ -32,6 +32,7 @@ from typing import Any, Callable
 import gevent
 import gevent.event
 import pymongo
+import pymongo.errors
 from pymongo.write_concern import WriteConcern
 import zmq as zmq_plain
 import zmq.green as zmq
@@ -43,9 +44,10 @@ from zarkov.eventlog.rejects import RejectLog, rejects_path
 from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
 from zarkov.eventlog.stats import Stats, read_stats, stats_path, total, write_stats
 
-BATCH = 1000            # most messages taken from a socket before journaling them
+BATCH = 100             # most messages taken from a socket before journaling them
 DRAIN_AT_STOP = 200000  # most messages still taken from the sockets when stopping
 STATS_INTERVAL = 0.1
+_plain_recv = zmq_plain.Socket.recv
 
 log = logging.getLogger("zarkov.eventlog")
 
@@ -120,6 +122,7 @@ class EventServer:
                   for p in J.list_files(d)]
         self.journal.open()
         self.client, coll = mongo_collection(self.config)
+        gevent.spawn(self._connect)
         self.committer = Committer(coll, self.journal, replay, self.stats, self.rejects)
         self.committer.start()
         self._running = True
@@ -128,6 +131,14 @@ class EventServer:
         self._stats_greenlet = gevent.spawn(self._write_stats_loop)
         write_stats(stats_path(self.config.journal, self.index), self.stats)
         return self
+
+    def _connect(self) -> None:
+        # Why: discover the server and open a connection before the first burst, whose
+        # receive loop would otherwise delay the first commit by a second or so.
+        try:
+            self.client.admin.command("ping")
+        except pymongo.errors.PyMongoError as e:
+            log.warning("the database does not answer yet (%s); events are journaled", e)
 
     # -- the hot path ---------------------------------------------------------------
 
@@ -140,9 +151,18 @@ class EventServer:
 
     @staticmethod
     def _drain(sock, batch: list, limit: int) -> None:
+        # Why the plain socket's recv: messages already queued need no gevent wait, and
+        # the green wrapper (and recv_multipart's RCVMORE look-ups) cost several times
+        # the rest of the hot path.  The next green recv resets the socket's FD edge.
+        recv = _plain_recv
         try:
             while len(batch) < limit:
-                batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                f = recv(sock, zmq.NOBLOCK, copy=False)
+                frames = [f.bytes]
+                while f.more:  # the rest of a multipart message is there already
+                    f = recv(sock, zmq.NOBLOCK, copy=False)
+                    frames.append(f.bytes)
+                batch.append(frames)
         except zmq.Again:
             pass
 
