@@ -1,8 +1,8 @@
 """Journal → MongoDB: commit journaled events to the ``event`` collection in batches.
 
 A file is committed as soon as it is full (closed by the writer); the records of
-the open file are committed after one idle second (no new event), or when the
-oldest of them has waited ``MAX_DELAY`` seconds under a steady trickle.  Events
+the open file are committed after one idle second (no new event), and at the latest
+when the oldest of them has waited ``MAX_DELAY`` (one) second under a steady trickle.  Events
 carry their ``_id`` from the journal, and ``insert_many(ordered=False)`` reports a
 duplicate key for one already stored, so committing a record twice (a replay after
 a crash, a retry after a lost reply) stores it once.  A file is deleted once all its
@@ -28,7 +28,7 @@ from zarkov.eventlog.rejects import RejectLog
 from zarkov.eventlog.stats import Stats
 
 IDLE = 1.0
-MAX_DELAY = 3.0
+MAX_DELAY = 1.0
 CHUNK_BYTES = 4 << 20
 CHUNK_DOCS = 10000
 RETRY_MIN, RETRY_MAX = 0.5, 5.0
@@ -215,6 +215,7 @@ class Committer:
     def _stored(self, n: int, dups: int) -> None:
         self.stats.committed += n
         self.stats.duplicates += dups
+        self.stats.commits.append((time.time(), self.stats.committed))
         if not self.stats.db_ok:
             log.info("the database is back; committing the journal")
         self.stats.db_ok = True

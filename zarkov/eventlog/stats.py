@@ -7,6 +7,7 @@ socket of its own.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -30,6 +31,8 @@ class Stats:
         self.backlog_files = 0
         self.db_ok = True
         self.last_db_error: str | None = None
+        # (time, committed so far) after each insert: the recent commit timeline.
+        self.commits: collections.deque = collections.deque(maxlen=64)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready snapshot."""
@@ -37,7 +40,7 @@ class Stats:
                 "accepted": self.accepted, "rejected": self.rejected,
                 "committed": self.committed, "duplicates": self.duplicates,
                 "backlog_files": self.backlog_files, "db_ok": self.db_ok,
-                "last_db_error": self.last_db_error}
+                "last_db_error": self.last_db_error, "commits": list(self.commits)}
 
 
 def stats_path(journal_dir: str, index: int) -> str:
