@@ -1,0 +1,297 @@
+"""Task: the base class of aggregation logic (SPEC §5, the seed article).
+
+Users subclass :class:`Task`, override ``_start_jobs(self, socket, full)`` and start
+map-reduce jobs from it with :meth:`Task.start_mr` (or :meth:`Task.start_xmr`,
+:meth:`Task.start_basic_job`); :meth:`Task.run` calls ``_start_jobs`` and waits for
+every job it started::
+
+    class MyTask(Task):
+        def _start_jobs(self, socket, full):
+            db = M.doc_session.db
+            self.start_mr(socket, db.zagg.my_agg, full, map=map, reduce=reduce)
+
+Run by ``zcmd aggregate`` (:mod:`zarkov.aggregation`), a Task gets a
+:class:`RunContext`: its jobs read only the events marked with the run's lock id
+(``self._lock_id``) and write into staging collections that the engine later applies
+to the real targets exactly once.  Without a context (a Task run by hand) jobs write
+straight to their targets, as in the article: ``replace`` when ``full``, else
+``reduce``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional, Union
+
+import bson
+from pymongo.collection import Collection
+
+from zarkov import functions, wire
+
+# How often a waiting Task asks the router for its jobs' status (s): short at first so
+# that small jobs finish fast, then backing off so that long ones cost little.
+POLL_FIRST = 0.02
+POLL_MAX = 0.5
+
+
+class TaskError(Exception):
+    """A Task that cannot start its jobs (bad arguments, unshippable function)."""
+
+
+class JobFailed(Exception):
+    """A job reported an error, or the router lost it or stopped answering.
+
+    ``traceback`` holds the worker's traceback when there is one.
+    """
+
+    def __init__(self, message: str, traceback: Optional[str] = None):
+        super().__init__(message)
+        self.traceback = traceback
+
+
+class RunContext:
+    """What the aggregation engine tells a Task about the run in progress.
+
+    It chooses the lock id the jobs filter on and the staging collections they write
+    to, and records each job's output so that the engine can apply it afterwards.
+    """
+
+    def __init__(self, lock_id: str, attempt: int, staging_prefix: str,
+                 on_started: Optional[Callable[[], None]] = None,
+                 progress: Optional[Callable[[dict], None]] = None):
+        self.lock_id = lock_id
+        self.attempt = attempt
+        self.staging_prefix = staging_prefix
+        self.outputs: list[dict] = []
+        self.on_started = on_started
+        self.progress = progress
+
+    def stage(self, kind: str, target: str, reduce_text: str, reduce_name: str,
+              finalize: bool) -> str:
+        """Allocate the staging name for one job's output and record the output.
+
+        ``kind`` is ``mr`` (``target`` is a collection name; the result is a
+        collection name) or ``xmr`` (``target`` is an output prefix; the result is a
+        staging prefix).
+        """
+        n = len(self.outputs)
+        staging = (f"{self.staging_prefix}{n}" if kind == "mr"
+                   else f"{self.staging_prefix}x{n}.")
+        self.outputs.append({"kind": kind, "target": target, "staging": staging,
+                             "reduce_text": reduce_text, "reduce_name": reduce_name,
+                             "finalize": finalize})
+        return staging
+
+
+def _shippable(func: Any, name: Optional[str], what: str) -> tuple[str, str]:
+    """(source text, name) of a function or of source text plus its name."""
+    if func is None:
+        raise TaskError(f"a {what} function is required")
+    if callable(func):
+        try:
+            text, fname = functions.source_of(func)
+        except functions.FunctionError as e:
+            raise TaskError(f"{what}: {e}") from None
+        return text, name or fname
+    if isinstance(func, str):
+        if not name:
+            raise TaskError(f"{what} given as source text needs {what}_name")
+        return func, name
+    raise TaskError(f"{what} must be a function or source text, got {type(func).__name__}")
+
+
+def _collection_name(collection: Union[Collection, str]) -> str:
+    if isinstance(collection, Collection):
+        return collection.name
+    if isinstance(collection, str) and collection:
+        return collection
+    raise TaskError(f"output collection must be a pymongo Collection or a name, "
+                    f"got {collection!r}")
+
+
+class Task:
+    """Base class of aggregation tasks; subclasses override :meth:`_start_jobs`.
+
+    ``agg_def`` is the :class:`zarkov.model.AggDef` being run (its ``object`` names
+    the input collection), ``config`` the Zarkov config (router address, database,
+    time limits) and ``context`` the engine's :class:`RunContext`, if any.
+    """
+
+    def __init__(self, agg_def: Any = None, config: Any = None,
+                 context: Optional[RunContext] = None):
+        if config is None:
+            from zarkov import config as C
+            config = C.from_dict({})
+        self.agg_def = agg_def
+        self.config = config
+        self._context = context
+        #: Lock id marking the documents of this run: filter on {"jobs": self._lock_id}.
+        self._lock_id: Optional[str] = context.lock_id if context else None
+        self._jobs: list[dict] = []
+        #: Results of basic jobs, by job id, once :meth:`run` has returned.
+        self.results: dict[Any, Any] = {}
+
+    # -- to override -------------------------------------------------------------
+    def _start_jobs(self, socket: Any, full: bool) -> None:
+        """Start this task's jobs with start_mr/start_xmr/start_basic_job."""
+        raise NotImplementedError("_start_jobs")
+
+    # -- helpers for _start_jobs --------------------------------------------------
+    @property
+    def input_name(self) -> str:
+        """The input collection: the AggDef's ``object`` (``event`` by default)."""
+        return getattr(self.agg_def, "object", None) or "event"
+
+    def _query(self, filter: Optional[dict]) -> bytes:
+        """The job's filter as BSON: the lock filter ANDed with the user's one."""
+        clauses = []
+        if self._lock_id is not None:
+            clauses.append({"jobs": self._lock_id})
+        if filter:
+            clauses.append(dict(filter))
+        query = {} if not clauses else clauses[0] if len(clauses) == 1 else {"$and": clauses}
+        return bson.encode(query)
+
+    def _submit(self, socket: Any, request: dict, kind: str, target: Optional[str]) -> Any:
+        timeout = float(self.config.zmr.max_chunk_timeout)
+        try:
+            reply = wire.call(socket, request, timeout)
+        except wire.RouterTimeout as e:
+            raise JobFailed(str(e)) from None
+        if reply.get("error") or "job_id" not in reply:
+            raise JobFailed(f"the router refused the {kind} job: "
+                            f"{reply.get('error') or reply!r}", reply.get("traceback"))
+        self._jobs.append({"job_id": reply["job_id"], "kind": kind, "target": target,
+                           "status": reply.get("status") or {}})
+        return reply["job_id"]
+
+    def start_mr(self, socket: Any, collection: Union[Collection, str], full: bool,
+                 filter: Optional[dict] = None, map: Any = None, reduce: Any = None,
+                 map_name: Optional[str] = None, reduce_name: Optional[str] = None,
+                 finalize: Any = None, finalize_name: Optional[str] = None) -> Any:
+        """Start a map-reduce job from the input collection into ``collection``.
+
+        ``map``/``reduce``/``finalize`` are module-level functions (shipped as source)
+        or source text with the matching ``*_name``.  Returns the job id.
+        """
+        target = _collection_name(collection)
+        return self._start_mapreduce(socket, "mr", target, full, filter, map, reduce,
+                                     map_name, reduce_name, finalize, finalize_name)
+
+    def start_xmr(self, socket: Any, full: bool, filter: Optional[dict] = None,
+                  map: Any = None, reduce: Any = None, map_name: Optional[str] = None,
+                  reduce_name: Optional[str] = None, finalize: Any = None,
+                  finalize_name: Optional[str] = None, output_prefix: str = "") -> Any:
+        """Start a job whose map yields ``{c, k, v}`` documents: one output per ``c``.
+
+        The output collection of ``c`` is ``output_prefix + c``; ``reduce`` is
+        ``reduce(c, key, values)``.  Returns the job id.
+        """
+        return self._start_mapreduce(socket, "xmr", output_prefix, full, filter, map,
+                                     reduce, map_name, reduce_name, finalize, finalize_name)
+
+    def _start_mapreduce(self, socket: Any, kind: str, target: str, full: bool,
+                         filter: Optional[dict], map: Any, reduce: Any,
+                         map_name: Optional[str], reduce_name: Optional[str],
+                         finalize: Any, finalize_name: Optional[str]) -> Any:
+        """Build and send a mapreduce (``mr``) or xmapreduce (``xmr``) request."""
+        map_text, map_name = _shippable(map, map_name, "map")
+        reduce_text, reduce_name = _shippable(reduce, reduce_name, "reduce")
+        command = "mapreduce" if kind == "mr" else "xmapreduce"
+        request = {"$command": command, "database": self.config.mongo_database,
+                   "input_names": [self.input_name], "query": self._query(filter),
+                   "map_text": map_text, "map_name": map_name,
+                   "reduce_text": reduce_text, "reduce_name": reduce_name}
+        if finalize is not None:
+            request["finalize_text"], request["finalize_name"] = _shippable(
+                finalize, finalize_name, "finalize")
+        out_field = "output_name" if kind == "mr" else "output_prefix"
+        if self._context is not None:
+            # Always fresh collections of their own; the engine applies them later.
+            request[out_field] = self._context.stage(kind, target, reduce_text, reduce_name,
+                                                     finalize is not None)
+            request["output_type"] = "replace"
+        else:
+            request[out_field] = target
+            request["output_type"] = "replace" if full else "reduce"
+        return self._submit(socket, request, command, target)
+
+    def start_basic_job(self, socket: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``func(*args, **kwargs)`` on a worker; its result lands in ``self.results``."""
+        func_text, func_name = _shippable(func, kwargs.pop("func_name", None), "func")
+        request = {"$command": "basic", "func_text": func_text, "func_name": func_name,
+                   "args": list(args), "kwargs": kwargs}
+        return self._submit(socket, request, "basic", None)
+
+    # -- running --------------------------------------------------------------------
+    def run(self, socket: Any, full: bool = False) -> int:
+        """Start the jobs, wait for all of them; return the documents they read."""
+        self._jobs = []
+        self.results = {}
+        self._start_jobs(socket, full)
+        if self._context is not None and self._context.on_started:
+            self._context.on_started()
+        return self.wait(socket)
+
+    def wait(self, socket: Any) -> int:
+        """Poll the router until every started job is complete; return documents read.
+
+        Raises JobFailed when a job fails, when the router forgets a job (it was
+        restarted) or does not answer within ``zmr.max_chunk_timeout``, and when no
+        job makes progress for twice that long (no worker is serving the router).
+        """
+        timeout = float(self.config.zmr.max_chunk_timeout)
+        started = time.monotonic()
+        pending = [j for j in self._jobs]
+        last_change = time.monotonic()
+        last_seen: Any = None
+        delay = POLL_FIRST
+        while pending:
+            for job in list(pending):
+                try:
+                    reply = wire.call(socket, {"$command": "status", "job_id": job["job_id"]},
+                                      timeout)
+                except wire.RouterTimeout as e:
+                    raise JobFailed(str(e)) from None
+                if reply.get("error"):
+                    raise JobFailed(f"{job['kind']} job {job['job_id']}: {reply['error']}")
+                status = reply.get("status") or {}
+                job["status"] = status
+                state = status.get("state")
+                if state == "complete":
+                    pending.remove(job)
+                    if job["kind"] == "basic":
+                        self.results[job["job_id"]] = status.get("result")
+                elif state == "error":
+                    tb = status.get("traceback")
+                    last = (tb or "").strip().splitlines()[-1:] or ["no traceback"]
+                    raise JobFailed(f"{job['kind']} job into {job['target'] or '-'} failed: "
+                                    f"{last[0]}", tb)
+                elif state == "UNKNOWN" or state is None:
+                    raise JobFailed(f"the router does not know job {job['job_id']} any more "
+                                    f"(was it restarted?)")
+            seen = [{k: v for k, v in j["status"].items() if k != "elapsed"}
+                    for j in self._jobs]
+            if seen != last_seen:
+                last_seen, last_change = seen, time.monotonic()
+            elif time.monotonic() - last_change > 2 * timeout:
+                raise JobFailed(f"no job progress for {2 * timeout:g} s "
+                                f"(are workers connected to {self.config.zmr.req_uri}?)")
+            self._report(started)
+            if pending:
+                time.sleep(delay)
+                delay = min(delay * 1.5, POLL_MAX)
+        return self.docs_read()
+
+    def docs_read(self) -> int:
+        """Documents read by the map-reduce jobs started so far."""
+        return sum(int(j["status"].get("docs_read") or 0) for j in self._jobs
+                   if j["kind"] != "basic")
+
+    def _report(self, started: float) -> None:
+        if self._context is None or self._context.progress is None:
+            return
+        phases = [j["status"].get("state") or "?" for j in self._jobs
+                  if j["status"].get("state") != "complete"]
+        self._context.progress({"phase": phases[0] if phases else "complete",
+                                "docs": self.docs_read(),
+                                "elapsed": time.monotonic() - started})
