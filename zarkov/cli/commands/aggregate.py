@@ -1,0 +1,63 @@
+"""zcmd aggregate <name> [full]: run one aggregation definition, exactly once.
+
+On a terminal a live line shows the run's phase, documents and elapsed time; then
+one summary line.  Not on a terminal (cron), only the summary and errors.  Exit
+status: 0 done, 1 run failed (nothing changed), 2 bad definition, 3 busy.
+"""
+import argparse
+import sys
+
+from zarkov import aggregation
+from zarkov.config import Config
+
+SUMMARY = "run one aggregation definition incrementally, or in full ('full')"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="name of the AggDef")
+    parser.add_argument("mode", nargs="?", choices=["full"],
+                        help="'full' recomputes the outputs from every document")
+    parser.add_argument("--wait", action="store_true",
+                        help="if another process runs this AggDef, wait for it "
+                             "instead of exiting with status 3")
+
+
+class _LiveLine:
+    """Rewrites one status line on a terminal."""
+
+    def __init__(self, name: str, out=sys.stderr):
+        self.name = name
+        self.out = out
+        self.width = 0
+
+    def __call__(self, status: dict) -> None:
+        line = (f"{self.name}: {status['phase']}, {status['docs']} documents, "
+                f"{status['elapsed']:.1f} s")
+        self.out.write("\r" + line.ljust(self.width))
+        self.out.flush()
+        self.width = len(line)
+
+    def clear(self) -> None:
+        if self.width:
+            self.out.write("\r" + " " * self.width + "\r")
+            self.out.flush()
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    live = _LiveLine(args.name) if sys.stderr.isatty() else None
+    try:
+        result = aggregation.run(config, args.name, full=args.mode == "full",
+                                 wait=args.wait, progress=live)
+    except aggregation.AggregationError as e:
+        if live:
+            live.clear()
+        print(f"zcmd aggregate: {e}", file=sys.stderr)
+        if e.traceback:
+            print(e.traceback.rstrip(), file=sys.stderr)
+        return e.exit_code
+    if live:
+        live.clear()
+    note = f" (finished first a run left {result.resumed})" if result.resumed else ""
+    print(f"{result.name}: {result.docs} documents in {result.seconds:.2f} s"
+          f"{' (full)' if result.full else ''}{note}")
+    return 0

@@ -1,0 +1,54 @@
+"""zcmd shell: an interactive Python with the Zarkov model loaded.
+
+IPython when installed, the standard console otherwise.  The namespace holds
+``M`` (zarkov.model, configured), ``ZM`` (the map-reduce client), ``session`` (Ming's
+``ming.odm.session``, as in ``session(M.AggDef).flush()``), ``config`` and ``db``.
+"""
+import argparse
+import code
+
+from zarkov import model as M
+from zarkov.config import Config
+
+SUMMARY = "interactive Python (IPython if installed) with the model loaded"
+
+BANNER = """Zarkov shell: {db} on {uri}
+  M        zarkov.model (M.AggDef, M.doc_session, M.orm_session)
+  ZM       the map-reduce client (zarkov.zmr.client, if present)
+  session  ming.odm.session: session(M.AggDef).flush()
+  config   the configuration;  db  the pymongo Database
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--command", help="run this code instead of an interactive "
+                                                "session (for scripts and tests)")
+
+
+def namespace(config: Config) -> dict:
+    """The names a shell session starts with."""
+    from ming.odm import session
+    M.configure(config)
+    try:
+        from zarkov.zmr import client as ZM
+    except ImportError:
+        ZM = None
+    return {"M": M, "ZM": ZM, "session": session, "config": config, "db": M.db()}
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    ns = namespace(config)
+    if args.command:
+        exec(compile(args.command, "<zcmd shell -c>", "exec"), ns)  # noqa: S102
+        M.orm_session.flush_all()
+        return 0
+    banner = BANNER.format(db=config.mongo_database, uri=config.mongo_uri)
+    try:
+        from IPython import start_ipython
+    except ImportError:
+        code.interact(banner=banner, local=ns)
+    else:
+        print(banner)
+        start_ipython(argv=[], user_ns=ns)
+    M.orm_session.flush_all()
+    return 0
