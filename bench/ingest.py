@@ -260,7 +260,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--servers", type=int, default=1, help="num_event_servers")
-    ap.add_argument("--batch", type=int, default=2000, help="insert_many batch of the ceiling")
+    ap.add_argument("--batch", type=int, default=10000,
+                    help="insert_many batch of the ceiling (default: the logger's largest)")
     ap.add_argument("--load", type=float, default=0.5,
                     help="paced load for the latency phase, as a fraction of the ceiling")
     ap.add_argument("--paced-seconds", type=float, default=6.0)

@@ -125,9 +125,21 @@ class Journal:
             view = view[written:]
 
     def append(self, records: Iterable[bytes], count: int) -> None:
-        """Append already framed records (``count`` of them) in one write."""
+        """Append already framed records (``count`` of them) in one write.
+
+        Raises OSError (the file unchanged) when the write fails; the caller may retry.
+        """
         blob = b"".join(records)
-        self._write(blob)
+        try:
+            self._write(blob)
+        except OSError:
+            # Why truncate: a partial write (disk full) would leave a torn record in
+            # the middle of the file, and the records after it could not be read back.
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass
+            raise
         self.size += len(blob)
         self.appended += count
         self.last_append = time.monotonic()

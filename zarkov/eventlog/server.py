@@ -111,13 +111,19 @@ class EventServer:
     def start(self) -> "EventServer":
         """Bind or connect the sockets, replay the journal, start the greenlets."""
         ctx = zmq.Context.instance()
-        for endpoint, prepare, source in ((self.bson_endpoint, prepare_bson, "bson"),
-                                          (self.json_endpoint, prepare_json, "json")):
-            sock = ctx.socket(zmq.PULL)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 100000)
-            (sock.bind if self.bind else sock.connect)(endpoint)
-            self._sockets.append((sock, prepare, source))
+        try:
+            for endpoint, prepare, source in ((self.bson_endpoint, prepare_bson, "bson"),
+                                              (self.json_endpoint, prepare_json, "json")):
+                sock = ctx.socket(zmq.PULL)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVHWM, 100000)
+                self._sockets.append((sock, prepare, source))
+                (sock.bind if self.bind else sock.connect)(endpoint)
+        except zmq.ZMQError:
+            for sock, _, _ in self._sockets:
+                sock.close(0)
+            self._sockets = []
+            raise
         replay = [p for d in _owned_dirs(self.config.journal, self.index, self.count)
                   for p in J.list_files(d)]
         self.journal.open()
@@ -185,9 +191,17 @@ class EventServer:
                 records.append(frame(prepare(msg, now)))
             except Rejected as e:
                 self.rejects.add(source, msg, str(e))
-        if records:
-            self.journal.append(records, len(records))
+        while records:
+            try:
+                self.journal.append(records, len(records))
+            except OSError as e:
+                # Why wait rather than drop: these events were taken off the socket;
+                # meanwhile ZeroMQ queues the next ones and then pushes back on senders.
+                log.error("cannot write the journal (%s); retrying in a second", e)
+                gevent.sleep(1.0)
+                continue
             self.stats.accepted += len(records)
+            break
 
     # -- housekeeping ---------------------------------------------------------------
 
@@ -201,7 +215,7 @@ class EventServer:
                 write_stats(path, self.stats)
                 last = snap
 
-    def stop(self, timeout: float = 30.0) -> bool:
+    def stop(self, timeout: float = 10.0) -> bool:
         """Stop intake, journal what the sockets still hold, commit within ``timeout``.
 
         Returns True when everything journaled was committed.
@@ -344,7 +358,7 @@ class EventLogger:
         snaps = [s for s in read_stats(self.config.journal) if s.get("index", 0) < self.count]
         return total(snaps)
 
-    def stop(self, timeout: float = 30.0) -> bool:
+    def stop(self, timeout: float = 10.0) -> bool:
         """Stop intake, flush the journal and commit what can be within ``timeout`` s."""
         if self._stopping:
             return True
