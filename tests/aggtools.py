@@ -1,0 +1,81 @@
+"""Helpers of the aggregation tests: events, AggDefs, expected counts, zcmd aggregate."""
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import subprocess
+from datetime import datetime
+
+from tests.support import ROOT, Processes, run_zcmd, wait_for
+
+#: Where the article's `my.tasks` (and tests' failing tasks) live: put on PYTHONPATH.
+TASKS_DIR = os.path.join(ROOT, "tests", "fixtures", "agg")
+ENV = {"PYTHONPATH": ROOT + os.pathsep + TASKS_DIR}
+TARGET = "zagg.my_agg"
+NAME = "my_agg_def"
+
+
+def add_events(db, n: int, keys: str = "abcdefg", seed: int | None = None, **extra) -> None:
+    """Insert ``n`` events ``{foo: <one of keys>}`` (plus ``extra`` fields)."""
+    rnd = random.Random(seed)
+    db.event.insert_many([{"foo": rnd.choice(keys), "type": "test", **extra}
+                          for _ in range(n)])
+
+
+def register(db, name: str = NAME, task_name: str = "my.tasks.MyTask",
+             object: str = "event") -> None:
+    """Register an AggDef directly (the article's way is tested on its own)."""
+    db.agg_def.insert_one({"name": name, "task_name": task_name, "object": object,
+                           "last_run": datetime(1970, 1, 1), "realtime": False})
+
+
+def python_count(db, coll: str = "event") -> dict:
+    """What the article's MyTask must produce: events per value of ``foo``."""
+    return dict(collections.Counter(d["foo"] for d in db[coll].find({}, {"foo": 1})))
+
+
+def output(db, name: str = TARGET) -> dict:
+    """The output collection as {_id: value}."""
+    return {d["_id"]: d["value"] for d in db[name].find()}
+
+
+def assert_clean(db, name: str = NAME, coll: str = "event", all_flagged: bool = True) -> None:
+    """No run left over: no run record, no lease, no staging, no marks."""
+    assert db.agg_run.count_documents({}) == 0, list(db.agg_run.find())
+    assert db.agg_lease.count_documents({}) == 0, list(db.agg_lease.find())
+    assert [c for c in db.list_collection_names() if c.startswith("zstage.")] == []
+    docs = list(db[coll].find({}, {"jobs": 1, "aggregates": 1}))
+    assert all(not d.get("jobs") for d in docs), "events still marked with a run id"
+    if all_flagged:
+        assert all(name in (d.get("aggregates") or []) for d in docs), "events not flagged"
+
+
+def aggregate(config: str, *args: str, env: dict | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``zcmd aggregate`` to completion with the test task modules importable."""
+    return run_zcmd(config, "aggregate", *args, env={**ENV, **(env or {})}, timeout=timeout)
+
+
+def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert a zcmd run succeeded (showing its output when not)."""
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def start_paused(procs: Processes, config: str, point: str, *args: str,
+                 name: str = "agg") -> subprocess.Popen:
+    """Start ``zcmd aggregate`` that pauses at ``point``; return once it is there."""
+    p = procs.zcmd(name, config, "aggregate", NAME, *args,
+                   env={**ENV, "ZARKOV_TEST_PAUSE_AT": point})
+    wait_for(lambda: f"zarkov-test-pause {point}" in procs.log(name) or p.poll() is not None,
+             timeout=120, what=f"zcmd aggregate to pause at {point}")
+    assert p.poll() is None, f"exited before pausing at {point}:\n{procs.log(name)}"
+    return p
+
+
+def kill_at(procs: Processes, config: str, point: str, *args: str) -> None:
+    """Run ``zcmd aggregate`` up to ``point`` and SIGKILL it there."""
+    p = start_paused(procs, config, point, *args, name=f"agg-{point}")
+    procs.kill(p, signal.SIGKILL)

@@ -1,0 +1,302 @@
+"""The aggregation service through real ``zcmd aggregate`` processes, exactly once.
+
+The map-reduce router here is tests.fakerouter (the protocol of SPEC §4 served from
+the test process), so that these tests check the aggregation logic alone and can
+hold jobs back at will; test_agg_cluster.py runs the same example on the real
+cluster.  Kill points are made deterministic by ZARKOV_TEST_PAUSE_AT (see
+zarkov.aggregation).
+"""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests import aggtools as A
+from tests.fakerouter import FakeRouter
+from tests.support import run_zcmd, wait_for
+
+
+@pytest.fixture
+def router(zconfig, mongo_uri):
+    """A stand-in router on the test config's zmr.req_bind."""
+    r = FakeRouter(zconfig["zmr"]["req_bind"], mongo_uri).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def config(config_file):
+    """Config path; short router time limit so that a dead router is noticed fast."""
+    return config_file(zmr={"max_chunk_timeout": 3}, agg_lease_seconds=30)
+
+
+# -- the article's example --------------------------------------------------------
+def test_article_example_incremental_and_full(db, router, config):
+    A.register(db)
+    A.add_events(db, 300, seed=1)
+    res = A.ok(A.aggregate(config, A.NAME))
+    assert res.stdout.strip().startswith(f"{A.NAME}: 300 documents in ")
+    assert res.stderr == ""  # not on a terminal: only the summary line
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+    first_run = db.agg_def.find_one({"name": A.NAME})["last_run"]
+    assert first_run.year > 1970
+
+    A.add_events(db, 120, keys="aghz", seed=2)  # new keys and existing ones
+    A.ok(A.aggregate(config, A.NAME))
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+    before = list(db[A.TARGET].find())
+    res = A.ok(A.aggregate(config, A.NAME))
+    assert f"{A.NAME}: 0 documents" in res.stdout
+    assert list(db[A.TARGET].find()) == before
+    # Nothing new: no job was even sent to the router.
+    assert sum(r.get("$command") == "mapreduce" for r in router.requests) == 2
+
+    res = A.ok(A.aggregate(config, A.NAME, "full"))
+    assert "420 documents" in res.stdout and "(full)" in res.stdout
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+def test_events_from_other_programs_with_any_id(db, router, config):
+    """Documents written by other programs, with non-ObjectId ids, old or new, count."""
+    A.register(db)
+    db.event.insert_many([{"_id": f"s{i}", "foo": "x"} for i in range(40)]
+                         + [{"_id": i, "foo": "y"} for i in range(30)])
+    A.ok(A.aggregate(config, A.NAME))
+    assert A.output(db) == {"x": 40, "y": 30}
+    # A late batch load (small ids, old timestamps) after a run: still counted.
+    db.event.insert_many([{"_id": -i, "foo": "y"} for i in range(1, 11)])
+    A.ok(A.aggregate(config, A.NAME))
+    assert A.output(db) == {"x": 40, "y": 40}
+    A.assert_clean(db)
+
+
+def test_event_limit_runs_batches_until_nothing_is_left(db, router, config_file):
+    config = config_file(zmr={"event_limit": 60, "max_chunk_timeout": 3})
+    A.register(db)
+    A.add_events(db, 150, seed=3)
+    res = A.ok(A.aggregate(config, A.NAME))
+    assert "150 documents" in res.stdout
+    assert A.output(db) == A.python_count(db)
+    assert sum(r.get("$command") == "mapreduce" for r in router.requests) == 3
+
+
+# -- kills -------------------------------------------------------------------------
+def _prepared(db, config):
+    """A first run done, then new events: the next run has old values to merge."""
+    A.register(db)
+    A.add_events(db, 200, seed=4)
+    A.ok(A.aggregate(config, A.NAME))
+    # Many keys, so that applying takes several batches and can be cut in the middle.
+    A.add_events(db, 180, keys=[f"k{i}" for i in range(120)] + list("abc"), seed=5)
+
+
+@pytest.mark.parametrize("point", ["marking", "running", "staged", "applying", "flagging"])
+def test_killed_incremental_run_then_run_again(db, router, config, procs, point):
+    _prepared(db, config)
+    A.kill_at(procs, config, point)
+    assert db.agg_run.count_documents({}) == 1  # the run left pending
+    A.add_events(db, 25, seed=6)  # and life goes on
+    res = A.ok(A.aggregate(config, A.NAME))
+    assert f"left {point}" in res.stdout
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+@pytest.mark.parametrize("point", ["marking", "running", "applying", "flagging"])
+def test_killed_full_run_then_run_again(db, router, config, procs, point):
+    _prepared(db, config)
+    A.kill_at(procs, config, point, "full")
+    res = A.ok(A.aggregate(config, A.NAME))
+    assert f"left {point}" in res.stdout
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+def test_killed_twice_in_a_row(db, router, config, procs):
+    _prepared(db, config)
+    A.kill_at(procs, config, "applying")
+    A.kill_at(procs, config, "applying")  # killed again while finishing the first
+    A.ok(A.aggregate(config, A.NAME))
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+# -- concurrency ----------------------------------------------------------------------
+def test_second_aggregate_exits_at_once_while_first_runs(db, router, config, procs):
+    _prepared(db, config)
+    first = A.start_paused(procs, config, "running")
+    res = A.aggregate(config, A.NAME)
+    assert res.returncode == 3
+    assert "already being aggregated by pid" in res.stderr and "--wait" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    procs.kill(first)
+    A.ok(A.aggregate(config, A.NAME))
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+def test_second_aggregate_waits_with_wait(db, router, config, procs):
+    _prepared(db, config)
+    router.hold.clear()  # jobs do not finish until released
+    first = procs.zcmd("first", config, "aggregate", A.NAME, env=A.ENV)
+    wait_for(lambda: any(r.get("$command") == "mapreduce" for r in router.requests[1:]),
+             what="the first run's job")
+    second = procs.zcmd("second", config, "aggregate", A.NAME, "--wait", env=A.ENV)
+    A.add_events(db, 30, seed=7)
+    router.hold.set()
+    assert first.wait(60) == 0, procs.log("first")
+    assert second.wait(60) == 0, procs.log("second")
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+def test_events_arriving_during_a_run_go_to_the_next(db, router, config, procs):
+    A.register(db)
+    A.add_events(db, 100, keys="ab", seed=8)
+    expected_first = A.python_count(db)
+    router.hold.clear()
+    p = procs.zcmd("agg", config, "aggregate", A.NAME, env=A.ENV)
+    wait_for(lambda: any(r.get("$command") == "mapreduce" for r in router.requests),
+             what="the job")
+    A.add_events(db, 50, keys="bc", seed=9)
+    router.hold.set()
+    assert p.wait(60) == 0, procs.log("agg")
+    assert A.output(db) == expected_first
+    assert db.event.count_documents({"aggregates": A.NAME}) == 100
+    A.ok(A.aggregate(config, A.NAME))
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+def test_two_aggdefs_over_the_same_events(db, router, config, procs):
+    """Marks and flags of two AggDefs on the same documents do not disturb each other."""
+    A.register(db)
+    A.register(db, "types", task_name="my.more.CountTypes")
+    A.add_events(db, 150, seed=10)
+    db.event.insert_many([{"foo": "a", "type": t} for t in ("x", "y", "y")])
+    a = procs.zcmd("a", config, "aggregate", A.NAME, env=A.ENV)
+    b = procs.zcmd("b", config, "aggregate", "types", "full", env=A.ENV)
+    assert a.wait(90) == 0, procs.log("a")
+    assert b.wait(90) == 0, procs.log("b")
+    assert A.output(db) == A.python_count(db)
+    assert A.output(db, "zagg.types") == {"test": 150, "x": 1, "y": 2}
+    A.assert_clean(db)
+    A.assert_clean(db, "types")
+
+
+# -- bad input -------------------------------------------------------------------------
+def _untouched(db, before_output):
+    assert A.output(db) == before_output
+    assert db.event.count_documents({"aggregates": A.NAME}) == 0
+    A.assert_clean(db, all_flagged=False)
+
+
+@pytest.fixture
+def with_output(db):
+    """Events not yet aggregated and an output collection that must stay as it is."""
+    db[A.TARGET].insert_many([{"_id": "a", "value": 1000}, {"_id": "q", "value": 5}])
+    A.add_events(db, 60, seed=11)
+    return A.output(db)
+
+
+def test_unknown_name_lists_known_ones(db, config, with_output):
+    A.register(db)
+    A.register(db, "another")
+    res = A.aggregate(config, "nope")
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("zcmd aggregate: no aggregation definition named 'nope'; "
+                                  "known: another, my_agg_def")
+    _untouched(db, with_output)
+
+
+@pytest.mark.parametrize("task_name,message", [
+    ("nosuch.module.Task", "cannot import nosuch.module"),
+    ("my.tasks.Missing", "module my.tasks has no Missing"),
+    ("bad.NotATask", "is not a subclass of zarkov.task.Task"),
+    ("bad.NoStartJobs", "does not override _start_jobs"),
+    ("NoDots", "is not a dotted path"),
+])
+def test_bad_task_name(db, config, with_output, task_name, message):
+    A.register(db, task_name=task_name)
+    res = A.aggregate(config, A.NAME)
+    assert res.returncode == 2
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    _untouched(db, with_output)
+
+
+def test_map_raising_shows_worker_traceback(db, router, config, with_output):
+    A.register(db, task_name="bad.RaisingMap")
+    db.event.insert_one({"foo": "boom"})
+    res = A.aggregate(config, A.NAME)
+    assert res.returncode == 1
+    first, *rest = res.stderr.strip().splitlines()
+    assert first.startswith("zcmd aggregate: my_agg_def: mapreduce job into zagg.my_agg "
+                            "failed: ValueError: cannot map boom")
+    assert "Traceback" in rest[0] and "bad_map" in "\n".join(rest)
+    _untouched(db, with_output)
+
+
+def test_start_jobs_raising(db, router, config, with_output):
+    A.register(db, task_name="bad.RaisingStart")
+    res = A.aggregate(config, A.NAME)
+    assert res.returncode == 1
+    assert "RaisingStart._start_jobs raised ValueError: no jobs today" in res.stderr
+    _untouched(db, with_output)
+
+
+def test_router_not_answering(db, config, with_output):
+    A.register(db)
+    res = A.aggregate(config, A.NAME)  # nothing listens on zmr.req_uri
+    assert res.returncode == 1
+    uri = yaml.safe_load(open(config))["zmr"]["req_uri"]
+    assert f"no answer from {uri} (zmr.req_uri) within 3 s" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    _untouched(db, with_output)
+
+
+# -- the other commands --------------------------------------------------------------
+ARTICLE_REGISTRATION = """\
+from ming.orm import session
+from zarkov import model as M
+
+M.AggDef(name='my_agg_def', task_name='my.tasks.MyTask')
+session(M.AggDef).flush()
+"""
+
+
+def test_register_with_script_as_in_the_article(db, router, config, tmp_path):
+    script = tmp_path / "register.py"
+    script.write_text(ARTICLE_REGISTRATION + "import sys; print(sys.argv[1:])\n")
+    res = run_zcmd(config, "script", str(script), "x", "--y")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "['x', '--y']"
+    agg = db.agg_def.find_one({"name": "my_agg_def"})
+    assert agg["object"] == "event" and agg["last_run"].year == 1970
+    # A second registration of the same name is refused by the unique index.
+    res = run_zcmd(config, "script", str(script), "x")
+    assert res.returncode != 0 and "duplicate key" in res.stderr
+    A.add_events(db, 50, seed=12)
+    A.ok(A.aggregate(config, A.NAME))
+    assert A.output(db) == A.python_count(db)
+
+
+def test_shell_namespace(db, config):
+    res = run_zcmd(config, "shell", "-c", ARTICLE_REGISTRATION
+                   + "print(type(M.doc_session.db).__name__, M.doc_session.db.name, ZM)")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[:2] == ["Database", db.name]
+    assert db.agg_def.count_documents({"name": "my_agg_def"}) == 1
+
+
+def test_init_refuses_without_terminal_or_force(db, config):
+    db.event.insert_one({"foo": 1})
+    res = run_zcmd(config, "init")
+    assert res.returncode == 2 and "--force" in res.stderr
+    assert db.event.count_documents({}) == 1
+    res = run_zcmd(config, "init", "--force")
+    assert res.returncode == 0, res.stderr
+    assert db.name not in db.client.list_database_names()
