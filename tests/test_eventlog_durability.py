@@ -99,3 +99,26 @@ def test_events_sent_while_the_database_is_down_are_stored_once_it_is_back(
     finally:
         client.close()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_a_killed_event_server_is_restarted_and_replays_its_journal(procs, config_file, db):
+    path = config_file(num_event_servers=2)
+    cfg = load(path)
+    journal = cfg["journal"]
+    parent = procs.zcmd("eventlog", path, "eventlog")
+    wait_for(lambda: stats(journal, 0).get("pid") and stats(journal, 1).get("pid"),
+             timeout=30, what="two event servers")
+    n = 10000
+    push(cfg["bson_bind_address"], burst(0, n))
+    wait_for(lambda: stats(journal, 0)["accepted"] + stats(journal, 1)["accepted"] >= n,
+             what="every event accepted")
+    victim = stats(journal, 1)["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: stats(journal, 1).get("pid") not in (None, victim), timeout=30,
+             what="the event server started again")
+    wait_for(lambda: db.event.count_documents({}) >= n, timeout=60, what="every event stored")
+    wait_for(lambda: stats(journal, 1).get("backlog_files") == 0, what="no backlog")
+    assert seqs(db.event) == list(range(n))
+    assert "event server 1 exited" in procs.log("eventlog")
+    procs.kill(parent, signal.SIGTERM)
+    assert parent.returncode == 0
