@@ -26,6 +26,7 @@ import bson
 from pymongo.collection import Collection
 
 from zarkov import functions, wire
+from zarkov.zmr import client
 
 # How often a waiting Task asks the router for its jobs' status (s): short at first so
 # that small jobs finish fast, then backing off so that long ones cost little.
@@ -154,15 +155,13 @@ class Task:
     def _submit(self, socket: Any, request: dict, kind: str, target: Optional[str]) -> Any:
         timeout = float(self.config.zmr.max_chunk_timeout)
         try:
-            reply = wire.call(socket, request, timeout)
+            job_id = client.submit(socket, request, timeout)
         except wire.RouterTimeout as e:
             raise JobFailed(str(e)) from None
-        if reply.get("error") or "job_id" not in reply:
-            raise JobFailed(f"the router refused the {kind} job: "
-                            f"{reply.get('error') or reply!r}", reply.get("traceback"))
-        self._jobs.append({"job_id": reply["job_id"], "kind": kind, "target": target,
-                           "status": reply.get("status") or {}})
-        return reply["job_id"]
+        except client.ZmrError as e:
+            raise JobFailed(f"the router refused the {kind} job: {e}") from None
+        self._jobs.append({"job_id": job_id, "kind": kind, "target": target, "status": {}})
+        return job_id
 
     def start_mr(self, socket: Any, collection: Union[Collection, str], full: bool,
                  filter: Optional[dict] = None, map: Any = None, reduce: Any = None,
@@ -248,13 +247,11 @@ class Task:
         while pending:
             for job in list(pending):
                 try:
-                    reply = wire.call(socket, {"$command": "status", "job_id": job["job_id"]},
-                                      timeout)
+                    status = client.status(socket, job["job_id"], timeout) or {}
                 except wire.RouterTimeout as e:
                     raise JobFailed(str(e)) from None
-                if reply.get("error"):
-                    raise JobFailed(f"{job['kind']} job {job['job_id']}: {reply['error']}")
-                status = reply.get("status") or {}
+                except client.ZmrError as e:
+                    raise JobFailed(f"{job['kind']} job {job['job_id']}: {e}") from None
                 job["status"] = status
                 state = status.get("state")
                 if state == "complete":
