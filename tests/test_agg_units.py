@@ -1,0 +1,195 @@
+"""Unit tests of the aggregation pieces: the model (mim://), leases, Task requests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from datetime import datetime, timedelta
+
+import bson
+import pytest
+
+from tests.fakerouter import FakeRouter
+from tests.support import free_port
+from zarkov import config as C
+from zarkov import lease as L
+from zarkov import model as M
+from zarkov import wire
+from zarkov.task import JobFailed, RunContext, Task, TaskError
+
+
+# -- model -------------------------------------------------------------------------
+@pytest.fixture
+def mim():
+    """The model bound to Ming's in-memory database."""
+    M.configure(C.from_dict({"mongo_uri": "mim://", "mongo_database": "zt_mim"}))
+    yield M
+    M.doc_session.db.client.drop_database("zt_mim")
+    M._bound = None
+
+
+def test_register_as_in_the_article(mim):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # ming.orm is ming.odm's alias
+        from ming.orm import session
+    M.AggDef(name='my_agg_def', task_name='my.tasks.MyTask')
+    session(M.AggDef).flush()
+    raw = M.doc_session.db.agg_def.find_one()
+    assert raw["object"] == "event" and raw["last_run"] == datetime(1970, 1, 1)
+    assert raw["realtime"] is False and raw["task_name"] == "my.tasks.MyTask"
+    assert M.AggDef.by_name("my_agg_def").task_name == "my.tasks.MyTask"
+    assert M.AggDef.by_name("nope") is None
+    M.AggDef(name="b", task_name="x.Y", object="other")
+    session(M.AggDef).flush()
+    assert M.AggDef.names() == ["b", "my_agg_def"]
+
+
+def test_configure_binds_and_rebinds(mim):
+    assert M.db().name == "zt_mim"
+    M.configure(C.from_dict({"mongo_uri": "mim://", "mongo_database": "zt_mim2"}))
+    assert M.doc_session.db.name == "zt_mim2"
+
+
+# -- leases --------------------------------------------------------------------------
+@pytest.fixture
+def leases(db):
+    return db.agg_lease
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_lease_is_exclusive_and_released(leases):
+    a = L.Lease(leases, "x", 30)
+    a.acquire()
+    b = L.Lease(leases, "x", 30)
+    with pytest.raises(L.LeaseBusy) as e:
+        b.acquire()
+    assert e.value.holder["pid"] == os.getpid()
+    b.release()  # not ours: must not remove a's lease
+    assert leases.count_documents({"_id": "x"}) == 1
+    a.release()
+    b.acquire()
+    b.release()
+    assert leases.count_documents({}) == 0
+
+
+def test_stale_leases_are_taken_over(leases):
+    now = datetime.utcnow()
+    leases.insert_one({"_id": "dead", "token": "t", "host": L.HOST, "pid": _dead_pid(),
+                       "expires": now + timedelta(hours=1)})
+    leases.insert_one({"_id": "far", "token": "t", "host": "elsewhere", "pid": 1,
+                       "expires": now - timedelta(seconds=1)})
+    leases.insert_one({"_id": "alive", "token": "t", "host": "elsewhere", "pid": 1,
+                       "expires": now + timedelta(hours=1)})
+    for key in ("dead", "far"):
+        lease = L.Lease(leases, key, 30)
+        lease.acquire()
+        assert leases.find_one({"_id": key})["token"] == lease.token
+    with pytest.raises(L.LeaseBusy):
+        L.Lease(leases, "alive", 30).acquire()
+
+
+def test_renewal_notices_a_lost_lease(leases):
+    a = L.Lease(leases, "x", 30)
+    a.acquire()
+    a.renew()
+    leases.update_one({"_id": "x"}, {"$set": {"token": "someone else"}})
+    with pytest.raises(L.LeaseLost):
+        a.renew()
+    with pytest.raises(L.LeaseLost):
+        a.check()
+    a.release()
+    assert leases.count_documents({"_id": "x"}) == 1  # the new holder's stays
+
+
+def test_wait_for_a_lease(leases):
+    a = L.Lease(leases, "x", 30)
+    a.acquire()
+    b = L.Lease(leases, "x", 30)
+    with pytest.raises(L.LeaseBusy):
+        b.acquire(wait=True, timeout=0.3, poll=0.05)
+    a.release()
+    b.acquire(wait=True, timeout=5, poll=0.05)
+    b.release()
+
+
+# -- Task --------------------------------------------------------------------------
+def count_foo(objects):
+    for o in objects:
+        yield o["foo"], 1
+
+
+def add(key, values):
+    return sum(values)
+
+
+class Counting(Task):
+    def _start_jobs(self, socket, full):
+        self.start_mr(socket, "zagg.t", full, filter={"foo": {"$ne": "skip"}},
+                      map=count_foo, reduce=add)
+        self.start_basic_job(socket, add, "k", [2, 3])
+
+
+@pytest.fixture
+def router_config(mongo_uri, db_name):
+    port = free_port()
+    cfg = C.from_dict({"mongo_uri": mongo_uri, "mongo_database": db_name,
+                       "zmr": {"req_uri": f"tcp://127.0.0.1:{port}", "max_chunk_timeout": 2}})
+    r = FakeRouter(cfg.zmr.req_uri, mongo_uri).start()
+    yield cfg, r
+    r.stop()
+
+
+def test_task_without_engine_replaces_or_reduces(db, router_config):
+    """Run by hand (no run context), jobs write straight to the target, as in the article."""
+    cfg, router = router_config
+    db.event.insert_many([{"foo": "a"}, {"foo": "a"}, {"foo": "b"}, {"foo": "skip"}])
+    sock = wire.req_socket(cfg.zmr.req_uri)
+    task = Counting(None, cfg)
+    assert task.run(sock, full=True) == 3
+    assert {d["_id"]: d["value"] for d in db["zagg.t"].find()} == {"a": 2, "b": 1}
+    assert list(task.results.values()) == [5]
+    assert task.run(sock, full=False) == 3  # reduce mode: added to what is there
+    assert {d["_id"]: d["value"] for d in db["zagg.t"].find()} == {"a": 4, "b": 2}
+    modes = [r["output_type"] for r in router.requests if r.get("$command") == "mapreduce"]
+    assert modes == ["replace", "reduce"]
+    sock.close(0)
+
+
+def test_task_under_engine_filters_on_lock_and_stages(db, router_config):
+    cfg, router = router_config
+    ctx = RunContext("L1", 1, "zstage.L1.1.")
+    sock = wire.req_socket(cfg.zmr.req_uri)
+    Counting(None, cfg, ctx).run(sock, full=False)
+    req = next(r for r in router.requests if r.get("$command") == "mapreduce")
+    assert bson.decode(req["query"]) == {"$and": [{"jobs": "L1"}, {"foo": {"$ne": "skip"}}]}
+    assert req["output_name"] == "zstage.L1.1.0" and req["output_type"] == "replace"
+    assert ctx.outputs[0]["target"] == "zagg.t" and ctx.outputs[0]["reduce_name"] == "add"
+    sock.close(0)
+
+
+def test_task_argument_errors(router_config):
+    cfg, _ = router_config
+    t = Task(None, cfg)
+    with pytest.raises(TaskError, match="named module-level"):
+        t.start_mr(None, "zagg.t", True, map=lambda objs: objs, reduce=add)
+    with pytest.raises(TaskError, match="needs map_name"):
+        t.start_mr(None, "zagg.t", True, map="def m(o): pass", reduce=add)
+    with pytest.raises(TaskError, match="reduce function is required"):
+        t.start_mr(None, "zagg.t", True, map=count_foo)
+    with pytest.raises(NotImplementedError):
+        t.run(None)
+
+
+def test_task_router_silent(mongo_uri):
+    cfg = C.from_dict({"zmr": {"req_uri": f"tcp://127.0.0.1:{free_port()}",
+                               "max_chunk_timeout": 0.5}})
+    sock = wire.req_socket(cfg.zmr.req_uri)
+    with pytest.raises(JobFailed, match=r"no answer from .* within 0.5 s"):
+        Counting(None, cfg).run(sock)
+    sock.close(0)
