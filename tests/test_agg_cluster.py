@@ -118,3 +118,19 @@ def test_map_raising_on_a_worker(db, agg_cluster):
     assert A.output(db) == {}
     A.assert_clean(db, all_flagged=False)
     assert db.event.count_documents({"aggregates": A.NAME}) == 0
+
+
+def test_xmr_task_on_the_cluster(db, agg_cluster):
+    A.register(db, task_name="my.xtasks.TwoWays")
+    A.add_events(db, 200, keys="abcd", seed=27)
+    A.ok(A.aggregate(agg_cluster.path, A.NAME))
+    db.event.insert_many([{"foo": "e", "type": "late"} for _ in range(5)])
+    A.ok(A.aggregate(agg_cluster.path, A.NAME))
+    by_type = A.output(db, "zagg.x.by_type")
+    assert by_type == {"test": 200, "late": 5}
+    by_ft = {(d["_id"]["foo"], d["_id"]["type"]): d["value"]
+             for d in db["zagg.x.by_foo_type"].find()}
+    assert sum(by_ft.values()) == 205 and by_ft[("e", "late")] == 5
+    assert by_ft == {(f, "test"): n for f, n in A.python_count(db).items() if f != "e"} | {
+        ("e", "late"): 5}
+    A.assert_clean(db)

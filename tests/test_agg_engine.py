@@ -84,6 +84,35 @@ def test_event_limit_runs_batches_until_nothing_is_left(db, router, config_file)
     assert sum(r.get("$command") == "mapreduce" for r in router.requests) == 3
 
 
+def test_xmr_task_with_document_keys(db, router, config, procs):
+    """One xmapreduce job feeding two outputs; compound keys merge across runs."""
+    A.register(db, task_name="my.xtasks.TwoWays")
+
+    def expected():
+        by_ft, by_t = {}, {}
+        for d in db.event.find():
+            k = (d["foo"], d["type"])
+            by_ft[k] = by_ft.get(k, 0) + 1
+            by_t[d["type"]] = by_t.get(d["type"], 0) + 1
+        return by_ft, by_t
+
+    def got():
+        return ({(d["_id"]["foo"], d["_id"]["type"]): d["value"]
+                 for d in db["zagg.x.by_foo_type"].find()}, A.output(db, "zagg.x.by_type"))
+
+    A.add_events(db, 120, keys="abc", seed=13)
+    A.ok(A.aggregate(config, A.NAME))
+    assert got() == expected()
+    db.event.insert_many([{"foo": "a", "type": "other"} for _ in range(3)]
+                         + [{"foo": "d", "type": "test"}])
+    A.kill_at(procs, config, "applying")
+    A.ok(A.aggregate(config, A.NAME))
+    assert got() == expected()
+    A.ok(A.aggregate(config, A.NAME, "full"))
+    assert got() == expected()
+    A.assert_clean(db)
+
+
 # -- kills -------------------------------------------------------------------------
 def _prepared(db, config):
     """A first run done, then new events: the next run has old values to merge."""

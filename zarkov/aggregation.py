@@ -43,6 +43,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 from zarkov import functions, model as M, wire
 from zarkov.lease import HOST, Lease, LeaseBusy, LeaseLost
 from zarkov.task import JobFailed, RunContext, Task, TaskError
+from zarkov.zmr.partition import group_key
 
 log = logging.getLogger(__name__)
 
@@ -389,10 +390,10 @@ class _Run:
         # Lists, not cursors: see mark() about FerretDB and open cursors.
         for docs in _batches(list(staged.find({}))):
             keys = [d["_id"] for d in docs]
-            old = {d["_id"]: d for d in target.find({"_id": {"$in": keys}})}
+            old = {group_key(d["_id"]): d for d in target.find({"_id": {"$in": keys}})}
             images = []
             for d in docs:
-                prev = old.get(d["_id"])
+                prev = old.get(group_key(d["_id"]))
                 if prev is None:
                     images.append(d)
                     continue
