@@ -258,14 +258,8 @@ class _Run:
                 self.abort(record)
                 raise AggregationError(f"{self.name}: {e}; nothing was changed",
                                        getattr(e, "traceback", None)) from None
-            except PyMongoError:
-                raise  # the database is away: the run record stays for the next run
-            except Exception as e:  # noqa: BLE001 - the user's _start_jobs raised
-                self.abort(record)
-                raise AggregationError(
-                    f"{self.name}: {self.task_cls.__name__}._start_jobs raised "
-                    f"{type(e).__name__}: {e}; nothing was changed",
-                    traceback.format_exc()) from None
+            # Anything else (the database away, a bug) leaves the record for the
+            # next run, which finishes or rolls back this one.
         if record["state"] == "staged":
             self.prepare(record)
         if record["state"] == "applying":
@@ -338,9 +332,16 @@ class _Run:
         sock = wire.req_socket(self.config.zmr.req_uri)
         try:
             task.run(sock, record["full"])
+        except (JobFailed, TaskError, wire.WireError, LeaseLost, PyMongoError):
+            raise
         except NotImplementedError:
             raise BadDefinition(f"{self.name}: {type(task).__name__}._start_jobs "
                                 f"is not implemented") from None
+        except Exception as e:  # noqa: BLE001 - the user's _start_jobs raised
+            raise AggregationError(
+                f"{self.name}: {type(task).__name__}._start_jobs raised "
+                f"{type(e).__name__}: {e}; nothing was changed",
+                traceback.format_exc()) from None
         finally:
             sock.close(0)
         outputs = self._resolve_outputs(context.outputs)
