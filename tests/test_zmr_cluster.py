@@ -185,6 +185,20 @@ def test_reduce_folds_into_existing_values(zmr):
                                       "s0": 2 * SMALL["s0"] + 1000}
 
 
+@pytest.mark.parametrize("output_type", ["replace", "merge"])
+def test_rewriting_many_existing_documents(zmr, output_type):
+    # Hundreds of updates of existing documents: FerretDB hangs on one update
+    # command with more than about 100 of them, so the router must split them.
+    want = expected(make_docs(N_SMALL), lambda d: "%s/%d" % (d["s"], d["i"] % 5))
+    assert len(want) > 150
+    out = f"zagg.many_{output_type}"
+    for _ in range(2):
+        st = zmr.run(zmr.request((F.map_by_s_i, F.reduce_sum), input_name="small",
+                                 output_name=out, output_type=output_type))
+        assert st["state"] == "complete", st.get("traceback")
+    assert zmr.output(out) == want
+
+
 def test_finalize_shapes_the_stored_documents(zmr):
     st = zmr.run(zmr.request((F.map_by_s, F.reduce_sum, F.finalize_double), input_name="small",
                              output_name="zagg.fin"))

@@ -41,13 +41,32 @@ def insert(coll, batches: Iterable[list[bytes]], on_written: Callable[[int], Non
         on_written(len(batch))
 
 
-def upsert(coll, batches: Iterable[list[bytes]], on_written: Callable[[int], None]) -> None:
+def update_batch(client) -> int:
+    """Update statements to send in one command to this server.
+
+    FerretDB 1.24 holds one SQLite connection per statement until the whole
+    update command ends, out of a pool of 100 per database: a command of more
+    than about 100 statements that match documents waits forever for a
+    connection, and the whole server with it.  Small commands there; MongoDB
+    takes large ones.
+    """
+    info = client.admin.command("buildInfo")
+    return FERRETDB_UPDATE_BATCH if "ferretdbVersion" in info else 1000
+
+
+FERRETDB_UPDATE_BATCH = 25
+
+
+def upsert(coll, batches: Iterable[list[bytes]], on_written: Callable[[int], None],
+           per_command: int = 1000) -> None:
     """Write each document over the one with the same ``_id`` (or insert it)."""
     for batch in batches:
         docs = _docs(batch)
-        coll.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs],
-                        ordered=False)
-        on_written(len(docs))
+        for i in range(0, len(docs), per_command):
+            part = docs[i:i + per_command]
+            coll.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in part],
+                            ordered=False)
+            on_written(len(part))
 
 
 def existing(coll, batch: list[bytes]) -> bytes:
@@ -83,21 +102,21 @@ def can_rename_over(client, database: str) -> bool:
         drop_quietly(db, [a, b])
 
 
-def replace_in_place(coll, batches: Iterable[list[bytes]],
-                     on_written: Callable[[int], None]) -> None:
+def replace_in_place(coll, batches: Iterable[list[bytes]], on_written: Callable[[int], None],
+                     per_command: int = 1000) -> None:
     """``replace`` without a rename: write every new document, then delete the rest.
 
     Readers never see the collection empty or missing, and every document they
     see is either the old or the new one; during the write they may see a mix.
     """
     keep = set()
-    for batch in batches:
-        docs = _docs(batch)
-        for d in docs:
-            keep.add(group_key(d["_id"]))
-        coll.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs],
-                        ordered=False)
-        on_written(len(docs))
+
+    def remembered(batches):
+        for batch in batches:
+            keep.update(group_key(RawBSONDocument(raw)["_id"]) for raw in batch)
+            yield batch
+
+    upsert(coll, remembered(batches), on_written, per_command)
     stale = [d["_id"] for d in coll.find({}, {"_id": 1}) if group_key(d["_id"]) not in keep]
     for i in range(0, len(stale), 1000):
         coll.delete_many({"_id": {"$in": stale[i:i + 1000]}})

@@ -259,9 +259,11 @@ class Job:
             self._rereduce(db)
             prefix = "final-"
         files = {t: f"{prefix}{i:03d}" for t, i in self._outputs.items()}
+        per_command = self.router.update_batch
         if self.spec.output_type == "replace" and not self.router.can_rename(self.spec.database):
             for target in self._outputs:
-                commit.replace_in_place(db[target], self._batches(files[target]), self._written)
+                commit.replace_in_place(db[target], self._batches(files[target]), self._written,
+                                        per_command)
         elif self.spec.output_type == "replace":
             for target, idx in self._outputs.items():  # build every output aside first
                 tmp = commit.temp_name(self.job_id, idx)
@@ -275,7 +277,8 @@ class Job:
             self._temps.clear()
         else:
             for target in self._outputs:
-                commit.upsert(db[target], self._batches(files[target]), self._written)
+                commit.upsert(db[target], self._batches(files[target]), self._written,
+                              per_command)
 
     def _rereduce(self, db) -> None:
         """Reduce mode: fold the stored values in, on workers, before any write."""

@@ -54,6 +54,7 @@ class Router:
         self._stopped = gevent.event.Event()
         self._started = False
         self._rename_ok: dict[str, bool] = {}
+        self._update_batch: int | None = None
 
     @property
     def mongo(self) -> pymongo.MongoClient:
@@ -61,6 +62,13 @@ class Router:
         if self._mongo is None:
             self._mongo = pymongo.MongoClient(self.config.mongo_uri)
         return self._mongo
+
+    @property
+    def update_batch(self) -> int:
+        """Update statements per command that the database server copes with."""
+        if self._update_batch is None:
+            self._update_batch = commit.update_batch(self.mongo)
+        return self._update_batch
 
     def can_rename(self, database: str) -> bool:
         """Whether ``replace`` can build aside and rename (probed once per database)."""
