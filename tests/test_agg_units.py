@@ -45,6 +45,14 @@ def test_register_as_in_the_article(mim):
     assert M.AggDef.names() == ["b", "my_agg_def"]
 
 
+def test_by_name_sees_changes_made_by_others(mim):
+    M.AggDef(name="a", task_name="x.Y")
+    M.orm_session.flush()
+    assert M.AggDef.by_name("a").task_name == "x.Y"
+    M.db().agg_def.update_one({"name": "a"}, {"$set": {"task_name": "new.Z"}})
+    assert M.AggDef.by_name("a").task_name == "new.Z"
+
+
 def test_configure_binds_and_rebinds(mim):
     assert M.db().name == "zt_mim"
     M.configure(C.from_dict({"mongo_uri": "mim://", "mongo_database": "zt_mim2"}))

@@ -73,8 +73,12 @@ class AggDef:
 
     @classmethod
     def by_name(cls, name: str) -> Optional["AggDef"]:
-        """The AggDef called ``name``, or None."""
-        return cls.query.get(name=name)
+        """The AggDef called ``name`` as stored now, or None.
+
+        Refreshed from the database even when the session already holds it, so a
+        long-running process (``zcmd serve``) sees edits made by others.
+        """
+        return cls.query.find({"name": name}).options(refresh=True).first()
 
     @classmethod
     def names(cls) -> list[str]:
