@@ -188,7 +188,7 @@ def test_reduce_folds_into_existing_values(zmr):
 @pytest.mark.parametrize("output_type", ["replace", "merge"])
 def test_rewriting_many_existing_documents(zmr, output_type):
     # Hundreds of updates of existing documents: FerretDB hangs on one update
-    # command with more than about 100 of them, so the router must split them.
+    # command with more than about 100 of them, so the router must never send one.
     want = expected(make_docs(N_SMALL), lambda d: "%s/%d" % (d["s"], d["i"] % 5))
     assert len(want) > 150
     out = f"zagg.many_{output_type}"

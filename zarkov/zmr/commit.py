@@ -8,7 +8,8 @@ Nothing here runs before every map, reduce and finalize has succeeded: a failed
 job leaves its output collections as they were.  ``replace`` builds the new
 collection aside and renames it over the old one, so readers see the old or
 the new content, never half of it (where the server cannot rename over a
-collection, :func:`replace_in_place` does the next best thing).  Writes are acknowledged and batched.
+collection, :func:`replace_in_place` does the next best thing).  Writes are
+acknowledged and batched.
 """
 from __future__ import annotations
 
@@ -41,32 +42,35 @@ def insert(coll, batches: Iterable[list[bytes]], on_written: Callable[[int], Non
         on_written(len(batch))
 
 
-def update_batch(client) -> int:
-    """Update statements to send in one command to this server.
+def swaps_documents(client) -> bool:
+    """Whether to write over documents by delete + insert instead of replace-upserts.
 
-    FerretDB 1.24 holds one SQLite connection per statement until the whole
-    update command ends, out of a pool of 100 per database: a command of more
-    than about 100 statements that match documents waits forever for a
-    connection, and the whole server with it.  Small commands there; MongoDB
-    takes large ones.
+    True on FerretDB 1.24: each update statement there is a transaction of its
+    own (about 10 ms), and it holds one SQLite connection per statement until
+    the command ends, out of a pool of 100 per database, so one update command
+    of more than about 100 matching statements waits forever — and wedges the
+    server.  Deleting then inserting a batch takes two commands and no update.
+    MongoDB gets ReplaceOne upserts, atomic per document.
     """
-    info = client.admin.command("buildInfo")
-    return FERRETDB_UPDATE_BATCH if "ferretdbVersion" in info else 1000
-
-
-FERRETDB_UPDATE_BATCH = 25
+    return "ferretdbVersion" in client.admin.command("buildInfo")
 
 
 def upsert(coll, batches: Iterable[list[bytes]], on_written: Callable[[int], None],
-           per_command: int = 1000) -> None:
-    """Write each document over the one with the same ``_id`` (or insert it)."""
+           swap: bool = False) -> None:
+    """Write each document over the one with the same ``_id`` (or insert it).
+
+    With ``swap`` (see :func:`swaps_documents`), a batch's documents are deleted
+    and inserted again: readers miss them between the two commands.
+    """
     for batch in batches:
         docs = _docs(batch)
-        for i in range(0, len(docs), per_command):
-            part = docs[i:i + per_command]
-            coll.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in part],
+        if swap:
+            coll.delete_many({"_id": {"$in": [d["_id"] for d in docs]}})
+            coll.insert_many(docs, ordered=False)
+        else:
+            coll.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs],
                             ordered=False)
-            on_written(len(part))
+        on_written(len(docs))
 
 
 def existing(coll, batch: list[bytes]) -> bytes:
@@ -103,11 +107,12 @@ def can_rename_over(client, database: str) -> bool:
 
 
 def replace_in_place(coll, batches: Iterable[list[bytes]], on_written: Callable[[int], None],
-                     per_command: int = 1000) -> None:
+                     swap: bool = False) -> None:
     """``replace`` without a rename: write every new document, then delete the rest.
 
     Readers never see the collection empty or missing, and every document they
-    see is either the old or the new one; during the write they may see a mix.
+    see is either the old or the new one; during the write they may see a mix
+    (and, with ``swap``, miss the documents of the batch being written).
     """
     keep = set()
 
@@ -116,7 +121,7 @@ def replace_in_place(coll, batches: Iterable[list[bytes]], on_written: Callable[
             keep.update(group_key(RawBSONDocument(raw)["_id"]) for raw in batch)
             yield batch
 
-    upsert(coll, remembered(batches), on_written, per_command)
+    upsert(coll, remembered(batches), on_written, swap)
     stale = [d["_id"] for d in coll.find({}, {"_id": 1}) if group_key(d["_id"]) not in keep]
     for i in range(0, len(stale), 1000):
         coll.delete_many({"_id": {"$in": stale[i:i + 1000]}})

@@ -70,6 +70,7 @@ class Job:
         self._outputs: dict[str, int] = {}     # target collection -> out file index
         self._colls: dict[str, str] = {}       # target collection -> name the map gave
         self._temps: list[str] = []
+        self._phase_start = self.created
 
     # -- public ------------------------------------------------------------------
 
@@ -123,10 +124,18 @@ class Job:
     # -- phases ------------------------------------------------------------------
 
     def _phase(self, name: str) -> None:
+        # Seconds spent in each phase so far: where a slow job spends its time.
+        now = time.time()
+        times = self.info.setdefault("phase_seconds", {})
+        if self.info["phase"] in times:
+            times[self.info["phase"]] = round(now - self._phase_start, 3)
+        if name not in ("complete", "error"):
+            times[name] = 0.0
+        self._phase_start = now
         self.info["state"] = self.info["phase"] = name
 
     def _failed(self, tb: str) -> None:
-        self.info["state"] = "error"
+        self._phase("error")
         self.info["traceback"] = tb
 
     def _check_sources(self) -> None:
@@ -259,11 +268,11 @@ class Job:
             self._rereduce(db)
             prefix = "final-"
         files = {t: f"{prefix}{i:03d}" for t, i in self._outputs.items()}
-        per_command = self.router.update_batch
+        swap = self.router.swaps_documents
         if self.spec.output_type == "replace" and not self.router.can_rename(self.spec.database):
             for target in self._outputs:
                 commit.replace_in_place(db[target], self._batches(files[target]), self._written,
-                                        per_command)
+                                        swap)
         elif self.spec.output_type == "replace":
             for target, idx in self._outputs.items():  # build every output aside first
                 tmp = commit.temp_name(self.job_id, idx)
@@ -277,8 +286,7 @@ class Job:
             self._temps.clear()
         else:
             for target in self._outputs:
-                commit.upsert(db[target], self._batches(files[target]), self._written,
-                              per_command)
+                commit.upsert(db[target], self._batches(files[target]), self._written, swap)
 
     def _rereduce(self, db) -> None:
         """Reduce mode: fold the stored values in, on workers, before any write."""

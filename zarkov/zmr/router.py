@@ -54,7 +54,7 @@ class Router:
         self._stopped = gevent.event.Event()
         self._started = False
         self._rename_ok: dict[str, bool] = {}
-        self._update_batch: int | None = None
+        self._swap: bool | None = None
 
     @property
     def mongo(self) -> pymongo.MongoClient:
@@ -64,11 +64,11 @@ class Router:
         return self._mongo
 
     @property
-    def update_batch(self) -> int:
-        """Update statements per command that the database server copes with."""
-        if self._update_batch is None:
-            self._update_batch = commit.update_batch(self.mongo)
-        return self._update_batch
+    def swaps_documents(self) -> bool:
+        """Whether outputs are overwritten by delete + insert (see commit.py)."""
+        if self._swap is None:
+            self._swap = commit.swaps_documents(self.mongo)
+        return self._swap
 
     def can_rename(self, database: str) -> bool:
         """Whether ``replace`` can build aside and rename (probed once per database)."""
