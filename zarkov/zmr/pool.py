@@ -43,7 +43,8 @@ class WorkerPool:
         self._started_at = [0.0] * self.count
         self._backoff = [0.0] * self.count
         self._not_before = [0.0] * self.count
-        self._stop = threading.Event()
+        self._stop = threading.Event()      # asked to stop: the monitor ends
+        self._stopped = threading.Event()   # every child reaped
         self._monitor: threading.Thread | None = None
         self.restarts = 0
 
@@ -90,15 +91,17 @@ class WorkerPool:
                     self.restarts += 1
 
     def run_forever(self) -> None:
-        """Start if needed and block until :meth:`stop` is called."""
+        """Start if needed and block until :meth:`stop` has stopped every process."""
         if self._monitor is None:
             self.start()
-        while not self._stop.wait(1.0):
+        while not self._stopped.wait(1.0):
             pass
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop the monitor, then the processes: SIGTERM, SIGKILL after ``grace`` s."""
         self._stop.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(5.0)  # so that it does not start a process behind our back
         live = [p for p in self.procs if p is not None and p.poll() is None]
         for p in live:
             try:
@@ -112,4 +115,5 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        self._stopped.set()
         log.info("worker pool stopped")
