@@ -278,6 +278,7 @@ class _Run:
         already marked are skipped, marking twice changes nothing.
         """
         run_id = record["run_id"]
+        self._report("marking", record["marked"])
         with self._object_lock():
             if record["full"]:
                 self.events.update_many({"jobs": {"$ne": run_id}},
@@ -322,6 +323,7 @@ class _Run:
         attempt = record["attempt"] + 1
         # A new attempt never reuses names: jobs of a killed attempt that are still
         # running in the router can only write to collections nobody will read.
+        self._report("jobs: starting")
         self.drop_staging(run_id)
         self._update(record, {"state": "running", "attempt": attempt, "outputs": []})
         context = RunContext(run_id, attempt, f"{STAGING}{run_id}.{attempt}.",
@@ -382,6 +384,7 @@ class _Run:
         self._update(record, {"state": "applying"})
 
     def _after_images(self, out: dict) -> None:
+        self._report(f"merging {out['target']}")
         after = self.db[out["staging"] + ".after"]
         after.drop()
         reduce = functions.load(out["reduce_text"], out["reduce_name"], "reduce")
@@ -418,6 +421,7 @@ class _Run:
         for i, out in enumerate(record["outputs"]):
             if out.get("applied"):
                 continue
+            self._report(f"applying {out['target']}")
             if record["full"]:
                 self._replace(out)
             else:
@@ -480,6 +484,7 @@ class _Run:
     def _unmark(self, record: dict, update: dict, phase: str) -> None:
         """Apply ``update`` to every document marked with the run id (idempotent)."""
         run_id = record["run_id"]
+        self._report(phase)
         with self._object_lock():
             if record["full"]:
                 self.events.update_many({"jobs": run_id}, update)
