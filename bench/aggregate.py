@@ -252,7 +252,7 @@ def full(client, cluster: Cluster, args, rnd) -> None:
             client.drop_database(db.name)
     print(f"full run {statistics.median(rates):,.0f} events/s vs pymongo + dict "
           f"{statistics.median(base):,.0f} events/s: ratio "
-          f"{statistics.median(rates) / statistics.median(base):.2f}")
+          f"{statistics.median(rates) / statistics.median(base):.3g}")
 
 
 def main() -> None:
