@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/FerretDB/FerretDB/ferretdb"
 )
@@ -21,6 +22,7 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:27018", "TCP address to listen on")
 	dataDir := flag.String("data", "var/ferretdb", "directory of the SQLite files")
 	logLevel := flag.String("log-level", "error", "log level: debug, info, warn or error")
+	idIndex := flag.Bool("id-index", true, "index the _id expression FerretDB queries with (see idindex.go)")
 	flag.Parse()
 
 	dir, err := filepath.Abs(*dataDir)
@@ -43,6 +45,10 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+
+	if *idIndex {
+		go indexIDs(ctx, dir, 200*time.Millisecond, newLogger(*logLevel))
+	}
 
 	fmt.Fprintf(os.Stderr, "ferretdb: listening on %s, data in %s\n", *listen, dir)
 	if err := f.Run(ctx); err != nil && ctx.Err() == nil {

@@ -1,0 +1,87 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// FerretDB 1.24's SQLite backend finds a document by _id with the expression
+// _ferretdb_sjson->'$._id' (updates, deletes, finds by _id), but indexes
+// _ferretdb_sjson->"_id": SQLite cannot match the two, so every write of one
+// document scans its whole table, and updating k documents of a table of n costs
+// k*n.  indexIDs adds, beside FerretDB's own index, an index on the expression
+// that FerretDB queries with, for every collection table of every database under
+// dir, a moment after the table appears.  It changes no data and no result, only
+// the query plans, so the bundled server behaves like MongoDB's _id index.
+func indexIDs(ctx context.Context, dir string, every time.Duration, l *slog.Logger) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+
+	for {
+		files, _ := filepath.Glob(filepath.Join(dir, "*.sqlite"))
+		for _, f := range files {
+			if err := indexFile(ctx, f); err != nil && ctx.Err() == nil {
+				l.Debug("id index", slog.String("file", f), slog.String("error", err.Error()))
+			}
+		}
+
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// indexFile adds the _id expression index to the tables of one database file that
+// lack it.  The file is opened afresh each time: a dropped database's file is
+// removed and may be created again under the same name.
+func indexFile(ctx context.Context, path string) error {
+	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(5000)&_pragma=journal_mode(wal)")
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+
+	rows, err := db.QueryContext(ctx, `
+		SELECT t.name FROM sqlite_master t
+		WHERE t.type = 'table' AND t.name NOT LIKE '\_ferretdb\_%' ESCAPE '\'
+		AND t.name NOT LIKE 'sqlite\_%' ESCAPE '\'
+		AND NOT EXISTS (SELECT 1 FROM sqlite_master i
+			WHERE i.type = 'index' AND i.name = t.name || '_zarkov_id')`)
+	if err != nil {
+		return err
+	}
+
+	var tables []string
+	for rows.Next() {
+		var name string
+		if err = rows.Scan(&name); err != nil {
+			rows.Close()
+			return err
+		}
+		tables = append(tables, name)
+	}
+	rows.Close()
+
+	for _, table := range tables {
+		q := fmt.Sprintf(`CREATE INDEX IF NOT EXISTS %s ON %s (_ferretdb_sjson->'$._id')`,
+			quote(table+"_zarkov_id"), quote(table))
+		if _, err = db.ExecContext(ctx, q); err != nil {
+			return fmt.Errorf("%s: %w", table, err)
+		}
+	}
+
+	return nil
+}
+
+// quote quotes an SQLite identifier.
+func quote(name string) string {
+	return `"` + strings.ReplaceAll(name, `"`, `""`) + `"`
+}
