@@ -1,0 +1,72 @@
+"""zcmd serve: the whole service in one command, real-time aggregation included."""
+import collections
+import signal
+
+import pytest
+import zmq
+
+from tests.support import wait_for
+from zarkov import wire
+from zarkov.client import ZarkovClient
+
+
+@pytest.fixture
+def served(procs, config_file, zconfig):
+    """A running `zcmd serve` with a 1 s real-time interval; yields (process, config)."""
+    path = config_file(realtime_interval=1)
+    proc = procs.zcmd("serve", path, "serve")
+    wait_for(lambda: wire.request(zconfig["zmr"]["req_uri"], {"$command": "echo"}, 1.0),
+             timeout=60, what="the router of zcmd serve")
+    return proc, path
+
+
+def test_realtime_aggdef_produces_its_aggregate_and_announces_it(served, zconfig, db, procs):
+    proc, _ = served
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(zconfig["publish_bind_address"])
+    db.agg_def.insert_one({"name": "per_type", "object": "event", "realtime": True,
+                           "task_name": "zarkov.examples.EventsPerTypePerDay"})
+    client = ZarkovClient(zconfig["bson_uri"])
+    sent = collections.Counter()
+    for i in range(600):
+        kind = ("login", "download", "create")[i % 3]
+        client.event(kind, {"user": f"u{i % 7}"}, extra={"seq": i})
+        sent[kind] += 1
+    client.close()
+
+    announced = 0
+
+    def all_announced():
+        nonlocal announced
+        while sub.poll(100):
+            msg = wire.decode(sub.recv())
+            assert msg["$command"] == "agg_complete" and msg["name"] == "per_type"
+            announced += msg["docs"]
+        return announced >= 600
+    wait_for(all_announced, timeout=120, what="agg_complete messages for 600 events")
+    sub.close()
+
+    counted = collections.Counter()
+    for row in db["zagg.events_per_day"].find():
+        counted[row["_id"]["type"]] += row["value"]
+    assert counted == sent
+    assert announced == 600
+    assert db.event.count_documents({"aggregates": "per_type"}) == 600
+
+    procs.kill(proc, signal.SIGTERM)
+    assert proc.returncode == 0, procs.log("serve")[-2000:]
+
+
+def test_a_failing_realtime_task_is_logged_and_serve_keeps_serving(served, zconfig, db, procs):
+    proc, _ = served
+    db.agg_def.insert_one({"name": "broken", "realtime": True, "task_name": "no.such.module.Task"})
+    client = ZarkovClient(zconfig["bson_uri"])
+    client.event("login", {"user": "u"})
+    client.close()
+    wait_for(lambda: "no.such.module" in procs.log("serve"), timeout=60,
+             what="the bad task_name in the log")
+    wait_for(lambda: db.event.count_documents({}) == 1, timeout=30, what="the event stored")
+    assert wire.request(zconfig["zmr"]["req_uri"], {"$command": "echo", "x": 1}, 5.0)["message"]["x"] == 1
+    assert proc.poll() is None
