@@ -11,8 +11,9 @@ import uuid
 
 import pymongo
 import pytest
+import yaml
 
-from tests.support import ROOT, Processes, free_port, wait_for, write_config
+from tests.support import ROOT, Cluster, Processes, free_port, write_config
 
 
 @pytest.fixture(scope="session")
@@ -59,12 +60,8 @@ def procs(tmp_path):
     p.stop_all()
 
 
-@pytest.fixture
-def zconfig(tmp_path, mongo_uri, db_name) -> dict:
-    """A config dict on loopback ports of its own, the test database and tmp dirs.
-
-    Tests may change it before writing it with ``config_file``.
-    """
+def make_config(tmp_dir, mongo_uri: str, db_name: str) -> dict:
+    """A config dict on loopback ports of its own, database ``db_name``, dirs in ``tmp_dir``."""
     return {
         "mongo_uri": mongo_uri,
         "mongo_database": db_name,
@@ -72,13 +69,13 @@ def zconfig(tmp_path, mongo_uri, db_name) -> dict:
         "bson_uri": f"tcp://127.0.0.1:{bp}",
         "json_bind_address": f"tcp://127.0.0.1:{free_port()}",
         "publish_bind_address": f"tcp://127.0.0.1:{free_port()}",
-        "journal": str(tmp_path / "journal"),
+        "journal": os.path.join(tmp_dir, "journal"),
         "num_event_servers": 1,
         "zmr": {
             "req_uri": f"tcp://127.0.0.1:{(rp := free_port())}",
             "req_bind": f"tcp://127.0.0.1:{rp}",
             "worker_uri": "tcp://127.0.0.1",
-            "job_root": str(tmp_path / "zmr"),
+            "job_root": os.path.join(tmp_dir, "zmr"),
             "reduce_count": 8,
             "processes_per_worker": 2,
             "local_workers": 2,
@@ -88,32 +85,73 @@ def zconfig(tmp_path, mongo_uri, db_name) -> dict:
     }
 
 
+def config_writer(base: dict, path: str):
+    """A function writing ``base`` with changes (``zmr={…}`` merges) to ``path``."""
+    def write(**changes) -> str:
+        data = dict(base)
+        for k, v in changes.items():
+            if k == "zmr":
+                data["zmr"] = {**base["zmr"], **v}
+            else:
+                data[k] = v
+        return write_config(path, data)
+    return write
+
+
+@pytest.fixture
+def zconfig(tmp_path, mongo_uri, db_name) -> dict:
+    """A config dict on loopback ports of its own, the test database and tmp dirs.
+
+    Tests may change it before writing it with ``config_file``.
+    """
+    return make_config(str(tmp_path), mongo_uri, db_name)
+
+
 @pytest.fixture
 def config_file(tmp_path, zconfig):
     """Write the (possibly edited) zconfig to a file; returns a function giving its path."""
-    def write(**changes) -> str:
-        data = dict(zconfig)
-        for k, v in changes.items():
-            if k == "zmr":
-                data["zmr"] = {**zconfig["zmr"], **v}
-            else:
-                data[k] = v
-        return write_config(str(tmp_path / "zarkov.yaml"), data)
-    return write
+    return config_writer(zconfig, str(tmp_path / "zarkov.yaml"))
 
 
 @pytest.fixture
 def cluster(procs, config_file):
     """A running router and a pool of 2 worker processes; yields the config path."""
-    from zarkov import wire
-    path = config_file()
-    procs.zcmd("router", path, "zmr-router")
-    import yaml
-    uri = yaml.safe_load(open(path))["zmr"]["req_uri"]
-    wait_for(lambda: wire.request(uri, {"$command": "echo"}, timeout=1.0), timeout=30,
-             what="the router to answer echo")
-    procs.zcmd("worker", path, "zmr-worker")
-    # status without a job id reports the worker processes heard from recently.
-    wait_for(lambda: wire.request(uri, {"$command": "status"}, timeout=1.0).get("workers", 0) >= 2,
-             timeout=30, what="2 worker processes to report to the router")
-    yield path
+    yield Cluster(procs, config_file()).start().path
+
+
+# -- one cluster for a whole module --------------------------------------------------
+@pytest.fixture(scope="module")
+def module_procs(tmp_path_factory):
+    """Like ``procs``, for processes that live as long as the test module."""
+    p = Processes(str(tmp_path_factory.mktemp("procs")))
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(module_procs, mongo_uri, tmp_path_factory) -> Cluster:
+    """A router and 2 worker processes serving every test of a module (a Cluster).
+
+    For tests that do not kill them.  The router takes the database from each job
+    request, so each test still uses its own database: write the test's config with
+    ``shared_config_file``.  ``zmr.max_chunk_timeout`` is short (4 s) so that a dead
+    router is noticed fast; ``agg_lease_seconds`` is 30.
+    """
+    tmp = str(tmp_path_factory.mktemp("cluster"))
+    base = make_config(tmp, mongo_uri, "zt_shared_cluster_unused")
+    path = config_writer(base, os.path.join(tmp, "zarkov.yaml"))(
+        zmr={"max_chunk_timeout": 4}, agg_lease_seconds=30)
+    return Cluster(module_procs, path).start()
+
+
+@pytest.fixture
+def shared_config_file(shared_cluster, tmp_path, db_name):
+    """Like ``config_file``, for the module's shared cluster and this test's database.
+
+    At teardown it waits until the router runs no job (a killed run's job could
+    otherwise write into the test database after it is dropped).
+    """
+    with open(shared_cluster.path) as f:
+        base = {**yaml.safe_load(f), "mongo_database": db_name}
+    yield config_writer(base, str(tmp_path / "zarkov.yaml"))
+    shared_cluster.wait_idle()

@@ -123,3 +123,69 @@ def write_config(path: str, data: dict) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(data, f)
     return path
+
+
+class Cluster:
+    """A map-reduce router and a pool of worker processes, started with ``zcmd``.
+
+    ``path`` is their config file.  ``start()`` returns once the router answers and
+    ``workers`` worker processes report to it.  Either part may be killed and started again;
+    ``router``/``workers`` are the current Popens, logged as ``router``/``worker``
+    (then ``router2``, ``worker2``, … for later starts).
+    """
+
+    def __init__(self, procs: Processes, path: str, workers: int = 2):
+        self.procs, self.path, self.n_workers = procs, path, workers
+        with open(path) as f:
+            self.uri = yaml.safe_load(f)["zmr"]["req_uri"]
+        self.router: subprocess.Popen | None = None
+        self.workers: subprocess.Popen | None = None
+        self._starts = {"router": 0, "worker": 0}
+
+    def _name(self, part: str) -> str:
+        """Log name of the next start of ``part``: ``router``, ``router2``, …"""
+        self._starts[part] += 1
+        return part + (str(self._starts[part]) if self._starts[part] > 1 else "")
+
+    def status(self, timeout: float = 5.0) -> dict:
+        """The router's reply to ``status`` without a job id (workers, jobs counts)."""
+        return router_status(self.uri, timeout)
+
+    def start_router(self) -> None:
+        """Start ``zcmd zmr-router``; return once it answers ``echo``."""
+        from zarkov import wire
+        self.router = self.procs.zcmd(self._name("router"), self.path, "zmr-router")
+        wait_for(lambda: wire.request(self.uri, {"$command": "echo"}, timeout=1.0),
+                 timeout=30, what="the router to answer echo")
+
+    def start_workers(self) -> None:
+        """Start ``zcmd zmr-worker``; return once the router hears from its processes."""
+        self.workers = self.procs.zcmd(self._name("worker"), self.path, "zmr-worker")
+        wait_for(lambda: self.status(1.0).get("workers", 0) >= self.n_workers, timeout=30,
+                 what=f"{self.n_workers} worker processes to report to the router")
+
+    def start(self) -> "Cluster":
+        """Start the router, then the workers."""
+        self.start_router()
+        self.start_workers()
+        return self
+
+    def jobs_known(self) -> int:
+        """Jobs the router has been given and still remembers (finished ones: 1 h)."""
+        return self.status()["jobs_known"]
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Wait until no job runs in the router (e.g. one of a killed ``zcmd aggregate``)."""
+        wait_router_idle(self.uri, timeout)
+
+
+def router_status(uri: str, timeout: float = 5.0) -> dict:
+    """The reply of the router at ``uri`` to ``status`` without a job id."""
+    from zarkov import wire
+    return wire.request(uri, {"$command": "status"}, timeout=timeout)
+
+
+def wait_router_idle(uri: str, timeout: float = 60) -> None:
+    """Wait until the router at ``uri`` runs no job."""
+    wait_for(lambda: router_status(uri, 1.0)["jobs_running"] == 0, timeout=timeout,
+             what="the router's jobs to end")
