@@ -8,7 +8,9 @@ import signal
 import subprocess
 from datetime import datetime
 
-from tests.support import ROOT, Processes, run_zcmd, wait_for
+import yaml
+
+from tests.support import ROOT, Processes, run_zcmd, wait_for, wait_router_idle
 
 #: Where the article's `my.tasks` (and tests' failing tasks) live: put on PYTHONPATH.
 TASKS_DIR = os.path.join(ROOT, "tests", "fixtures", "agg")
@@ -75,7 +77,23 @@ def start_paused(procs: Processes, config: str, point: str, *args: str,
     return p
 
 
-def kill_at(procs: Processes, config: str, point: str, *args: str) -> None:
-    """Run ``zcmd aggregate`` up to ``point`` and SIGKILL it there."""
-    p = start_paused(procs, config, point, *args, name=f"agg-{point}")
+def kill(procs: Processes, p: subprocess.Popen, config: str) -> None:
+    """SIGKILL a ``zcmd aggregate``, then wait until the router runs none of its jobs.
+
+    A run killed while its jobs run leaves them in the router: waiting for them keeps
+    them from writing (into collections nobody reads) while the test goes on.
+    """
     procs.kill(p, signal.SIGKILL)
+    with open(config) as f:
+        wait_router_idle(yaml.safe_load(f)["zmr"]["req_uri"])
+
+
+def kill_at(procs: Processes, config: str, point: str, *args: str) -> None:
+    """Run ``zcmd aggregate`` up to ``point`` and SIGKILL it there (see ``kill``)."""
+    kill(procs, start_paused(procs, config, point, *args, name=f"agg-{point}"), config)
+
+
+def running(db) -> bool:
+    """Whether a run of the database's AggDef has started its jobs (state ``running``)."""
+    run = db.agg_run.find_one({})
+    return run is not None and run["state"] == "running" and run["attempt"] >= 1

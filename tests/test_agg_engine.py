@@ -1,10 +1,11 @@
 """The aggregation service through real ``zcmd aggregate`` processes, exactly once.
 
-The map-reduce router here is tests.fakerouter (the protocol of SPEC §4 served from
-the test process), so that these tests check the aggregation logic alone and can
-hold jobs back at will; test_agg_cluster.py runs the same example on the real
-cluster.  Kill points are made deterministic by ZARKOV_TEST_PAUSE_AT (see
-zarkov.aggregation).
+Every run goes through the real map-reduce cluster: one ``zcmd zmr-router`` and
+``zcmd zmr-worker`` (2 processes) shared by the tests of this module, each test with
+its own database.  Kill points are made deterministic by ZARKOV_TEST_PAUSE_AT (see
+zarkov.aggregation); where a test must act while jobs run, the task's map is slow
+(tests/fixtures/agg/my/slow.py).  Tests that kill the router or the workers are in
+test_agg_cluster.py.
 """
 from __future__ import annotations
 
@@ -12,26 +13,20 @@ import pytest
 import yaml
 
 from tests import aggtools as A
-from tests.fakerouter import FakeRouter
 from tests.support import run_zcmd, wait_for
 
-
-@pytest.fixture
-def router(zconfig, mongo_uri):
-    """A stand-in router on the test config's zmr.req_bind."""
-    r = FakeRouter(zconfig["zmr"]["req_bind"], mongo_uri).start()
-    yield r
-    r.stop()
+SLOW = "my.slow.SlowTask"  # the article's count, 20 ms per event in map
 
 
 @pytest.fixture
-def config(config_file):
-    """Config path; short router time limit so that a dead router is noticed fast."""
-    return config_file(zmr={"max_chunk_timeout": 3}, agg_lease_seconds=30)
+def config(shared_config_file):
+    """Config path of this test's database on the module's cluster."""
+    return shared_config_file()
 
 
 # -- the article's example --------------------------------------------------------
-def test_article_example_incremental_and_full(db, router, config):
+def test_article_example_incremental_and_full(db, config, shared_cluster):
+    jobs_before = shared_cluster.jobs_known()
     A.register(db)
     A.add_events(db, 300, seed=1)
     res = A.ok(A.aggregate(config, A.NAME))
@@ -52,7 +47,7 @@ def test_article_example_incremental_and_full(db, router, config):
     assert f"{A.NAME}: 0 documents" in res.stdout
     assert list(db[A.TARGET].find()) == before
     # Nothing new: no job was even sent to the router.
-    assert sum(r.get("$command") == "mapreduce" for r in router.requests) == 2
+    assert shared_cluster.jobs_known() - jobs_before == 2
 
     res = A.ok(A.aggregate(config, A.NAME, "full"))
     assert "420 documents" in res.stdout and "(full)" in res.stdout
@@ -60,7 +55,7 @@ def test_article_example_incremental_and_full(db, router, config):
     A.assert_clean(db)
 
 
-def test_events_from_other_programs_with_any_id(db, router, config):
+def test_events_from_other_programs_with_any_id(db, config):
     """Documents written by other programs, with non-ObjectId ids, old or new, count."""
     A.register(db)
     db.event.insert_many([{"_id": f"s{i}", "foo": "x"} for i in range(40)]
@@ -74,17 +69,19 @@ def test_events_from_other_programs_with_any_id(db, router, config):
     A.assert_clean(db)
 
 
-def test_event_limit_runs_batches_until_nothing_is_left(db, router, config_file):
-    config = config_file(zmr={"event_limit": 60, "max_chunk_timeout": 3})
+def test_event_limit_runs_batches_until_nothing_is_left(db, shared_config_file,
+                                                       shared_cluster):
+    config = shared_config_file(zmr={"event_limit": 60})
+    jobs_before = shared_cluster.jobs_known()
     A.register(db)
     A.add_events(db, 150, seed=3)
     res = A.ok(A.aggregate(config, A.NAME))
     assert "150 documents" in res.stdout
     assert A.output(db) == A.python_count(db)
-    assert sum(r.get("$command") == "mapreduce" for r in router.requests) == 3
+    assert shared_cluster.jobs_known() - jobs_before == 3
 
 
-def test_xmr_task_with_document_keys(db, router, config, procs):
+def test_xmr_task_with_document_keys(db, config, procs):
     """One xmapreduce job feeding two outputs; compound keys merge across runs."""
     A.register(db, task_name="my.xtasks.TwoWays")
 
@@ -108,19 +105,23 @@ def test_xmr_task_with_document_keys(db, router, config, procs):
     A.kill_at(procs, config, "applying")
     A.ok(A.aggregate(config, A.NAME))
     assert got() == expected()
+    by_ft, by_type = got()
+    assert by_type == {"test": 121, "other": 3}
+    assert sum(by_ft.values()) == 124 and by_ft[("a", "other")] == 3
+    assert by_ft[("d", "test")] == 1
     A.ok(A.aggregate(config, A.NAME, "full"))
     assert got() == expected()
     A.assert_clean(db)
 
 
 # -- kills -------------------------------------------------------------------------
-def _prepared(db, config):
+def _prepared(db, task_name="my.tasks.MyTask"):
     """Events already aggregated, then new ones: the next run has old values to merge.
 
     The aggregated state is written directly (what earlier runs leave), which keeps
     these tests short; test_article_example checks that runs produce it.
     """
-    A.register(db)
+    A.register(db, task_name=task_name)
     A.add_events(db, 200, seed=4, aggregates=[A.NAME], jobs=[])
     db[A.TARGET].insert_many([{"_id": k, "value": v} for k, v in A.python_count(db).items()])
     # Many keys, so that applying takes several batches and can be cut in the middle.
@@ -128,8 +129,8 @@ def _prepared(db, config):
 
 
 @pytest.mark.parametrize("point", ["marking", "running", "staged", "applying", "flagging"])
-def test_killed_incremental_run_then_run_again(db, router, config, procs, point):
-    _prepared(db, config)
+def test_killed_incremental_run_then_run_again(db, config, procs, point):
+    _prepared(db)
     A.kill_at(procs, config, point)
     assert db.agg_run.count_documents({}) == 1  # the run left pending
     A.add_events(db, 25, seed=6)  # and life goes on
@@ -140,8 +141,8 @@ def test_killed_incremental_run_then_run_again(db, router, config, procs, point)
 
 
 @pytest.mark.parametrize("point", ["marking", "running", "applying", "flagging"])
-def test_killed_full_run_then_run_again(db, router, config, procs, point):
-    _prepared(db, config)
+def test_killed_full_run_then_run_again(db, config, procs, point):
+    _prepared(db)
     A.kill_at(procs, config, point, "full")
     res = A.ok(A.aggregate(config, A.NAME))
     assert f"left {point}" in res.stdout
@@ -149,8 +150,8 @@ def test_killed_full_run_then_run_again(db, router, config, procs, point):
     A.assert_clean(db)
 
 
-def test_killed_twice_in_a_row(db, router, config, procs):
-    _prepared(db, config)
+def test_killed_twice_in_a_row(db, config, procs):
+    _prepared(db)
     A.kill_at(procs, config, "applying")
     A.kill_at(procs, config, "applying")  # killed again while finishing the first
     A.ok(A.aggregate(config, A.NAME))
@@ -159,53 +160,49 @@ def test_killed_twice_in_a_row(db, router, config, procs):
 
 
 # -- concurrency ----------------------------------------------------------------------
-def test_second_aggregate_exits_at_once_while_first_runs(db, router, config, procs):
-    _prepared(db, config)
+def test_second_aggregate_exits_at_once_while_first_runs(db, config, procs):
+    _prepared(db)
     first = A.start_paused(procs, config, "running")
     res = A.aggregate(config, A.NAME)
     assert res.returncode == 3
     assert "already being aggregated by pid" in res.stderr and "--wait" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    procs.kill(first)
+    A.kill(procs, first, config)
     A.ok(A.aggregate(config, A.NAME))
     assert A.output(db) == A.python_count(db)
     A.assert_clean(db)
 
 
-def test_second_aggregate_waits_with_wait(db, router, config, procs):
-    _prepared(db, config)
-    router.hold.clear()  # jobs do not finish until released
+def test_second_aggregate_waits_with_wait(db, config, procs):
+    _prepared(db, SLOW)  # 180 new events: the first run's job maps for 3.6 s
     first = procs.zcmd("first", config, "aggregate", A.NAME, env=A.ENV)
-    wait_for(lambda: any(r.get("$command") == "mapreduce" for r in router.requests),
-             what="the first run's job")
+    wait_for(lambda: A.running(db), what="the first run's job")
     second = procs.zcmd("second", config, "aggregate", A.NAME, "--wait", env=A.ENV)
     A.add_events(db, 30, seed=7)
-    router.hold.set()
+    assert A.running(db), "the first run ended before the test could act"
     assert first.wait(60) == 0, procs.log("first")
     assert second.wait(60) == 0, procs.log("second")
     assert A.output(db) == A.python_count(db)
     A.assert_clean(db)
 
 
-def test_events_arriving_during_a_run_go_to_the_next(db, router, config, procs):
-    A.register(db)
-    A.add_events(db, 100, keys="ab", seed=8)
+def test_events_arriving_during_a_run_go_to_the_next(db, config, procs):
+    A.register(db, task_name=SLOW)
+    A.add_events(db, 150, keys="ab", seed=8)  # its job maps for 3 s
     expected_first = A.python_count(db)
-    router.hold.clear()
     p = procs.zcmd("agg", config, "aggregate", A.NAME, env=A.ENV)
-    wait_for(lambda: any(r.get("$command") == "mapreduce" for r in router.requests),
-             what="the job")
+    wait_for(lambda: A.running(db), what="the job")
     A.add_events(db, 50, keys="bc", seed=9)
-    router.hold.set()
+    assert A.running(db), "the run ended before the test could act"
     assert p.wait(60) == 0, procs.log("agg")
     assert A.output(db) == expected_first
-    assert db.event.count_documents({"aggregates": A.NAME}) == 100
+    assert db.event.count_documents({"aggregates": A.NAME}) == 150
     A.ok(A.aggregate(config, A.NAME))
     assert A.output(db) == A.python_count(db)
     A.assert_clean(db)
 
 
-def test_two_aggdefs_over_the_same_events(db, router, config, procs):
+def test_two_aggdefs_over_the_same_events(db, config, procs):
     """Marks and flags of two AggDefs on the same documents do not disturb each other."""
     A.register(db)
     A.register(db, "types", task_name="my.more.CountTypes")
@@ -261,7 +258,7 @@ def test_bad_task_name(db, config, with_output, task_name, message):
     _untouched(db, with_output)
 
 
-def test_map_raising_shows_worker_traceback(db, router, config, with_output):
+def test_map_raising_shows_worker_traceback(db, config, with_output):
     A.register(db, task_name="bad.RaisingMap")
     db.event.insert_one({"foo": "boom"})
     res = A.aggregate(config, A.NAME)
@@ -273,7 +270,7 @@ def test_map_raising_shows_worker_traceback(db, router, config, with_output):
     _untouched(db, with_output)
 
 
-def test_start_jobs_raising(db, router, config, with_output):
+def test_start_jobs_raising(db, config, with_output):
     A.register(db, task_name="bad.RaisingStart")
     res = A.aggregate(config, A.NAME)
     assert res.returncode == 1
@@ -281,7 +278,8 @@ def test_start_jobs_raising(db, router, config, with_output):
     _untouched(db, with_output)
 
 
-def test_router_not_answering(db, config, with_output):
+def test_router_not_answering(db, config_file, with_output):
+    config = config_file(zmr={"max_chunk_timeout": 3})
     A.register(db)
     res = A.aggregate(config, A.NAME)  # nothing listens on zmr.req_uri
     assert res.returncode == 1
@@ -301,7 +299,7 @@ session(M.AggDef).flush()
 """
 
 
-def test_register_with_script_as_in_the_article(db, router, config, tmp_path):
+def test_register_with_script_as_in_the_article(db, config, tmp_path):
     script = tmp_path / "register.py"
     script.write_text(ARTICLE_REGISTRATION + "import sys; print(sys.argv[1:])\n")
     res = run_zcmd(config, "script", str(script), "x", "--y")

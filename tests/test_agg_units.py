@@ -1,4 +1,5 @@
-"""Unit tests of the aggregation pieces: the model (mim://), leases, Task requests."""
+"""Tests of the aggregation pieces: the model (mim://), leases, Tasks run by hand on the
+real map-reduce cluster (one router and 2 worker processes for the module)."""
 from __future__ import annotations
 
 import os
@@ -7,10 +8,8 @@ import sys
 import warnings
 from datetime import datetime, timedelta
 
-import bson
 import pytest
 
-from tests.fakerouter import FakeRouter
 from tests.support import free_port
 from zarkov import config as C
 from zarkov import lease as L
@@ -144,19 +143,17 @@ class Counting(Task):
 
 
 @pytest.fixture
-def router_config(mongo_uri, db_name):
-    port = free_port()
-    cfg = C.from_dict({"mongo_uri": mongo_uri, "mongo_database": db_name,
-                       "zmr": {"req_uri": f"tcp://127.0.0.1:{port}", "max_chunk_timeout": 2}})
-    r = FakeRouter(cfg.zmr.req_uri, mongo_uri).start()
-    yield cfg, r
-    r.stop()
+def router_config(shared_cluster, mongo_uri, db_name):
+    """A config of this test's database whose zmr.req_uri is the module's real router."""
+    return C.from_dict({"mongo_uri": mongo_uri, "mongo_database": db_name,
+                        "zmr": {"req_uri": shared_cluster.uri, "max_chunk_timeout": 4}})
 
 
 def test_task_without_engine_replaces_or_reduces(db, router_config):
     """Run by hand (no run context), jobs write straight to the target, as in the article."""
-    cfg, router = router_config
+    cfg = router_config
     db.event.insert_many([{"foo": "a"}, {"foo": "a"}, {"foo": "b"}, {"foo": "skip"}])
+    db["zagg.t"].insert_one({"_id": "old", "value": 7})  # gone in replace mode
     sock = wire.req_socket(cfg.zmr.req_uri)
     task = Counting(None, cfg)
     assert task.run(sock, full=True) == 3
@@ -164,26 +161,29 @@ def test_task_without_engine_replaces_or_reduces(db, router_config):
     assert list(task.results.values()) == [5]
     assert task.run(sock, full=False) == 3  # reduce mode: added to what is there
     assert {d["_id"]: d["value"] for d in db["zagg.t"].find()} == {"a": 4, "b": 2}
-    modes = [r["output_type"] for r in router.requests if r.get("$command") == "mapreduce"]
-    assert modes == ["replace", "reduce"]
     sock.close(0)
 
 
 def test_task_under_engine_filters_on_lock_and_stages(db, router_config):
-    cfg, router = router_config
+    """Jobs read only the run's marked documents (and the task's filter) into staging."""
+    cfg = router_config
+    db.event.insert_many([{"foo": "a", "jobs": ["L1"]}, {"foo": "a", "jobs": ["L1", "L0"]},
+                          {"foo": "skip", "jobs": ["L1"]}, {"foo": "b", "jobs": ["L0"]},
+                          {"foo": "c"}])
+    db["zagg.t"].insert_one({"_id": "a", "value": 100})  # the target is not touched
+    db["zstage.L1.1.0"].insert_one({"_id": "old", "value": 1})  # replaced
     ctx = RunContext("L1", 1, "zstage.L1.1.")
     sock = wire.req_socket(cfg.zmr.req_uri)
     Counting(None, cfg, ctx).run(sock, full=False)
-    req = next(r for r in router.requests if r.get("$command") == "mapreduce")
-    assert bson.decode(req["query"]) == {"$and": [{"jobs": "L1"}, {"foo": {"$ne": "skip"}}]}
-    assert req["output_name"] == "zstage.L1.1.0" and req["output_type"] == "replace"
+    assert {d["_id"]: d["value"] for d in db["zstage.L1.1.0"].find()} == {"a": 2}
+    assert {d["_id"]: d["value"] for d in db["zagg.t"].find()} == {"a": 100}
+    assert ctx.outputs[0]["staging"] == "zstage.L1.1.0"
     assert ctx.outputs[0]["target"] == "zagg.t" and ctx.outputs[0]["reduce_name"] == "add"
     sock.close(0)
 
 
 def test_task_argument_errors(router_config):
-    cfg, _ = router_config
-    t = Task(None, cfg)
+    t = Task(None, router_config)
     with pytest.raises(TaskError, match="named module-level"):
         t.start_mr(None, "zagg.t", True, map=lambda objs: objs, reduce=add)
     with pytest.raises(TaskError, match="needs map_name"):
