@@ -33,7 +33,6 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from pymongo import ReplaceOne, UpdateOne
@@ -41,7 +40,7 @@ from pymongo.database import Database
 from pymongo.errors import OperationFailure, PyMongoError
 
 from zarkov import functions, model as M, wire
-from zarkov.lease import HOST, Lease, LeaseBusy, LeaseLost
+from zarkov.lease import HOST, Lease, LeaseBusy, LeaseLost, utcnow
 from zarkov.task import JobFailed, RunContext, Task, TaskError
 from zarkov.zmr.partition import group_key
 
@@ -92,11 +91,6 @@ class RunResult:
     run_id: str
     #: State of a pending (killed) run that was finished first, if there was one.
     resumed: Optional[str] = None
-
-
-def _utcnow() -> datetime:
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def _pause(point: str) -> None:
@@ -232,7 +226,7 @@ class _Run:
     def begin(self, full: bool) -> dict:
         """Create the run record of a new run (state ``marking``)."""
         record = {"_id": self.name, "run_id": uuid.uuid4().hex, "full": bool(full),
-                  "attempt": 0, "state": "marking", "started": _utcnow(), "marked": 0,
+                  "attempt": 0, "state": "marking", "started": utcnow(), "marked": 0,
                   "host": HOST, "pid": os.getpid(), "outputs": []}
         self.lease.check()
         self.runs.insert_one(record)

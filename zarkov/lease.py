@@ -59,7 +59,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _now() -> datetime:
+def utcnow() -> datetime:
     """Naive UTC at millisecond precision: what a round trip through BSON gives back."""
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
@@ -67,7 +67,7 @@ def _now() -> datetime:
 
 def is_stale(doc: dict, now: Optional[datetime] = None) -> bool:
     """Whether a lease document's holder is gone (see the module docstring)."""
-    now = now or _now()
+    now = now or utcnow()
     if doc.get("host") == HOST and not _pid_alive(int(doc.get("pid", 0))):
         return True
     expires = doc.get("expires")
@@ -93,7 +93,7 @@ class Lease:
         self._thread: Optional[threading.Thread] = None
 
     def _doc(self) -> dict:
-        now = _now()
+        now = utcnow()
         return {"_id": self.key, "token": self.token, "host": HOST, "pid": os.getpid(),
                 "taken": now, "expires": now + timedelta(seconds=self.seconds)}
 
@@ -135,7 +135,7 @@ class Lease:
         """Push ``expires`` forward; raise LeaseLost if the lease is no longer ours."""
         res = self.coll.update_one(
             {"_id": self.key, "token": self.token},
-            {"$set": {"expires": _now() + timedelta(seconds=self.seconds)}})
+            {"$set": {"expires": utcnow() + timedelta(seconds=self.seconds)}})
         if res.matched_count == 0:
             self._lost = f"lease on {self.key!r} lost (taken over after it expired)"
             raise LeaseLost(self._lost)

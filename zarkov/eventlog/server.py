@@ -38,6 +38,7 @@ import zmq as zmq_plain
 import zmq.green as zmq
 
 from zarkov import config as C
+from zarkov.children import child_env
 from zarkov.eventlog import journal as J
 from zarkov.eventlog.committer import Committer
 from zarkov.eventlog.rejects import RejectLog, rejects_path
@@ -336,12 +337,9 @@ class EventLogger:
             self._watchers.append(gevent.spawn(self._watch, i))
 
     def _spawn(self, index: int) -> None:
-        env = dict(os.environ)
-        top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = top + os.pathsep + env.get("PYTHONPATH", "")
         data = self.config.as_dict()
         data.pop("source", None)
-        env["ZARKOV_EVENTLOG_CONFIG"] = json.dumps(data)
+        env = child_env(ZARKOV_EVENTLOG_CONFIG=json.dumps(data))
         argv = [sys.executable, "-m", "zarkov.eventlog.child", "--index", str(index),
                 "--count", str(self.count), "--bson", self._proxies[0].backend,
                 "--json", self._proxies[1].backend, "--parent", str(os.getpid())]

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+from zarkov.children import child_env
 from zarkov.config import Config, worker_processes
 
 log = logging.getLogger("zarkov.zmr.pool")
@@ -62,11 +63,7 @@ class WorkerPool:
         return self
 
     def _spawn(self, i: int) -> None:
-        env = dict(os.environ)
-        # The children import zarkov from wherever this process did.
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        self.procs[i] = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL)
+        self.procs[i] = subprocess.Popen(self.argv, env=child_env(), stdin=subprocess.DEVNULL)
         self._started_at[i] = time.monotonic()
 
     def _watch(self) -> None:
