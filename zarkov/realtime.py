@@ -15,7 +15,7 @@ from typing import Any
 import gevent
 import gevent.event
 
-from zarkov import aggregation, wire
+from zarkov import aggregation, supervise, wire
 from zarkov import model as M
 from zarkov.config import Config
 
@@ -39,7 +39,7 @@ class RealtimeLoop:
         self._pub = wire.context().socket(z.PUB)
         self._pub.setsockopt(z.LINGER, 1000)
         self._pub.bind(self.config.publish_bind_address)
-        self._loop = gevent.spawn(self._run_loop)
+        self._loop = supervise.spawn("real-time aggregation loop", self._run_loop)
         log.info("real-time aggregation every %g s; completions published on %s",
                  self.config.realtime_interval, self.config.publish_bind_address)
         return self

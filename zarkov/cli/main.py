@@ -13,6 +13,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 
 from zarkov import config as C  # noqa: E402
+from zarkov import supervise  # noqa: E402
 from zarkov.cli.commands import COMMANDS  # noqa: E402
 
 
@@ -83,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if config.verbose else logging.INFO,
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     try:
-        return int(_command_module(opts.command).run(config, args) or 0)
+        code = int(_command_module(opts.command).run(config, args) or 0)
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    # A loop that died makes the whole command fail, whatever it returned, so that
+    # its supervisor starts it again (see zarkov.supervise).
+    return supervise.exit_status(code)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,13 @@ journal directory ``<journal>/server-<i>``, so validation and journaling use N c
 
 Shared key: when ``shared_key`` is set, every message must have two frames, the key
 and then the event; otherwise a message's last frame is the event.
+
+Every message received is accounted for: journaled (``accepted``) or set aside with a
+reason (``rejected``), whatever its bytes.  An unexpected exception while handling one
+message is logged with its traceback and counted (``errors``), and the message goes to
+the rejects; the loops go on.  Should a loop die all the same, the process stops and
+exits non-zero (:mod:`zarkov.supervise`), and the event logger's parent starts it
+again.
 """
 from __future__ import annotations
 
@@ -38,12 +45,14 @@ import zmq as zmq_plain
 import zmq.green as zmq
 
 from zarkov import config as C
+from zarkov import faults, supervise
 from zarkov.children import child_env
 from zarkov.eventlog import journal as J
 from zarkov.eventlog.committer import Committer
 from zarkov.eventlog.rejects import RejectLog, rejects_path
 from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
 from zarkov.eventlog.stats import Stats, read_stats, stats_path, total, write_stats
+from zarkov.oneline import first_line as clip
 
 BATCH = 100             # most messages taken from a socket before journaling them
 DRAIN_AT_STOP = 200000  # most messages still taken from the sockets when stopping
@@ -134,8 +143,10 @@ class EventServer:
         self.committer.start()
         self._running = True
         for sock, prepare, source in self._sockets:
-            self._greenlets.append(gevent.spawn(self._receive, sock, prepare, source))
-        self._stats_greenlet = gevent.spawn(self._write_stats_loop)
+            self._greenlets.append(supervise.spawn(f"event server {self.index}: {source} loop",
+                                                   self._receive, sock, prepare, source))
+        self._stats_greenlet = supervise.spawn(f"event server {self.index}: stats loop",
+                                               self._write_stats_loop)
         write_stats(stats_path(self.config.journal, self.index), self.stats)
         return self
 
@@ -144,16 +155,26 @@ class EventServer:
         # receive loop would otherwise delay the first commit by a second or so.
         try:
             self.client.admin.command("ping")
-        except pymongo.errors.PyMongoError as e:
+        except Exception as e:  # noqa: BLE001 - only a warning: the committer retries
             log.warning("the database does not answer yet (%s); events are journaled", e)
 
     # -- the hot path ---------------------------------------------------------------
 
     def _receive(self, sock, prepare: Callable[[bytes, int], bytes], source: str) -> None:
+        loop = f"{source} loop"
         while self._running:
-            batch = [sock.recv_multipart()]  # waits cooperatively
-            self._drain(sock, batch, BATCH)
-            self._handle(batch, prepare, source)
+            batch: list = []
+            try:
+                batch.append(sock.recv_multipart())  # waits cooperatively
+                self._drain(sock, batch, BATCH)
+            except Exception:  # noqa: BLE001 - a socket error: count it, keep reading
+                self.stats.errors.record(loop)
+                gevent.sleep(0.1)  # why: no busy loop should the error persist
+            if batch:
+                try:
+                    self._handle(batch, prepare, source)
+                except Exception:  # noqa: BLE001 - _handle guards each step; a last resort
+                    self.stats.errors.record(loop, f"on a batch of {len(batch)} messages")
             gevent.sleep(0)  # why: let the committer and the other socket run
 
     @staticmethod
@@ -174,9 +195,11 @@ class EventServer:
             pass
 
     def _handle(self, batch: list[list[bytes]], prepare, source: str) -> None:
+        """Journal the valid messages of ``batch`` (one write), reject the others."""
         now = now_millis()
         key = self.key
         records = []
+        kept = []
         frame = J.frame
         for frames in batch:
             msg = frames[-1]
@@ -189,9 +212,14 @@ class EventServer:
                                  "or 2 with a shared key")
                 continue
             try:
+                faults.hit("eventlog.message", msg)
                 records.append(frame(prepare(msg, now)))
+                kept.append(msg)
             except Rejected as e:
                 self.rejects.add(source, msg, str(e))
+            except Exception as e:  # noqa: BLE001 - a bug must cost one message, not the loop
+                self.stats.errors.record(f"{source} loop", f"on a message of {len(msg)} bytes")
+                self.rejects.add(source, msg, f"internal error: {type(e).__name__}: {clip(e)}")
         while records:
             try:
                 self.journal.append(records, len(records))
@@ -201,6 +229,12 @@ class EventServer:
                 log.error("cannot write the journal (%s); retrying in a second", e)
                 gevent.sleep(1.0)
                 continue
+            except Exception as e:  # noqa: BLE001 - not journaled: keep them as rejects
+                self.stats.errors.record(f"{source} loop", "while journaling")
+                for msg in kept:
+                    self.rejects.add(source, msg, "internal error while journaling: "
+                                     f"{type(e).__name__}: {clip(e)}")
+                return
             self.stats.accepted += len(records)
             break
 
@@ -211,10 +245,13 @@ class EventServer:
         last = None
         while True:
             gevent.sleep(STATS_INTERVAL)
-            snap = self.stats.as_dict()
-            if snap != last:
-                write_stats(path, self.stats)
-                last = snap
+            try:
+                snap = self.stats.as_dict()
+                if snap != last:
+                    write_stats(path, self.stats)
+                    last = snap
+            except Exception:  # noqa: BLE001 - a full disk must not end the stats
+                self.stats.errors.record("stats loop")
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop intake, journal what the sockets still hold, commit within ``timeout``.
@@ -236,7 +273,10 @@ class EventServer:
         ok = self.committer.stop(max(1.0, deadline - time.monotonic()))
         self._stats_greenlet.kill()
         self.stats.backlog_files = len(self.committer.backlog)
-        write_stats(stats_path(self.config.journal, self.index), self.stats)
+        try:
+            write_stats(stats_path(self.config.journal, self.index), self.stats)
+        except OSError as e:
+            log.error("cannot write the stats file: %s", e)
         self.client.close()
         s = self.stats
         log.info("event server %d stopped: accepted %d, rejected %d, committed %d%s",
@@ -261,9 +301,17 @@ class _Proxy:
         self.control.bind(self.control_uri)
         self.result = None
 
-    def start(self) -> None:
-        """Run the proxy in a thread of gevent's pool."""
+    def start(self, stopping: Callable[[], bool]) -> None:
+        """Run the proxy in a thread of gevent's pool; its end before ``stopping()``
+        is a dead loop (the process stops, see :mod:`zarkov.supervise`)."""
         self.result = gevent.get_hub().threadpool.spawn(self._run)
+
+        def ended(result) -> None:
+            if not stopping():
+                supervise.loop_died(f"event logger: proxy {self.control_uri}",
+                                    result.exception)
+        # rawlink runs in the hub: hand the report to a greenlet.
+        self.result.rawlink(lambda result: gevent.spawn(ended, result))
 
     def _run(self) -> None:
         try:
@@ -306,6 +354,7 @@ class EventLogger:
         self._children: dict[int, subprocess.Popen] = {}
         self._watchers: list[Any] = []
         self._stopping = False
+        self.stats_errors = supervise.Errors(log)
         self.stopped = gevent.event.Event()
 
     def start(self) -> "EventLogger":
@@ -331,10 +380,11 @@ class EventLogger:
         self._proxies = [_Proxy(ctx, cfg.bson_bind_address, f"bson-{os.getpid()}"),
                          _Proxy(ctx, cfg.json_bind_address, f"json-{os.getpid()}")]
         for p in self._proxies:
-            p.start()
+            p.start(lambda: self._stopping)
         for i in range(self.count):
             self._spawn(i)
-            self._watchers.append(gevent.spawn(self._watch, i))
+            self._watchers.append(supervise.spawn(f"event logger: watcher of server {i}",
+                                                  self._watch, i))
 
     def _spawn(self, index: int) -> None:
         data = self.config.as_dict()
@@ -347,13 +397,18 @@ class EventLogger:
 
     def _watch(self, index: int) -> None:
         while not self._stopping:
-            code = self._children[index].wait()
-            if self._stopping:
-                return
-            log.error("event server %d exited with status %s; starting it again", index, code)
-            gevent.sleep(1.0)
-            if not self._stopping:
-                self._spawn(index)
+            try:
+                code = self._children[index].wait()
+                if self._stopping:
+                    return
+                log.error("event server %d exited with status %s; starting it again",
+                          index, code)
+                gevent.sleep(1.0)
+                if not self._stopping:
+                    self._spawn(index)
+            except Exception:  # noqa: BLE001 - e.g. no memory to fork: try again
+                self.stats_errors.record(f"watcher of server {index}")
+                gevent.sleep(1.0)
 
     def stats(self) -> dict[str, Any]:
         """Counters summed over the server processes: accepted, rejected, committed, ..."""
@@ -395,6 +450,7 @@ def run_until_signal(config: C.Config) -> int:
     """Run the event logger until SIGTERM or SIGINT, then stop it; the exit status."""
     stop = gevent.event.Event()
     handlers = [gevent.signal_handler(s, stop.set) for s in (signal.SIGTERM, signal.SIGINT)]
+    supervise.on_death(stop.set)
     try:
         logger = EventLogger(config).start()
     except zmq.ZMQError as e:
@@ -404,7 +460,7 @@ def run_until_signal(config: C.Config) -> int:
     for h in handlers:
         h.cancel()
     log.info("stopping the event logger")
-    return 0 if logger.stop() else 3
+    return supervise.exit_status(0 if logger.stop() else 3)
 
 
 def child_main(argv: list[str]) -> int:
@@ -431,8 +487,9 @@ def child_main(argv: list[str]) -> int:
         log.warning("event server %d: the event logger is gone; stopping", args.index)
         stop.set()
 
+    supervise.on_death(stop.set)
     server = EventServer(config, args.index, args.count, args.bson, args.json, bind=False)
     server.start()
     gevent.spawn(orphan_watch)
     stop.wait()
-    return 0 if server.stop() else 3
+    return supervise.exit_status(0 if server.stop() else 3)

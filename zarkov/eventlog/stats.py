@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import time
 from typing import Any
 
-FIELDS = ("accepted", "rejected", "committed", "duplicates")
+from zarkov.supervise import Errors
+
+FIELDS = ("accepted", "rejected", "committed", "duplicates", "errors")
 
 
 class Stats:
     """Counters: events accepted (journaled), rejected, committed (confirmed stored),
-    duplicates (of the committed ones, already in the database: a replay)."""
+    duplicates (of the committed ones, already in the database: a replay), and
+    ``errors``: unexpected exceptions of the process's loops (a bug or a broken disk;
+    each logged with its traceback, see :class:`zarkov.supervise.Errors`)."""
 
     def __init__(self, index: int = 0):
         self.index = index
@@ -31,6 +36,7 @@ class Stats:
         self.backlog_files = 0
         self.db_ok = True
         self.last_db_error: str | None = None
+        self.errors = Errors(logging.getLogger("zarkov.eventlog"))
         # (time, committed so far) after each insert: the recent commit timeline.
         self.commits: collections.deque = collections.deque(maxlen=64)
 
@@ -39,6 +45,7 @@ class Stats:
         return {"index": self.index, "pid": self.pid, "started": self.started,
                 "accepted": self.accepted, "rejected": self.rejected,
                 "committed": self.committed, "duplicates": self.duplicates,
+                "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
                 "backlog_files": self.backlog_files, "db_ok": self.db_ok,
                 "last_db_error": self.last_db_error, "commits": list(self.commits)}
 

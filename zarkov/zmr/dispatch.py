@@ -10,13 +10,16 @@ A time limit adapts to the durations observed in the phase (falling back to the
 previous phase, then to ``max_chunk_timeout``): a SIGKILLed worker costs a few
 task durations, not ten minutes.  The first answer to a task wins; any later
 answer (from a worker that was only slow) is counted and dropped.
+
+The sink's port is reachable by any peer: a message that is not a heartbeat or a
+reply of the expected shape is counted (``dropped``) and ignored.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import bson
 import gevent
@@ -64,7 +67,10 @@ class Dispatcher:
         self._lock = gevent.lock.Semaphore()
         self.sets: dict[str, TaskSet] = {}
         self.workers: dict[tuple[str, int], float] = {}
+        self.errors_of: dict[tuple[str, int], int] = {}  # each worker's unexpected errors
         self.unrouted = 0
+        self.dropped = 0
+        self._last_drop_log = 0.0
 
     def send(self, frames: list[bytes]) -> None:
         """Send one task (blocks while no worker can take it)."""
@@ -85,17 +91,41 @@ class Dispatcher:
         try:
             header = bson.decode(frames[0], CODEC)
         except Exception:  # noqa: BLE001 - a garbled message must not stop the sink
-            log.warning("dropped a message from the sink that is not BSON")
+            self._drop("not BSON")
             return
         now = time.monotonic()
         if "hb" in header:
-            self.workers[(header.get("host", "?"), header["hb"])] = now
+            pid, host = header["hb"], header.get("host", "?")
+            if type(pid) is not int or pid <= 0 or not isinstance(host, str):
+                self._drop("a heartbeat without a process id and a host name")
+                return
+            self.workers[(host, pid)] = now
+            errors = header.get("errors", 0)
+            if type(errors) is int:
+                self.errors_of[(host, pid)] = errors
             return
-        ts = self.sets.get(header.get("j"))
+        job_id, task_id = header.get("j"), header.get("t")
+        if not isinstance(job_id, str) or type(task_id) is not int:
+            self._drop("a reply without a job id string and a task number")
+            return
+        ts = self.sets.get(job_id)
         if ts is None:
             self.unrouted += 1  # a late answer for a job that has moved on or ended
             return
         ts.on_reply(header, frames[1:])
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log > 10:  # why: a peer gone mad must not flood the log
+            self._last_drop_log = now
+            log.warning("dropped a message from the sink: %s (%d dropped so far)",
+                        why, self.dropped)
+
+    def worker_errors(self) -> int:
+        """Unexpected errors reported by the worker processes alive now."""
+        live = set(self.live_workers())
+        return sum(n for key, n in self.errors_of.items() if key in live)
 
     def live_workers(self) -> list[tuple[str, int]]:
         """(host, pid) of the worker processes heard from recently."""
@@ -103,6 +133,7 @@ class Dispatcher:
         for key, seen in list(self.workers.items()):
             if now - seen > WORKER_SEEN * 10:
                 del self.workers[key]
+                self.errors_of.pop(key, None)
         return sorted(k for k, seen in self.workers.items() if now - seen <= WORKER_SEEN)
 
     def limit(self, outstanding: int) -> int:
@@ -185,7 +216,9 @@ class TaskSet:
             self.duplicates += 1
             return
         if not header.get("ok"):
-            self.fail(header.get("traceback") or "a worker reported a failure without traceback")
+            tb = header.get("traceback")
+            self.fail(tb if isinstance(tb, str) and tb.strip()
+                      else "a worker reported a failure without traceback")
             return
         del self.pending[task.task_id]
         self.done.add(task.task_id)

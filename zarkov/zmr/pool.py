@@ -7,7 +7,10 @@ that exits — recycled after ``requests_per_worker_process`` tasks or past
 is restarted with a growing delay rather than in a tight loop.
 
 Works in a plain process and under gevent (``zcmd zmr-worker``, ``zcmd serve``):
-the monitor is a thread, which gevent turns into a greenlet.
+the monitor is a thread, which gevent turns into a greenlet.  An error in one round
+of the monitor (no memory to fork, say) is logged and counted, and the next round
+tries again; should the monitor die all the same, the process stops
+(:mod:`zarkov.supervise`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import sys
 import threading
 import time
 
+from zarkov import faults, supervise
 from zarkov.children import child_env
 from zarkov.config import Config, worker_processes
 
@@ -48,6 +52,7 @@ class WorkerPool:
         self._stopped = threading.Event()   # every child reaped
         self._monitor: threading.Thread | None = None
         self.restarts = 0
+        self.errors = supervise.Errors(log)
 
     def pids(self) -> list[int]:
         """Process ids of the running worker processes."""
@@ -57,8 +62,8 @@ class WorkerPool:
         """Start the processes and the monitor that restarts them."""
         for i in range(self.count):
             self._spawn(i)
-        self._monitor = threading.Thread(target=self._watch, name="zmr-pool", daemon=True)
-        self._monitor.start()
+        self._monitor = supervise.start_thread("worker pool monitor", self._watch,
+                                               expected_end=self._stop.is_set)
         log.info("worker pool: %d processes %s", self.count, self.pids())
         return self
 
@@ -68,24 +73,32 @@ class WorkerPool:
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL):
-            now = time.monotonic()
-            for i, p in enumerate(self.procs):
-                if self._stop.is_set():
-                    return
-                if p is not None and p.poll() is None:
-                    continue
-                if p is not None:  # just died: decide when to replace it
-                    lived = now - self._started_at[i]
-                    self._backoff[i] = (min(MAX_BACKOFF, max(0.5, self._backoff[i] * 2))
-                                        if lived < QUICK_DEATH and p.returncode != 0 else 0.0)
-                    self._not_before[i] = now + self._backoff[i]
-                    log.info("worker process %d exited with %s after %.1f s; restarting%s",
-                             p.pid, p.returncode, lived,
-                             f" in {self._backoff[i]:.1f} s" if self._backoff[i] else "")
-                    self.procs[i] = None
-                if now >= self._not_before[i]:
-                    self._spawn(i)
-                    self.restarts += 1
+            try:
+                self._look()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                self.errors.record("worker pool monitor")
+
+    def _look(self) -> None:
+        """One round: replace each process that exited (after its back-off delay)."""
+        faults.hit("pool.monitor")
+        now = time.monotonic()
+        for i, p in enumerate(self.procs):
+            if self._stop.is_set():
+                return
+            if p is not None and p.poll() is None:
+                continue
+            if p is not None:  # just died: decide when to replace it
+                lived = now - self._started_at[i]
+                self._backoff[i] = (min(MAX_BACKOFF, max(0.5, self._backoff[i] * 2))
+                                    if lived < QUICK_DEATH and p.returncode != 0 else 0.0)
+                self._not_before[i] = now + self._backoff[i]
+                log.info("worker process %d exited with %s after %.1f s; restarting%s",
+                         p.pid, p.returncode, lived,
+                         f" in {self._backoff[i]:.1f} s" if self._backoff[i] else "")
+                self.procs[i] = None
+            if now >= self._not_before[i]:
+                self._spawn(i)
+                self.restarts += 1
 
     def run_forever(self) -> None:
         """Start if needed and block until :meth:`stop` has stopped every process."""

@@ -10,6 +10,11 @@ Runs under gevent (``zmq.green``).  Three sockets:
 
 ``Router(config).serve_forever()`` is all a command needs; ``start()`` /
 ``stop()`` let a larger process (``zcmd serve``) run it beside other greenlets.
+
+Whatever arrives on its sockets, every request gets one reply (an ``error`` field
+when it is not one the router can act on) and the loops go on: an unexpected
+exception is logged with its traceback and counted (``errors`` in ``status``); should
+a loop die all the same, the process stops (:mod:`zarkov.supervise`).
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ import gevent.lock
 import gevent.pool
 import pymongo
 
-from zarkov import wire
+from zarkov import faults, supervise, wire
 from zarkov.config import Config
+from zarkov.oneline import first_line
+from zarkov.oneline import short_repr as _short
 from zarkov.zmr import commit, jobspec
 from zarkov.zmr.dispatch import Dispatcher
 from zarkov.zmr.job import Job
@@ -55,6 +62,7 @@ class Router:
         self._started = False
         self._rename_ok: dict[str, bool] = {}
         self._swap: bool | None = None
+        self.errors = supervise.Errors(log)
 
     @property
     def mongo(self) -> pymongo.MongoClient:
@@ -94,8 +102,9 @@ class Router:
         self.sink_port = self._bind(self.sink, self.zcfg.sink_port)
         self._sockets = [self.req, push, self.sink]
         self.dispatcher = Dispatcher(push)
-        self._loops = [gevent.spawn(self._serve_requests), gevent.spawn(self._serve_sink),
-                       gevent.spawn(self._tick)]
+        self._loops = [supervise.spawn("router: request loop", self._serve_requests),
+                       supervise.spawn("router: sink loop", self._serve_sink),
+                       supervise.spawn("router: tick loop", self._tick)]
         self._started = True
         log.info("router: requests at %s, tasks on port %d, replies on port %d",
                  self.zcfg.req_bind, self.src_port, self.sink_port)
@@ -131,21 +140,34 @@ class Router:
 
     def _serve_requests(self) -> None:
         while True:
-            frames = self.req.recv_multipart()
+            try:
+                frames = self.req.recv_multipart()
+            except Exception:  # noqa: BLE001 - count it, keep reading
+                self.errors.record("request loop")
+                gevent.sleep(0.1)  # why: no busy loop should the error persist
+                continue
+            faults.hit("router.loop", frames[-1])
             self._requests.spawn(self._handle, frames)
 
     def _serve_sink(self) -> None:
         while True:
-            self.dispatcher.on_message(self.sink.recv_multipart())
+            try:
+                self.dispatcher.on_message(self.sink.recv_multipart())
+            except Exception:  # noqa: BLE001 - one bad message must not stop the replies
+                self.errors.record("sink loop")
+                gevent.sleep(0)
 
     def _tick(self) -> None:
         last_prune = time.monotonic()
         while True:
             gevent.sleep(TICK)
-            self.dispatcher.tick()
-            if time.monotonic() - last_prune > 10:
-                self._prune()
-                last_prune = time.monotonic()
+            try:
+                self.dispatcher.tick()
+                if time.monotonic() - last_prune > 10:
+                    self._prune()
+                    last_prune = time.monotonic()
+            except Exception:  # noqa: BLE001 - the next tick tries again
+                self.errors.record("tick loop")
 
     def _prune(self) -> None:
         done = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: j.ended)
@@ -177,10 +199,11 @@ class Router:
             self._reply(envelope, {"error": f"bad request: {e}"})
             return
         try:
+            faults.hit("router.request", body)
             reply = self.handle(request)
         except Exception as e:  # noqa: BLE001 - one request must never stop the router
-            log.exception("request %r failed", request.get("$command"))
-            reply = {"error": f"{type(e).__name__}: {e}"}
+            self.errors.record("request loop", f"on {_short(request.get('$command'))}")
+            reply = {"error": f"internal error: {type(e).__name__}: {first_line(e)}"}
         if isinstance(reply, Job):  # wait: answer when the job ends, off the pool
             gevent.spawn(self._reply_when_done, envelope, reply)
             return
@@ -213,17 +236,20 @@ class Router:
             return {"ok": True, "message": "router stopping"}
         if command is None:
             return {"error": "bad request: no '$command' field"}
-        return {"error": f"unknown command {command!r}"}
+        return {"error": f"unknown command {_short(command)}"}
 
     def _status(self, request: dict) -> dict:
         if "job_id" not in request:
-            workers = self.dispatcher.live_workers()
+            d = self.dispatcher
+            workers = d.live_workers()
             return {"workers": len(workers), "worker_pids": [pid for _, pid in workers],
                     "jobs_running": sum(1 for j in self.jobs.values() if not j.finished),
-                    "jobs_known": len(self.jobs)}
+                    "jobs_known": len(self.jobs),
+                    "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
+                    "sink_dropped": d.dropped, "worker_errors": d.worker_errors()}
         job_id = request["job_id"]
-        job = self.jobs.get(str(job_id))
+        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
         if job is None:
             return {"job_id": job_id, "status": {"state": "UNKNOWN"},
-                    "error": f"unknown job id {job_id!r}"}
+                    "error": f"unknown job id {_short(job_id)}"}
         return {"job_id": job.job_id, "status": job.status()}

@@ -13,6 +13,11 @@ Heartbeat: ``[{hb: pid, host}]`` every second, so the router knows who is there.
 
 The process exits (and the pool replaces it) after ``--max-requests`` tasks or
 when its resident memory passes ``--suicide-kib``: shipped code may leak.
+
+A task that cannot even be read is logged with its traceback and counted (the count
+travels in the heartbeat; the router's ``status`` sums it as ``worker_errors``), and
+the loop goes on.  Should the loop die all the same, the process exits non-zero and
+the pool starts another.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from urllib.parse import urlsplit
 import bson
 import zmq
 
-from zarkov import wire
+from zarkov import faults, supervise, wire
 from zarkov.zmr import compute
 
 log = logging.getLogger("zarkov.zmr.worker")
@@ -59,11 +64,13 @@ def _die_with_parent() -> None:
 
 def handle(frames: list[bytes]) -> list[bytes]:
     """Run one task and return the reply frames; errors become ``ok: false``."""
-    header = bson.decode(frames[0], wire.CODEC)
-    base: dict[str, Any] = {"j": header.get("j"), "t": header.get("t"), "pid": os.getpid()}
-    if "echo" in header:  # the job's own bookkeeping, handed back untouched
-        base["echo"] = header["echo"]
+    base: dict[str, Any] = {"j": None, "t": None, "pid": os.getpid()}
     try:
+        header = bson.decode(frames[0], wire.CODEC)
+        base.update(j=header.get("j"), t=header.get("t"))
+        if "echo" in header:  # the job's own bookkeeping, handed back untouched
+            base["echo"] = header["echo"]
+        faults.hit("worker.task", frames[0])
         fns = compute.load_functions(header["fns"])
         kind = header["kind"]
         if kind == "map":
@@ -105,6 +112,7 @@ class Worker:
         self.sink_uri: str | None = None
         self.pull = self.push = None
         self.stopping = threading.Event()
+        self.errors = supervise.Errors(log)
 
     def _orphaned(self) -> bool:
         return self.parent_pid is not None and os.getppid() != self.parent_pid
@@ -135,8 +143,9 @@ class Worker:
 
     def _heartbeat(self) -> None:
         sock, uri = None, None
-        msg = bson.encode({"hb": os.getpid(), "host": socket.gethostname()})
         while not self.stopping.wait(HEARTBEAT_INTERVAL):
+            msg = bson.encode({"hb": os.getpid(), "host": socket.gethostname(),
+                               "errors": self.errors.total})
             if self.sink_uri != uri:
                 if sock is not None:
                     sock.close(0)
@@ -147,7 +156,7 @@ class Worker:
                 sock.connect(uri)
             try:
                 sock.send(msg, zmq.NOBLOCK)
-            except zmq.Again:  # router away: heartbeats are not worth queueing
+            except zmq.ZMQError:  # router away: heartbeats are not worth queueing
                 pass
         if sock is not None:
             sock.close(0)
@@ -165,8 +174,12 @@ class Worker:
         try:
             while True:
                 if self.pull.poll(1000):
-                    frames = self.pull.recv_multipart()
-                    self.push.send_multipart(handle(frames))
+                    try:
+                        frames = self.pull.recv_multipart()
+                        faults.hit("worker.loop", frames[0])
+                        self.push.send_multipart(handle(frames))
+                    except Exception:  # noqa: BLE001 - one task must not end the process
+                        self.errors.record("worker loop")
                     served += 1
                     idle_since = time.monotonic()
                     if served >= self.max_requests:

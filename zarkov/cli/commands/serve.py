@@ -4,6 +4,7 @@ import logging
 
 import gevent.event
 
+from zarkov import supervise
 from zarkov.config import Config
 
 SUMMARY = ("run the whole service: event logger, map-reduce router, "
@@ -28,6 +29,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
     stop = gevent.event.Event()
     on_stop_signals(stop.set)
+    supervise.on_death(stop.set)  # a dead loop in any part stops serve, status 70
     started = []
     try:
         started.append(Router(config).start())

@@ -1,6 +1,7 @@
 """zcmd zmr-router: run only the map-reduce router."""
 import argparse
 
+from zarkov import supervise
 from zarkov.config import Config
 from zarkov.zmr.router import Router
 from zarkov.zmr.signals import on_stop_signals
@@ -15,5 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(config: Config, args: argparse.Namespace) -> int:
     router = Router(config).start()
     on_stop_signals(router.stop)
+    supervise.on_death(router.stop)
     router.serve_forever()
     return 0

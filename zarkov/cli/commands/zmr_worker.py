@@ -1,6 +1,7 @@
 """zcmd zmr-worker: run a pool of map-reduce worker processes."""
 import argparse
 
+from zarkov import supervise
 from zarkov.config import Config
 from zarkov.zmr.pool import WorkerPool
 from zarkov.zmr.signals import on_stop_signals
@@ -17,5 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(config: Config, args: argparse.Namespace) -> int:
     pool = WorkerPool(config, args.processes).start()
     on_stop_signals(pool.stop)
+    supervise.on_death(pool.stop)
     pool.run_forever()
     return 0
