@@ -14,6 +14,14 @@ top-level key the schema does not know.
 For BSON messages the received bytes are stored as they are: the fields that must
 be added (``_id``, ``timestamp``, ``context``) are spliced in front of the received
 elements, so a valid event is decoded once (to validate it) and never re-encoded.
+
+Whatever the bytes, :func:`prepare_bson` and :func:`prepare_json` either return the
+document to store or raise :class:`Rejected` with a short reason; they never raise
+anything else (the event server still guards against it).  Limits, the same on both
+paths: 16 MB; documents and arrays nested at most :data:`MAX_DEPTH` (100) levels
+deep, the event itself being the first level (MongoDB stores no deeper document);
+for JSON also strict UTF-8, no NaN or Infinity, integers within 64 bits, no key twice
+in one object.
 """
 from __future__ import annotations
 
@@ -30,9 +38,19 @@ import bson
 from bson import ObjectId
 from bson.codec_options import CodecOptions
 
+from zarkov.oneline import first_line as clip
+from zarkov.oneline import short_repr as _short
+
 # MongoDB refuses documents over 16 MiB; keep room for the fields added here.
 MAX_BSON_SIZE = 16 * 1024 * 1024
 MAX_EVENT_SIZE = MAX_BSON_SIZE - 1024
+
+# MongoDB refuses documents nested more than 100 levels (each document or array is
+# one, the event itself the first).  Why check it here: a deeper event would wait in
+# the journal for a database that refuses it, and deep JSON would exhaust Python's
+# recursion limit.
+MAX_DEPTH = 100
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 FIELDS = frozenset(("_id", "timestamp", "type", "context", "extra"))
 NOVAL = "event_noval"
@@ -72,6 +90,22 @@ class Rejected(Exception):
     """A message that is not a valid event; the message says why, in a few words."""
 
 
+_TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+
+
+def check_depth(doc: Any) -> None:
+    """Raise Rejected when documents and arrays nest more than MAX_DEPTH levels
+    (``doc`` is the first).  Iterative: no recursion limit to hit."""
+    stack = [(doc, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        for value in (obj.values() if isinstance(obj, dict) else obj):
+            if isinstance(value, (dict, list)):
+                if depth >= MAX_DEPTH:
+                    raise Rejected(_TOO_DEEP)
+                stack.append((value, depth + 1))
+
+
 def now_millis() -> int:
     """The current time as BSON stores datetimes: milliseconds since the epoch."""
     return int((_dt.datetime.now(_dt.timezone.utc) - _EPOCH).total_seconds() * 1000)
@@ -80,7 +114,7 @@ def now_millis() -> int:
 def _check_fields(doc: dict) -> None:
     for key in doc:
         if key not in FIELDS:
-            raise Rejected(f"unknown field {key!r}")
+            raise Rejected(f"unknown field {_short(key)}")
     if "type" not in doc:
         raise Rejected("missing field 'type'")
     if not isinstance(doc["type"], str):
@@ -96,7 +130,7 @@ def _check_fields(doc: dict) -> None:
 def _command(doc: dict) -> Any:
     cmd = doc["$command"]
     if cmd != NOVAL:
-        raise Rejected(f"unknown $command {cmd!r}")
+        raise Rejected(f"unknown $command {_short(cmd)}")
     return cmd
 
 
@@ -112,13 +146,16 @@ def prepare_bson(msg: bytes, now_ms: int) -> bytes:
     try:
         doc = bson.decode(msg, _CODEC)
     except Exception as e:  # InvalidBSON and friends: the bytes are not one document
-        raise Rejected(f"not a BSON document ({e})") from None
+        if "recursion" in str(e):  # what pymongo says past ~1000 levels
+            raise Rejected(_TOO_DEEP) from None
+        raise Rejected(f"not a BSON document ({clip(e)})") from None
+    check_depth(doc)
     if "$command" in doc:
         _command(doc)
         del doc["$command"]
         if "_id" not in doc:
             doc = {"_id": ObjectId(new_id()), **doc}
-        return bson.encode(doc)
+        return _encode(doc)
     _check_fields(doc)
     # Splice the missing fields in front of the received elements (why: no re-encoding).
     head = b""
@@ -134,19 +171,40 @@ def prepare_bson(msg: bytes, now_ms: int) -> bytes:
 
 
 def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
+    raise Rejected(f"{name} is not allowed")
 
 
 def _finite_float(text: str) -> float:
     # Why: "1e999" parses as inf, which MongoDB-compatible servers may refuse.
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
+        raise Rejected(f"number {_short(text)} is out of range")
     return value
 
 
-def json_to_doc(obj: Any) -> Any:
-    """Replace every ``{"$datetime": <unix seconds>}`` in a parsed JSON value with a UTC datetime."""
+def _int64(text: str) -> int:
+    # Why check the digits first: int() of thousands of digits is slow, then refused.
+    if len(text) <= 20:
+        value = int(text)
+        if INT64_MIN <= value <= INT64_MAX:
+            return value
+    raise Rejected(f"integer {_short(text)} does not fit in 64 bits")
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise Rejected(f"duplicate key {_short(key)}")
+            seen.add(key)
+    return obj
+
+
+def json_to_doc(obj: Any, depth: int = 1) -> Any:
+    """Replace every ``{"$datetime": <unix seconds>}`` in a parsed JSON value with a UTC
+    datetime; raise Rejected past MAX_DEPTH levels (``obj`` is at level ``depth``)."""
     if isinstance(obj, dict):
         if "$datetime" in obj:
             value = obj["$datetime"]
@@ -155,19 +213,31 @@ def json_to_doc(obj: Any) -> Any:
             try:
                 return _EPOCH + _dt.timedelta(seconds=value)
             except OverflowError:
-                raise Rejected(f"'$datetime' {value!r} is out of range") from None
-        return {k: json_to_doc(v) for k, v in obj.items()}
+                raise Rejected(f"'$datetime' {_short(value)} is out of range") from None
+        if depth > MAX_DEPTH:
+            raise Rejected(_TOO_DEEP)
+        return {k: json_to_doc(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [json_to_doc(v) for v in obj]
+        if depth > MAX_DEPTH:
+            raise Rejected(_TOO_DEEP)
+        return [json_to_doc(v, depth + 1) for v in obj]
     return obj
 
 
 def parse_json(text: str | bytes) -> dict:
     """Parse one JSON object (with ``$datetime`` values) into an event document."""
+    if not isinstance(text, str):
+        try:
+            text = bytes(text).decode("utf-8")  # strictly: no surrogates, no other encoding
+        except UnicodeDecodeError as e:
+            raise Rejected(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Rejected(f"not JSON ({e})") from None
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                         parse_int=_int64, object_pairs_hook=_object)
+    except ValueError as e:
+        raise Rejected(f"not JSON ({clip(e)})") from None
+    except RecursionError:  # the C parser stops near Python's recursion limit
+        raise Rejected(_TOO_DEEP) from None
     if not isinstance(obj, dict):
         raise Rejected(f"a JSON {type(obj).__name__} is not an event object")
     return json_to_doc(obj)
@@ -183,6 +253,7 @@ def prepare_json(msg: bytes, now_ms: int) -> bytes:
 
 def prepare_doc(doc: dict, now_ms: int) -> bytes:
     """Validate a decoded event document and return its BSON, ``_id`` first."""
+    check_depth(doc)
     if "$command" in doc:
         _command(doc)
         out = dict(doc)
@@ -195,10 +266,14 @@ def prepare_doc(doc: dict, now_ms: int) -> bytes:
         out.setdefault("context", {})
     if "_id" not in out:
         out = {"_id": ObjectId(new_id()), **out}
+    return _encode(out)
+
+
+def _encode(doc: dict) -> bytes:
     try:
-        data = bson.encode(out)
-    except Exception as e:  # an int over 64 bits, a key that is not a string ...
-        raise Rejected(f"cannot be stored as BSON ({e})") from None
+        data = bson.encode(doc)
+    except Exception as e:  # an int over 64 bits, a string with a lone surrogate ...
+        raise Rejected(f"cannot be stored as BSON ({clip(e)})") from None
     if len(data) > MAX_BSON_SIZE:
         raise Rejected(f"event of {len(data)} bytes is over the 16 MB limit")
     return data
