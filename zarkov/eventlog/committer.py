@@ -9,10 +9,21 @@ a crash, a retry after a lost reply) stores it once.  A file is deleted once all
 records are committed.  When the database is unreachable, files wait and the commit
 is retried with a growing pause; intake goes on meanwhile.  At start-up every file
 left in the journal directories this process owns is replayed.
+
+A document the database refuses must not hold the journal back.  A refusal the server
+states per document (a key with a dot, a nested array …) moves that document to the
+rejects at once.  When a whole insert fails otherwise — a command error, or the
+connection closed, as FerretDB does on a NaN — the committer asks the server for
+``ping``: no answer is an outage (everything stays journaled and is retried); an
+answer means the batch holds something the server refuses, so the batch is split in
+halves, again and again, to find it.  A lone document is set aside (source
+``database``) only after failing :data:`LONE_TRIES` times while ``ping`` answers
+between the tries, so that a passing hiccup never rejects a good event.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import os
 import time
@@ -20,12 +31,13 @@ import time
 import gevent
 from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
-from pymongo.errors import (BulkWriteError, ConnectionFailure, DuplicateKeyError,
-                            OperationFailure, PyMongoError)
+from pymongo.errors import BulkWriteError, PyMongoError
 
+from zarkov import supervise
 from zarkov.eventlog.journal import HEADER, MAGIC, Journal, read_records
 from zarkov.eventlog.rejects import RejectLog
 from zarkov.eventlog.stats import Stats
+from zarkov.oneline import first_line as clip
 
 IDLE = 1.0
 MAX_DELAY = 1.0
@@ -33,6 +45,8 @@ CHUNK_BYTES = 4 << 20
 CHUNK_DOCS = 10000
 RETRY_MIN, RETRY_MAX = 0.5, 5.0
 DUPLICATE_CODES = frozenset((11000, 11001, 12582))
+LONE_TRIES = 3      # failures, each with ping answering, before a lone document is refused
+LONE_PAUSE = 0.2    # seconds before the second try of a lone document (then twice that)
 
 log = logging.getLogger("zarkov.eventlog")
 
@@ -57,12 +71,15 @@ class Committer:
         self._deadline = float("inf")
         self._pending_since: float | None = None
         self._retry = RETRY_MIN
+        # Digests of the documents of the batch being committed that the database
+        # refused: a retry after an outage in the middle of a split skips them.
+        self._refused: set[bytes] = set()
         if replay:
             log.info("replaying %d journal file(s) left by an earlier run", len(replay))
 
     def start(self) -> None:
         """Start the commit greenlet."""
-        self._greenlet = gevent.spawn(self._run)
+        self._greenlet = supervise.spawn("commit loop", self._run)
 
     def stop(self, timeout: float) -> bool:
         """Commit what is journaled (the journal must be closed first), within ``timeout``.
@@ -111,6 +128,12 @@ class Committer:
                 j.changed.clear()
                 j.changed.wait()
             except DatabaseDown:
+                if self._stopping and time.monotonic() + self._retry > self._deadline:
+                    return
+                gevent.sleep(self._retry)
+                self._retry = min(RETRY_MAX, self._retry * 2)
+            except Exception:  # noqa: BLE001 - e.g. a journal file that cannot be read
+                self.stats.errors.record("commit loop")
                 if self._stopping and time.monotonic() + self._retry > self._deadline:
                     return
                 gevent.sleep(self._retry)
@@ -175,42 +198,81 @@ class Committer:
             self.done[path] = offset
 
     def _insert(self, docs: list[bytes]) -> None:
-        """Store ``docs``; raises DatabaseDown when the database cannot be reached."""
+        """Store ``docs``, setting aside those the database refuses; raises DatabaseDown
+        when the database cannot be reached (the caller retries the same ``docs``)."""
+        if self._refused:
+            docs = [d for d in docs if _digest(d) not in self._refused]
         started = time.monotonic()
+        error = self._try_insert(docs) if docs else None
+        if error is not None:
+            self._check_up(error)
+            log.warning("an insert of %d events failed while the database answers ping "
+                        "(%s); splitting it to find what the database refuses",
+                        len(docs), clip(error))
+            self._split(docs)
+        self._refused.clear()
+        log.debug("committed %d events in %.3f s", len(docs), time.monotonic() - started)
+
+    def _try_insert(self, docs: list[bytes]) -> Exception | None:
+        """One insert: None when done (refusals of single documents included), else the
+        error that failed it as a whole; raises DatabaseDown on a write concern error."""
         try:
             self.collection.insert_many([RawBSONDocument(d) for d in docs], ordered=False)
-            self._stored(len(docs), 0)
-            log.debug("committed %d events in %.3f s", len(docs), time.monotonic() - started)
         except BulkWriteError as e:
             errors = e.details.get("writeErrors", [])
             dups = sum(1 for x in errors if x.get("code") in DUPLICATE_CODES)
             refused = [x for x in errors if x.get("code") not in DUPLICATE_CODES]
             for x in refused:
-                self.rejects.add("database", docs[x["index"]],
-                                 f"refused by the database: {x.get('errmsg')}")
+                self._refuse(docs[x["index"]], f"refused by the database: {x.get('errmsg')}")
             if e.details.get("writeConcernErrors"):
                 self._down(e)  # why retry: the write may not be durable; replays are harmless
             self._stored(len(docs) - len(refused), dups)
-        except ConnectionFailure as e:
-            self._down(e)
-        except OperationFailure as e:
-            # The server refused the batch as a whole: find the documents it refuses.
-            log.warning("batch refused (%s); inserting its %d events one by one", e, len(docs))
-            self._insert_one_by_one(docs)
-        except PyMongoError as e:
-            self._down(e)
+            return None
+        except Exception as e:  # noqa: BLE001 - connection closed, command refused, a
+            return e            # document pymongo will not send ...: ping, then split
+        self._stored(len(docs), 0)
+        return None
 
-    def _insert_one_by_one(self, docs: list[bytes]) -> None:
-        for doc in docs:
-            try:
-                self.collection.insert_one(RawBSONDocument(doc))
-                self._stored(1, 0)
-            except DuplicateKeyError:
-                self._stored(1, 1)
-            except ConnectionFailure as e:
-                self._down(e)
-            except OperationFailure as e:
-                self.rejects.add("database", doc, f"refused by the database: {e}")
+    def _check_up(self, error: Exception) -> None:
+        """Raise DatabaseDown unless the database answers ``ping``."""
+        try:
+            self.collection.database.client.admin.command("ping")
+        except PyMongoError:
+            self._down(error)
+
+    def _split(self, docs: list[bytes]) -> None:
+        """``docs`` failed as a whole: insert its halves, and the halves of a half
+        that fails, down to lone documents."""
+        stack = [docs]
+        while stack:
+            part = stack.pop()
+            if len(part) == 1:
+                self._insert_lone(part[0])
+                continue
+            if part is not docs:
+                error = self._try_insert(part)
+                if error is None:
+                    continue
+                self._check_up(error)
+            mid = len(part) // 2
+            stack.append(part[mid:])
+            stack.append(part[:mid])  # taken first: the journal's order
+
+    def _insert_lone(self, doc: bytes) -> None:
+        error: Exception | None = None
+        for attempt in range(1, LONE_TRIES + 1):
+            error = self._try_insert([doc])
+            if error is None:
+                return
+            self._check_up(error)
+            if attempt < LONE_TRIES:
+                gevent.sleep(LONE_PAUSE * attempt)
+        self._refuse(doc, f"refused by the database: {clip(error)} (failed {LONE_TRIES} "
+                          "times while the database answered ping)")
+
+    def _refuse(self, doc: bytes, reason: str) -> None:
+        self._refused.add(_digest(doc))
+        self.rejects.add("database", doc, reason)
 
     def _stored(self, n: int, dups: int) -> None:
         self.stats.committed += n
@@ -228,3 +290,7 @@ class Committer:
         self.stats.db_ok = False
         self.stats.last_db_error = str(e)[:200]
         raise DatabaseDown(str(e)) from e
+
+
+def _digest(doc: bytes) -> bytes:
+    return hashlib.blake2b(doc, digest_size=16).digest()
