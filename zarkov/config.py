@@ -3,14 +3,19 @@
 Every command builds a :class:`Config` with :func:`load` and reads its settings as
 attributes (``config.mongo_uri``, ``config.zmr.reduce_count``).  Errors name the
 file and the key, so that ``zcmd`` can print them on one line and exit with 2.
+Whatever the file holds, :func:`load` returns a valid Config or raises ConfigError:
+never another exception, never a message longer than a line.
 """
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Mapping
 
 import yaml
+
+from zarkov.oneline import first_line, short_repr
 
 
 class ConfigError(Exception):
@@ -122,12 +127,22 @@ def _check(key: str, value: Any, expected: Any, source: str) -> None:
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         raise ConfigError(f"{source}: key '{key}': expected {_type_name(expected)}, "
-                          f"got {value!r}")
+                          f"got {short_repr(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: key '{key}': must be a finite number, got {value!r}")
     if key in POSITIVE and value <= 0:
-        raise ConfigError(f"{source}: key '{key}': must be greater than 0, got {value!r}")
+        raise ConfigError(f"{source}: key '{key}': must be greater than 0, "
+                          f"got {short_repr(value)}")
     if key != "zmr.processes_per_worker" and key.endswith(("_workers", "_servers", "_port")) \
             and isinstance(value, int) and value < 0:
-        raise ConfigError(f"{source}: key '{key}': must not be negative, got {value!r}")
+        raise ConfigError(f"{source}: key '{key}': must not be negative, "
+                          f"got {short_repr(value)}")
+    if key.endswith("_port") and isinstance(value, int) and value > 65535:
+        raise ConfigError(f"{source}: key '{key}': not a TCP port, got {short_repr(value)}")
+
+
+def _key_name(key: Any) -> str:
+    return first_line(str(key), 60)
 
 
 def _validate(data: Mapping[str, Any], source: str) -> None:
@@ -137,13 +152,14 @@ def _validate(data: Mapping[str, Any], source: str) -> None:
     for key, value in data.items():
         if key == "zmr":
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: key 'zmr': expected a mapping, got {value!r}")
+                raise ConfigError(f"{source}: key 'zmr': expected a mapping, "
+                                  f"got {short_repr(value)}")
             for zkey, zvalue in value.items():
                 if zkey not in ZMR_SCHEMA:
-                    raise ConfigError(f"{source}: unknown key 'zmr.{zkey}'")
+                    raise ConfigError(f"{source}: unknown key 'zmr.{_key_name(zkey)}'")
                 _check(f"zmr.{zkey}", zvalue, ZMR_SCHEMA[zkey][0], source)
         elif key not in TOP_SCHEMA:
-            raise ConfigError(f"{source}: unknown key '{key}'")
+            raise ConfigError(f"{source}: unknown key '{_key_name(key)}'")
         else:
             _check(key, value, TOP_SCHEMA[key][0], source)
     if data.get("zmr", {}).get("processes_per_worker", 0) < 0:
@@ -184,8 +200,17 @@ def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Config
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{path}: YAML syntax error{where}: {first_line(problem)}") \
+                from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") \
+                from None
+        except RecursionError:
+            raise ConfigError(f"{path}: YAML nested too deep") from None
+        except Exception as e:  # noqa: BLE001 - e.g. a date such as 2024-13-01 (ValueError)
+            raise ConfigError(f"{path}: cannot read the YAML: {type(e).__name__}: "
+                              f"{first_line(e)}") from None
         if loaded is not None:
             if not isinstance(loaded, Mapping):
                 raise ConfigError(f"{path}: the file must hold a mapping of keys, "
@@ -194,7 +219,10 @@ def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Config
     for dotted, value in (overrides or {}).items():
         if "." in dotted:
             section, key = dotted.split(".", 1)
-            data.setdefault(section, {})[key] = value
+            if not isinstance(data.setdefault(section, {}), dict):
+                raise ConfigError(f"{source}: key '{section}': expected a mapping, "
+                                  f"got {short_repr(data[section])}")
+            data[section][key] = value
         else:
             data[dotted] = value
     return from_dict(data, source)
