@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import bson
 
+from zarkov.oneline import short_repr
 from zarkov.wire import CODEC
 
 OUTPUT_TYPES = ("replace", "merge", "reduce")
@@ -47,7 +48,7 @@ def _str(doc: Mapping[str, Any], field: str, default: Any = None) -> Any:
             raise BadRequest(f"missing required field '{field}'")
         value = default
     if not isinstance(value, str) or (not value and field != "output_prefix"):
-        raise BadRequest(f"field '{field}' must be a non-empty string, got {value!r}")
+        raise BadRequest(f"field '{field}' must be a non-empty string, got {short_repr(value)}")
     return value
 
 
@@ -70,13 +71,22 @@ def _query(value: Any) -> dict:
     raise BadRequest(f"field 'query' must be BSON-encoded binary, got {type(value).__name__}")
 
 
+def _wait(doc: Mapping[str, Any]) -> bool:
+    value = doc.get("wait")
+    if value is None:
+        return False
+    if not isinstance(value, int):  # bool is an int; "no" must not mean yes
+        raise BadRequest(f"field 'wait' must be true or false, got {short_repr(value)}")
+    return bool(value)
+
+
 def parse(command: str, doc: Mapping[str, Any], default_database: str = "zarkov") -> JobSpec:
     """The JobSpec of a job request; raises BadRequest naming the faulty field."""
-    wait = bool(doc.get("wait", False))
+    wait = _wait(doc)
     if command == "basic":
         fns = {"func": _function(doc, "func", "func", True)}
-        args = doc.get("args") or []
-        kwargs = doc.get("kwargs") or {}
+        args = [] if doc.get("args") is None else doc["args"]
+        kwargs = {} if doc.get("kwargs") is None else doc["kwargs"]
         if not isinstance(args, list):
             raise BadRequest(f"field 'args' must be a list, got {type(args).__name__}")
         if not isinstance(kwargs, Mapping):
@@ -91,16 +101,18 @@ def parse(command: str, doc: Mapping[str, Any], default_database: str = "zarkov"
         fns["finalize"] = finalize
     database = _str(doc, "database", default_database)
     if not _DB_NAME.match(database):
-        raise BadRequest(f"field 'database': not a valid database name: {database!r}")
+        raise BadRequest(f"field 'database': not a valid database name: "
+                         f"{short_repr(database)}")
     names = doc.get("input_names", ["event"])
     if isinstance(names, str):
         names = [names]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise BadRequest(f"field 'input_names' must be a non-empty list of names, got {names!r}")
+        raise BadRequest("field 'input_names' must be a non-empty list of names, "
+                         f"got {short_repr(names)}")
     output_type = _str(doc, "output_type", "replace")
     if output_type not in OUTPUT_TYPES:
         raise BadRequest(f"field 'output_type' must be one of {', '.join(OUTPUT_TYPES)}, "
-                         f"got {output_type!r}")
+                         f"got {short_repr(output_type)}")
     return JobSpec(command, fns, database=database, input_names=list(names),
                    query=_query(doc.get("query")),
                    output_name=_str(doc, "output_name", "zagg.result"),
