@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv db test demo bench clean stop
+.PHONY: venv db test fuzz demo bench clean stop
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ db: venv
 test: venv db
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED: no tests ran" >&2; fi; exit $$rc
+
+# make fuzz: only the fuzz tests, with random inputs and ZARKOV_FUZZ_FACTOR (default
+# 50) times the examples that make test runs; the time limit per test is lifted.
+fuzz: venv db
+	ZARKOV_FUZZ_PROFILE=fuzz $(PY) -m pytest -m fuzz -o timeout=0 $(PYTEST_ARGS)
 
 demo: venv db
 	$(PY) scripts/demo

@@ -18,7 +18,7 @@ setup(
         "PyYAML==6.0.3",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
+        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "hypothesis==6.170.15"],
     },
     entry_points={
         "console_scripts": [
