@@ -50,7 +50,6 @@ MAX_EVENT_SIZE = MAX_BSON_SIZE - 1024
 # the journal for a database that refuses it, and deep JSON would exhaust Python's
 # recursion limit.
 MAX_DEPTH = 100
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 FIELDS = frozenset(("_id", "timestamp", "type", "context", "extra"))
 NOVAL = "event_noval"
@@ -91,6 +90,10 @@ class Rejected(Exception):
 
 
 _TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+# Each level of a BSON nest takes at least 7 bytes (type, key NUL, length, end NUL)
+# and the innermost document 5: a smaller message cannot be too deep (why: most
+# events are, and the walk would cost them ~2 us each).
+_BSON_DEEP_FROM = 5 + 7 * MAX_DEPTH
 
 
 def check_depth(doc: Any) -> None:
@@ -149,7 +152,8 @@ def prepare_bson(msg: bytes, now_ms: int) -> bytes:
         if "recursion" in str(e):  # what pymongo says past ~1000 levels
             raise Rejected(_TOO_DEEP) from None
         raise Rejected(f"not a BSON document ({clip(e)})") from None
-    check_depth(doc)
+    if size >= _BSON_DEEP_FROM:
+        check_depth(doc)
     if "$command" in doc:
         _command(doc)
         del doc["$command"]
@@ -180,15 +184,6 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise Rejected(f"number {_short(text)} is out of range")
     return value
-
-
-def _int64(text: str) -> int:
-    # Why check the digits first: int() of thousands of digits is slow, then refused.
-    if len(text) <= 20:
-        value = int(text)
-        if INT64_MIN <= value <= INT64_MAX:
-            return value
-    raise Rejected(f"integer {_short(text)} does not fit in 64 bits")
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict:
@@ -233,7 +228,7 @@ def parse_json(text: str | bytes) -> dict:
             raise Rejected(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                         parse_int=_int64, object_pairs_hook=_object)
+                         object_pairs_hook=_object)
     except ValueError as e:
         raise Rejected(f"not JSON ({clip(e)})") from None
     except RecursionError:  # the C parser stops near Python's recursion limit
@@ -248,12 +243,16 @@ def prepare_json(msg: bytes, now_ms: int) -> bytes:
     if len(msg) > MAX_EVENT_SIZE:
         raise Rejected(f"message of {len(msg)} bytes is over the 16 MB limit")
     doc = parse_json(msg)
-    return prepare_doc(doc, now_ms)
+    return _prepare(doc, now_ms)  # json_to_doc checked the depth
 
 
 def prepare_doc(doc: dict, now_ms: int) -> bytes:
     """Validate a decoded event document and return its BSON, ``_id`` first."""
     check_depth(doc)
+    return _prepare(doc, now_ms)
+
+
+def _prepare(doc: dict, now_ms: int) -> bytes:
     if "$command" in doc:
         _command(doc)
         out = dict(doc)
@@ -272,7 +271,9 @@ def prepare_doc(doc: dict, now_ms: int) -> bytes:
 def _encode(doc: dict) -> bytes:
     try:
         data = bson.encode(doc)
-    except Exception as e:  # an int over 64 bits, a string with a lone surrogate ...
+    except OverflowError:  # why not check while parsing JSON: a hook per number costs
+        raise Rejected("an integer does not fit in 64 bits") from None
+    except Exception as e:  # a string with a lone surrogate, a key with a NUL ...
         raise Rejected(f"cannot be stored as BSON ({clip(e)})") from None
     if len(data) > MAX_BSON_SIZE:
         raise Rejected(f"event of {len(data)} bytes is over the 16 MB limit")
