@@ -223,7 +223,8 @@ class Committer:
             dups = sum(1 for x in errors if x.get("code") in DUPLICATE_CODES)
             refused = [x for x in errors if x.get("code") not in DUPLICATE_CODES]
             for x in refused:
-                self._refuse(docs[x["index"]], f"refused by the database: {x.get('errmsg')}")
+                self._refuse(docs[x["index"]],
+                             f"refused by the database: {clip(str(x.get('errmsg')), 200)}")
             if e.details.get("writeConcernErrors"):
                 self._down(e)  # why retry: the write may not be durable; replays are harmless
             self._stored(len(docs) - len(refused), dups)
