@@ -233,9 +233,11 @@ def parse_json(text: str | bytes) -> dict:
         raise Rejected(f"not JSON ({clip(e)})") from None
     except RecursionError:  # the C parser stops near Python's recursion limit
         raise Rejected(_TOO_DEEP) from None
-    if not isinstance(obj, dict):
-        raise Rejected(f"a JSON {type(obj).__name__} is not an event object")
-    return json_to_doc(obj)
+    doc = json_to_doc(obj)
+    if not isinstance(doc, dict):  # {"$datetime": 0} alone is a datetime, not an event
+        raise Rejected(f"a JSON {'$datetime' if isinstance(obj, dict) else type(obj).__name__}"
+                       " is not an event object")
+    return doc
 
 
 def prepare_json(msg: bytes, now_ms: int) -> bytes:
