@@ -89,8 +89,8 @@ def exit_status(code: int) -> int:
 
 def loop_died(name: str, exc: BaseException | None = None) -> None:
     """Report that loop ``name`` ended while its process lives; stop the process."""
-    detail = "".join(traceback.format_exception(exc)).rstrip() if exc is not None \
-        else "it returned"
+    detail = ("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+              if exc is not None else "it returned")
     log.critical("%s died: %s\nthe process stops and exits with status %d so that its "
                  "supervisor starts it again", name, detail, EXIT_LOOP_DIED)
     first = not _died
