@@ -130,3 +130,19 @@ def test_a_connection_cut_while_the_database_answers_rejects_nothing(
     s = stats(cfg["journal"])
     assert s["rejected"] == 0 and s["errors"] == 0 and s["db_ok"]
     assert procs.log("eventlog").count("splitting it to find what the database refuses") == 2
+
+
+def test_a_control_character_in_a_top_level_field_name_is_rejected(procs, config_file, db):
+    """The bundled FerretDB stores such a name unescaped and then fails every scan of
+    the collection (found by fuzzing): the event is rejected, the collection stays
+    readable."""
+    path = config_file()
+    cfg = load(path)
+    start_logger(procs, path)
+    push(cfg["bson_bind_address"], [{"$command": "event_noval", "a\x1bb": 1},
+                                    {"$command": "event_noval", "ok": {"nested\x1b": 1}},
+                                    {"type": "after"}])
+    wait_for(lambda: db.event.count_documents({}) == 2, what="the two other events stored")
+    assert db.event.count_documents({"type": "after"}) == 1  # a scan: still readable
+    [reject] = rejects(cfg["journal"])
+    assert reject["reason"] == "field name 'a\\x1bb' holds a control character"

@@ -8,7 +8,8 @@ second insert of the same ``_id`` fails with a duplicate-key error, which the
 committer reads as "already stored".  An ``_id`` sent by the client is kept.
 
 A message with ``"$command": "event_noval"`` is stored as sent, minus that key (and
-plus an ``_id`` when it has none).  Any other ``$command`` is rejected, and so is a
+plus an ``_id`` when it has none), unless a top-level field name holds a control
+character (U+0000 to U+001F).  Any other ``$command`` is rejected, and so is a
 top-level key the schema does not know.
 
 For BSON messages the received bytes are stored as they are: the fields that must
@@ -30,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
 import time
 from typing import Any
@@ -90,6 +92,7 @@ class Rejected(Exception):
 
 
 _TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+_CONTROL = re.compile("[\x00-\x1f]")
 # Each level of a BSON nest takes at least 7 bytes (type, key NUL, length, end NUL)
 # and the innermost document 5: a smaller message cannot be too deep (why: most
 # events are, and the walk would cost them ~2 us each).
@@ -134,6 +137,12 @@ def _command(doc: dict) -> Any:
     cmd = doc["$command"]
     if cmd != NOVAL:
         raise Rejected(f"unknown $command {_short(cmd)}")
+    # Why: a top-level field name with a control character is never meant, and the
+    # bundled FerretDB stores it unescaped, after which no query can scan the
+    # collection.  Other events have only the known top-level fields.
+    for key in doc:
+        if isinstance(key, str) and _CONTROL.search(key):
+            raise Rejected(f"field name {_short(key)} holds a control character")
     return cmd
 
 
