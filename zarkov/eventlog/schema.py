@@ -123,7 +123,7 @@ def _check_fields(doc: dict) -> None:
             raise Rejected(f"unknown field {_short(key)}")
     if "type" not in doc:
         raise Rejected("missing field 'type'")
-    if not isinstance(doc["type"], str):
+    if type(doc["type"]) is not str:  # not bson's Code, a str subclass
         raise Rejected(f"field 'type' must be a string, got {type(doc['type']).__name__}")
     if "timestamp" in doc and not isinstance(doc["timestamp"], _dt.datetime):
         raise Rejected("field 'timestamp' must be a datetime, "

@@ -96,7 +96,8 @@ class Dispatcher:
         now = time.monotonic()
         if "hb" in header:
             pid, host = header["hb"], header.get("host", "?")
-            if type(pid) is not int or pid <= 0 or not isinstance(host, str):
+            # Why type(): bson's Code is an unhashable str subclass, Int64 an int one.
+            if type(pid) is not int or pid <= 0 or type(host) is not str:
                 self._drop("a heartbeat without a process id and a host name")
                 return
             self.workers[(host, pid)] = now
@@ -105,7 +106,7 @@ class Dispatcher:
                 self.errors_of[(host, pid)] = errors
             return
         job_id, task_id = header.get("j"), header.get("t")
-        if not isinstance(job_id, str) or type(task_id) is not int:
+        if type(job_id) is not str or type(task_id) is not int:
             self._drop("a reply without a job id string and a task number")
             return
         ts = self.sets.get(job_id)

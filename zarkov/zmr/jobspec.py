@@ -47,7 +47,8 @@ def _str(doc: Mapping[str, Any], field: str, default: Any = None) -> Any:
         if default is None:
             raise BadRequest(f"missing required field '{field}'")
         value = default
-    if not isinstance(value, str) or (not value and field != "output_prefix"):
+    # type(), not isinstance: bson's Code (JavaScript) is a str subclass, and no name.
+    if type(value) is not str or (not value and field != "output_prefix"):
         raise BadRequest(f"field '{field}' must be a non-empty string, got {short_repr(value)}")
     return value
 
@@ -104,9 +105,9 @@ def parse(command: str, doc: Mapping[str, Any], default_database: str = "zarkov"
         raise BadRequest(f"field 'database': not a valid database name: "
                          f"{short_repr(database)}")
     names = doc.get("input_names", ["event"])
-    if isinstance(names, str):
+    if type(names) is str:
         names = [names]
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+    if not isinstance(names, list) or not names or not all(type(n) is str and n for n in names):
         raise BadRequest("field 'input_names' must be a non-empty list of names, "
                          f"got {short_repr(names)}")
     output_type = _str(doc, "output_type", "replace")

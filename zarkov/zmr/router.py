@@ -248,7 +248,8 @@ class Router:
                     "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
                     "sink_dropped": d.dropped, "worker_errors": d.worker_errors()}
         job_id = request["job_id"]
-        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
+        # Why type() and not isinstance: bson's Code is an unhashable str subclass.
+        job = self.jobs.get(job_id) if type(job_id) is str else None
         if job is None:
             return {"job_id": job_id, "status": {"state": "UNKNOWN"},
                     "error": f"unknown job id {_short(job_id)}"}
