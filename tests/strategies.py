@@ -28,7 +28,10 @@ FUZZ_FACTOR = int(os.environ.get("ZARKOV_FUZZ_FACTOR", "50")) if PROFILE == "fuz
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None,
                           suppress_health_check=list(HealthCheck), print_blob=True)
-settings.register_profile("fuzz", derandomize=False, deadline=None,
+# No example database in either: hypothesis 6.170 fails while replaying stored examples
+# that hold str, int or bytes subclasses (bson's Code, Int64, Binary); a failure
+# prints its reproduction blob instead.
+settings.register_profile("fuzz", derandomize=False, database=None, deadline=None,
                           suppress_health_check=list(HealthCheck), print_blob=True)
 settings.load_profile(PROFILE)
 
