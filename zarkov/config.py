@@ -7,6 +7,7 @@ file and the key, so that ``zcmd`` can print them on one line and exit with 2.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 from typing import Any, Mapping
 
@@ -25,7 +26,14 @@ TOP_SCHEMA: dict[str, tuple[Any, Any]] = {
     "json_bind_address": (str, "tcp://0.0.0.0:6544"),
     "bson_uri": (str, "tcp://127.0.0.1:6543"),
     "publish_bind_address": (str, "tcp://0.0.0.0:6545"),
+    # The web service (JSON API, dashboard, events over HTTP); 0 = not run by `serve`.
     "web_port": (int, 8081),
+    # Address the web service listens on.  Beyond loopback it needs `web_token`.
+    "web_bind": (str, "127.0.0.1"),
+    # Bearer token the query API and the dashboard require (always, when set).
+    "web_token": ((str, type(None)), None),
+    # Addresses (or networks) of reverse proxies whose X-Forwarded-For is believed.
+    "web_trusted_proxies": (list, []),
     "journal": (str, "journal"),
     "journal_file_size": (int, 262144),
     "journal_min_files": (int, 4),
@@ -113,7 +121,7 @@ def defaults() -> dict[str, Any]:
 def _type_name(t: Any) -> str:
     ts = t if isinstance(t, tuple) else (t,)
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             type(None): "null"}
+             type(None): "null", list: "a list"}
     return " or ".join(names.get(x, x.__name__) for x in ts)
 
 
@@ -128,6 +136,37 @@ def _check(key: str, value: Any, expected: Any, source: str) -> None:
     if key != "zmr.processes_per_worker" and key.endswith(("_workers", "_servers", "_port")) \
             and isinstance(value, int) and value < 0:
         raise ConfigError(f"{source}: key '{key}': must not be negative, got {value!r}")
+    if key in _EXTRA_CHECKS:
+        problem = _EXTRA_CHECKS[key](value)
+        if problem:
+            raise ConfigError(f"{source}: key '{key}': {problem}")
+
+
+def _bad_port(value: int) -> str | None:
+    return f"must be at most 65535, got {value!r}" if value > 65535 else None
+
+
+def _bad_token(value: str | None) -> str | None:
+    # Why a minimum: the token is the only thing between the network and the data.
+    if value is not None and len(value) < 16:
+        return "must be at least 16 characters (or null for none)"
+    return None
+
+
+def _bad_proxies(value: list) -> str | None:
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise ValueError(item)
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{item!r} is not an IP address or network"
+    return None
+
+
+# Checks beyond the type: each returns what is wrong, or None.
+_EXTRA_CHECKS = {"web_port": _bad_port, "web_token": _bad_token,
+                 "web_trusted_proxies": _bad_proxies}
 
 
 def _validate(data: Mapping[str, Any], source: str) -> None:
