@@ -162,15 +162,27 @@ def json_to_doc(obj: Any) -> Any:
     return obj
 
 
+def loads(text: str | bytes) -> Any:
+    """Parse JSON as the event logger does: no NaN or infinities; Rejected if not JSON."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise Rejected(f"not JSON ({e})") from None
+
+
 def parse_json(text: str | bytes) -> dict:
     """Parse one JSON object (with ``$datetime`` values) into an event document."""
-    try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Rejected(f"not JSON ({e})") from None
+    return event_from_json(loads(text))
+
+
+def event_from_json(obj: Any) -> dict:
+    """The event document of one parsed JSON value; Rejected unless it is an object."""
     if not isinstance(obj, dict):
         raise Rejected(f"a JSON {type(obj).__name__} is not an event object")
-    return json_to_doc(obj)
+    try:
+        return json_to_doc(obj)
+    except RecursionError:
+        raise Rejected("nested too deeply") from None
 
 
 def prepare_json(msg: bytes, now_ms: int) -> bytes:

@@ -43,7 +43,8 @@ from zarkov.eventlog import journal as J
 from zarkov.eventlog.committer import Committer
 from zarkov.eventlog.rejects import RejectLog, rejects_path
 from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
-from zarkov.eventlog.stats import Stats, read_stats, stats_path, total, write_stats
+from zarkov.eventlog.stats import (Stats, read_stats, stats_path, total, write_loop,
+                                   write_stats)
 
 BATCH = 100             # most messages taken from a socket before journaling them
 DRAIN_AT_STOP = 200000  # most messages still taken from the sockets when stopping
@@ -207,14 +208,7 @@ class EventServer:
     # -- housekeeping ---------------------------------------------------------------
 
     def _write_stats_loop(self) -> None:
-        path = stats_path(self.config.journal, self.index)
-        last = None
-        while True:
-            gevent.sleep(STATS_INTERVAL)
-            snap = self.stats.as_dict()
-            if snap != last:
-                write_stats(path, self.stats)
-                last = snap
+        write_loop(stats_path(self.config.journal, self.index), self.stats, STATS_INTERVAL)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop intake, journal what the sockets still hold, commit within ``timeout``.

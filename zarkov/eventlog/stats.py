@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+import gevent
+
 FIELDS = ("accepted", "rejected", "committed", "duplicates")
 
 
@@ -54,6 +56,17 @@ def write_stats(path: str, stats: Stats) -> None:
     with open(tmp, "w") as f:
         json.dump(stats.as_dict(), f)
     os.replace(tmp, path)
+
+
+def write_loop(path: str, stats: Stats, interval: float) -> None:
+    """Rewrite ``path`` whenever the counters changed, every ``interval`` s (a greenlet's work)."""
+    last = None
+    while True:
+        gevent.sleep(interval)
+        snap = stats.as_dict()
+        if snap != last:
+            write_stats(path, stats)
+            last = snap
 
 
 def read_stats(journal_dir: str) -> list[dict[str, Any]]:
