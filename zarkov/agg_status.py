@@ -6,6 +6,7 @@ One document per AggDef name, written by :func:`zarkov.aggregation.run` through 
     {_id: name,
      running:    {started, full, phase, docs, elapsed, updated, pid, host} | null,
      last:       {started, ended, seconds, docs, full, run_id, resumed},
+     last_work:  the same, of the last run that took documents (or was full),
      last_error: {at, message, full}}
 
 This is a report, not part of the exactly-once mechanism (that is ``agg_run`` and
@@ -69,10 +70,14 @@ class Recorder:
 
     def done(self, result: Any) -> None:
         """The run ended well: ``result`` is its RunResult."""
-        self._set({"running": None, "last": {
-            "started": self.started, "ended": utcnow(), "seconds": round(result.seconds, 3),
-            "docs": int(result.docs), "full": self.full, "run_id": result.run_id,
-            "resumed": result.resumed}})
+        last = {"started": self.started, "ended": utcnow(), "seconds": round(result.seconds, 3),
+                "docs": int(result.docs), "full": self.full, "run_id": result.run_id,
+                "resumed": result.resumed}
+        fields = {"running": None, "last": last}
+        if last["docs"] or self.full:
+            # Why apart: the real-time loop's runs that find nothing new would hide it.
+            fields["last_work"] = last
+        self._set(fields)
 
     def failed(self, message: str) -> None:
         """The run failed with ``message`` (recorded only for a defined AggDef)."""

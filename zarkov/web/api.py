@@ -72,7 +72,7 @@ def register(app: Flask, st: State) -> None:
     @app.get("/jobs")
     def jobs():
         recent = int_param(_params("jobs"), "recent", "", 20, 0, 200)
-        return json_response(status.jobs(st.config, st.db, recent))
+        return json_response(status.jobs(st.config, st.db, recent, st.runs))
 
     @app.get("/events/rate")
     def rate():

@@ -28,6 +28,7 @@ from zarkov.config import Config
 from zarkov.web import jsonout
 from zarkov.web.query import ApiError, QueryApi
 from zarkov.web.rate import EventRate
+from zarkov.web.status import RunNames
 
 MAX_BODY = 64 * 1024
 TOKEN_COOKIE = "zarkov_token"
@@ -47,6 +48,7 @@ class State:
     intake: Any = None
     rate: Any = None
     proxies: tuple = ()
+    runs: Any = None
 
     @property
     def db(self):
@@ -133,7 +135,8 @@ def create_app(config: Config, intake: Any = None, rate: Any = None,
         socketTimeoutMS=60000, tz_aware=False)
     st = State(config, client, QueryApi(client[config.mongo_database]), intake,
                rate or EventRate(config.journal),
-               tuple(ipaddress.ip_network(p, strict=False) for p in config.web_trusted_proxies))
+               tuple(ipaddress.ip_network(p, strict=False) for p in config.web_trusted_proxies),
+               RunNames())
     app.extensions["zarkov"] = st
 
     @app.before_request

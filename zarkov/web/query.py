@@ -84,15 +84,23 @@ class QueryApi:
         return name
 
     # -- /q and /qs ----------------------------------------------------------------
-    def series(self, params: Params, where: str = "") -> dict[str, list]:
-        """The answer of ``/q`` for ``params`` (``where`` prefixes parameter names)."""
+    def series(self, params: Params) -> dict[str, list]:
+        """The answer of ``/q`` for ``params``."""
+        return self._read_series(*self._series_query(params))
+
+    def _series_query(self, params: Params, where: str = "") -> tuple[str, dict, Optional[int], str]:
+        """Check one series' parameters (``where`` prefixes their names in errors)."""
         name = self.collection(params, where)
         b = _text(params, "b", where, None)
         e = _text(params, "e", where, None)
         if b is not None and e is not None and _after(b, e):
             raise ApiError(f"{where}b", f"begin {b!r} is after end {e!r}")
         n = int_param(params, "n", where, None, 1, MAX_KEYS)
-        cursor = self.db[name].find(range_filter(b, e), {"value": 1}).max_time_ms(MAX_TIME_MS)
+        return name, range_filter(b, e), n, where
+
+    def _read_series(self, name: str, flt: dict, n: Optional[int], where: str
+                     ) -> dict[str, list]:
+        cursor = self.db[name].find(flt, {"value": 1}).max_time_ms(MAX_TIME_MS)
         if n is not None:
             docs = list(cursor.sort("_id", DESCENDING).limit(n))[::-1]
         else:
@@ -127,7 +135,9 @@ class QueryApi:
             unknown = set(spec) - {"p", "c", "b", "e", "n"}
             if unknown:
                 raise ApiError(f"q[{i}].{sorted(unknown)[0]}", "unknown parameter")
-        return [self.series(spec, f"q[{i}].") for i, spec in enumerate(specs)]
+        # Every series is checked before the first is read.
+        queries = [self._series_query(spec, f"q[{i}].") for i, spec in enumerate(specs)]
+        return [self._read_series(*q) for q in queries]
 
     # -- /qr -----------------------------------------------------------------------
     def ranked(self, params: Params) -> dict[str, list]:

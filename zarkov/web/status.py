@@ -31,20 +31,26 @@ def aggdefs(db: Database) -> list[dict[str, Any]]:
         name = d.get("name")
         st = statuses.get(name, {})
         lease = leases.get(name)
-        held = lease is not None and not is_stale(lease)
+        # Running: the lease is held by the process that reported progress.  (A run
+        # that ends within half a second, as real-time runs with nothing new do,
+        # reports none and is not worth showing.)
+        report = st.get("running") or {}
         running: Optional[dict] = None
-        if held:
-            running = dict(st.get("running") or {})
+        if (lease is not None and report and not is_stale(lease)
+                and (report.get("pid"), report.get("host")) == (lease.get("pid"), lease.get("host"))):
+            running = dict(report)
             run = pending.get(name)
             if run is not None:
                 running.update(state=run.get("state"), marked=run.get("marked"),
                                run_id=run.get("run_id"))
-            running.setdefault("started", lease.get("taken"))
         out.append({"name": name, "object": d.get("object") or "event",
                     "task_name": d.get("task_name"), "realtime": bool(d.get("realtime")),
                     "last_run": d.get("last_run"), "last": st.get("last"),
+                    "last_work": st.get("last_work"),
                     "last_error": st.get("last_error"), "running": running,
-                    "pending": (pending[name].get("state") if name in pending else None)})
+                    # A run record nobody works on: left by a killed run, finished by the next.
+                    "pending": (pending[name].get("state") if name in pending and (
+                        lease is None or is_stale(lease)) else None)})
     return out
 
 
@@ -58,19 +64,41 @@ def router_status(config: Config, recent: int = 20) -> dict[str, Any]:
     return reply
 
 
-def jobs(config: Config, db: Database, recent: int = 20) -> dict[str, Any]:
+class RunNames:
+    """Which AggDef each aggregation run id belongs to, as far as this process has seen.
+
+    The router knows a job's output (``zstage.<run_id>.<attempt>.<n>``), not its AggDef;
+    run ids are read from pending runs and last runs each time jobs are listed, and
+    remembered (the last ``KEEP``) after their records are gone.
+    """
+
+    KEEP = 2000
+
+    def __init__(self):
+        self.names: dict[str, str] = {}
+
+    def refresh(self, db: Database) -> None:
+        """Learn the run ids of the pending and last runs."""
+        for d in db.agg_run.find({}, {"run_id": 1}):
+            self.names[str(d.get("run_id"))] = d["_id"]
+        for name, st in agg_status.read_all(db).items():
+            for key in ("last", "last_work"):
+                if isinstance(st.get(key), dict):
+                    self.names[str(st[key].get("run_id"))] = name
+        while len(self.names) > self.KEEP:
+            del self.names[next(iter(self.names))]
+
+
+def jobs(config: Config, db: Database, recent: int = 20,
+         runs: Optional[RunNames] = None) -> dict[str, Any]:
     """Running and recent jobs of this database, each with the AggDef it works for."""
     reply = router_status(config, recent)
     if "error" in reply:
         return {"router": {"ok": False, "uri": config.zmr.req_uri, "error": reply["error"]},
                 "jobs": []}
-    runs: dict[str, str] = {}
+    runs = runs or RunNames()
     try:
-        for d in db.agg_run.find({}, {"run_id": 1}):
-            runs[str(d.get("run_id"))] = d["_id"]
-        for name, st in agg_status.read_all(db).items():
-            if isinstance(st.get("last"), dict):
-                runs.setdefault(str(st["last"].get("run_id")), name)
+        runs.refresh(db)
     except PyMongoError:
         pass  # the jobs are still worth showing
     out = []
@@ -79,7 +107,7 @@ def jobs(config: Config, db: Database, recent: int = 20) -> dict[str, Any]:
             continue
         output = str(job.get("output") or "")
         if output.startswith(STAGING):
-            job["aggdef"] = runs.get(output[len(STAGING):].split(".", 1)[0])
+            job["aggdef"] = runs.names.get(output[len(STAGING):].split(".", 1)[0])
         out.append(job)
     return {"router": {"ok": True, "uri": config.zmr.req_uri,
                        "workers": reply.get("workers", 0),

@@ -7,7 +7,7 @@
   const cfg = JSON.parse(document.getElementById("zarkov-config").textContent);
   const problems = new Map(); // panel -> message
   const cards = new Map();    // collection name -> its card
-  const PLOT = { displaylogo: false, responsive: true };
+  const PLOT = { displaylogo: false, responsive: true, displayModeBar: false };
   const DEFAULT_KEYS = 500;   // keys a time series shows until a range is chosen
 
   // -- helpers ---------------------------------------------------------------------
@@ -36,6 +36,8 @@
   const utc = (ms) => new Date(ms).toISOString().replace("T", " ").slice(0, 19);
   // Plotly draws date strings as they are written: give it UTC wall-clock time.
   const plotDate = (ms) => new Date(ms).toISOString().replace("Z", "");
+
+  const short = (s, n) => (s.length > n ? `${s.slice(0, n - 1)}…` : s);
 
   function ago(iso) {
     if (!iso) return "never";
@@ -95,9 +97,9 @@
       x: r.series.map((p) => plotDate(p[0])), y: r.series.map((p) => p[1]), type: "bar",
       name: "events/s", marker: { color: "#3b7dd8" },
     }], {
-      height: 150, margin: { l: 40, r: 10, t: 10, b: 30 }, bargap: 0.1,
+      margin: { l: 40, r: 10, t: 10, b: 30 }, bargap: 0.1,
       yaxis: { title: { text: "events/s" }, rangemode: "tozero" }, xaxis: { type: "date" },
-    }, { ...PLOT, displayModeBar: false });
+    }, PLOT);
   }
 
   // -- aggregations ----------------------------------------------------------------
@@ -114,9 +116,14 @@
       } else {
         nowCell.textContent = a.pending ? `pending (${a.pending})` : "idle";
       }
+      // The last run that took documents; a later one that found nothing is a "check".
       const last = a.last;
+      const work = a.last_work || last;
       const lastCell = el("td", { className: "last", dataset: { docs: last ? String(last.docs) : "" } },
-        last ? `${ago(last.ended)} · ${secs(last.seconds)} · ${num(last.docs)} docs${last.full ? " · full" : ""}` : "never");
+        work ? `${ago(work.ended)} · ${secs(work.seconds)} · ${num(work.docs)} docs${work.full ? " · full" : ""}` : "never");
+      if (last && work && last.ended !== work.ended) {
+        lastCell.append(el("div", { className: "muted", text: `checked ${ago(last.ended)}` }));
+      }
       const err = a.last_error;
       const current = err && (!last || Date.parse(err.at) > Date.parse(last.ended));
       const errCell = el("td", { className: err ? (current ? "error" : "muted") : "" },
@@ -142,7 +149,7 @@
   }
 
   async function refreshJobs() {
-    const r = await api("/jobs?recent=10");
+    const r = await api("/jobs?recent=6");
     document.getElementById("router").textContent = r.router.ok
       ? `· router ${r.router.uri}: ${r.router.workers} worker process(es), ${r.router.jobs_running} running`
       : `· router ${r.router.uri} does not answer`;
@@ -153,14 +160,14 @@
       if (totalN || j.state === "complete") bar.value = done; // no value: indeterminate
       const state = j.state === "error" ? `error: ${j.error || ""}` : j.state;
       return el("tr", { dataset: { job: j.job_id, state: j.state }, className: `job ${j.state}` },
-        el("td", { text: j.job_id.slice(0, 8), className: "mono" }),
-        el("td", { text: j.aggdef || j.kind }),
-        el("td", { text: j.output || "", className: "mono" }),
+        el("td", { text: j.job_id.slice(0, 8), title: j.job_id, className: "mono nowrap" }),
+        el("td", { text: j.aggdef || short(j.output || j.kind, 24), title: `${j.kind} → ${j.output || ""}`,
+                   className: j.aggdef ? "for" : "for mono" }),
         el("td", { text: state, className: "jobstate" }),
         el("td", { className: "progress" }, bar, el("span", { text: ` ${label}` })),
         el("td", { text: num(j.docs_read || 0), className: "docs-read" }),
         el("td", { text: num(j.docs_written || 0) }),
-        el("td", { text: secs(j.elapsed) }));
+        el("td", { text: secs(j.elapsed), className: "nowrap" }));
     });
   }
 
@@ -205,8 +212,13 @@
     const keys = new Set(Object.values(data).flatMap((pts) => pts.map((q) => q[0])));
     k.chart.dataset.keys = String(keys.size);
     k.note.textContent = p.has("n") ? `last ${num(keys.size)} keys` : `${num(keys.size)} keys in range`;
+    if (!k.watched) {
+      // Cards appear one by one and the grid reflows: fit the chart to its card.
+      new ResizeObserver(() => { if (k.chart.data) Plotly.Plots.resize(k.chart); }).observe(k.chart);
+      k.watched = true;
+    }
     Plotly.react(k.chart, traces, {
-      height: 280, margin: { l: 50, r: 10, t: 10, b: 40 }, xaxis: { type: "date" },
+      margin: { l: 50, r: 10, t: 10, b: 40 }, xaxis: { type: "date" },
       legend: { orientation: "h", y: -0.2 }, showlegend: traces.length > 1,
     }, PLOT);
   }
@@ -221,11 +233,13 @@
     const { collections } = await api("/collections");
     const box = document.getElementById("collections");
     document.getElementById("collections-empty").hidden = collections.length > 0;
+    // Time series first (the charts), then the rankings; by name within each.
+    collections.sort((a, b) => (a.keys === "time" ? 0 : 1) - (b.keys === "time" ? 0 : 1));
     const names = new Set(collections.map((c) => c.name));
     for (const [name, k] of cards) if (!names.has(name)) { k.node.remove(); cards.delete(name); }
     for (const c of collections) {
       const k = card(c);
-      box.append(k.node); // keeps them in the API's (name) order
+      box.append(k.node); // keeps them in that order
       k.count.textContent = ` ${num(c.count)} keys${c.keys === "time" && c.first_ms != null ? ` · ${utc(c.first_ms)} … ${utc(c.last_ms)} UTC` : ""}`;
       await guarded(c.name, () => (c.keys === "time" ? drawSeries(k, c) : drawRanked(k, c)));
     }
