@@ -90,6 +90,8 @@ def test_q_datetime_keys_iso_bounds_and_the_last_n_keys(web):
     assert r.json == {"n": [[ms(2024, 5, 1, h), h] for h in (10, 11, 12)]}
     assert client.get("/q?c=hourly&n=2").json == {"n": [[ms(2024, 5, 1, h), h] for h in (22, 23)]}
     assert client.get("/q?c=hourly&b=2024-05-01T23:00").json == {"n": [[ms(2024, 5, 1, 23), 23]]}
+    r = client.get("/q?c=hourly&e=yesterday")
+    assert r.status_code == 400 and r.json["parameter"] == "e" and "datetimes" in r.json["error"]
 
 
 def test_qs_answers_several_series_in_order(web):

@@ -74,7 +74,7 @@ def check_sent(listener: Commands) -> None:
         assert cmd["find"].startswith("zagg."), cmd
         assert used_operators(cmd.get("filter", {})) <= ALLOWED_OPS, cmd["filter"]
         assert set(cmd) <= {"find", "filter", "projection", "sort", "limit", "maxTimeMS",
-                            "lsid", "$db", "$clusterTime", "$readPreference"}, cmd
+                            "singleBatch", "lsid", "$db", "$clusterTime", "$readPreference"}, cmd
     listener.sent.clear()
 
 

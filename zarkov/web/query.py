@@ -5,8 +5,8 @@ keys from ``b`` to ``e`` inclusive, sorted by key, and returns
 ``{field: [[key, value], ...]}`` for each field of the stored ``value`` documents
 (a value that is not a document is the field ``value``).  Keys that are times
 (:mod:`zarkov.web.keys`) are given as milliseconds since the epoch.  ``b`` and ``e``
-compare as strings with string keys; when a bound is an ISO date or date-time it
-also selects datetime keys.  Beyond the original: either bound may be left out, and
+compare as strings with string keys; a collection whose keys are datetimes takes
+them as ISO dates or date-times.  Beyond the original: either bound may be left out, and
 ``n`` keeps only the last ``n`` keys of the range.
 
 Every parameter is checked before anything is sent to the database; a bad one
@@ -14,6 +14,7 @@ raises :class:`ApiError` naming it, which the app turns into a 400.
 """
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Any, Mapping, Optional
 
@@ -31,6 +32,8 @@ MAX_LIMIT = 1000        # rows of /qr
 MAX_TIME_MS = 20000     # time limit of each query on the database
 MAX_NAME = 200
 NAMES_TTL = 2.0         # seconds the list of collections is reused
+KINDS_TTL = 60.0        # ... whether a collection's keys are datetimes
+ABOUT_TTL = 15.0        # ... a collection's count, first and last key
 
 
 class ApiError(Exception):
@@ -58,6 +61,8 @@ class QueryApi:
     def __init__(self, db: Database):
         self.db = db
         self._names: tuple[float, list[str]] = (0.0, [])
+        self._kinds: dict[str, tuple[float, bool]] = {}
+        self._about: dict[str, tuple[float, dict]] = {}
 
     # -- parameters ----------------------------------------------------------------
     def collection_names(self) -> list[str]:
@@ -88,7 +93,7 @@ class QueryApi:
         """The answer of ``/q`` for ``params``."""
         return self._read_series(*self._series_query(params))
 
-    def _series_query(self, params: Params, where: str = "") -> tuple[str, dict, Optional[int], str]:
+    def _series_query(self, params: Params, where: str = "") -> tuple:
         """Check one series' parameters (``where`` prefixes their names in errors)."""
         name = self.collection(params, where)
         b = _text(params, "b", where, None)
@@ -96,10 +101,24 @@ class QueryApi:
         if b is not None and e is not None and _after(b, e):
             raise ApiError(f"{where}b", f"begin {b!r} is after end {e!r}")
         n = int_param(params, "n", where, None, 1, MAX_KEYS)
-        return name, range_filter(b, e), n, where
+        return name, b, e, n, where
 
-    def _read_series(self, name: str, flt: dict, n: Optional[int], where: str
-                     ) -> dict[str, list]:
+    def datetime_keys(self, name: str) -> bool:
+        """Whether the keys of ``name`` are datetimes (judged by one document, kept a while).
+
+        Why one look and not an ``$or`` over both kinds in every query: a filter on one
+        range is what an index serves best, and what FerretDB scans fastest.
+        """
+        at, kind = self._kinds.get(name, (0.0, None))
+        if kind is None or time.monotonic() - at > KINDS_TTL:
+            doc = self.db[name].find_one({}, {"_id": 1})
+            kind = doc is not None and isinstance(doc["_id"], dt.datetime)
+            self._kinds[name] = (time.monotonic(), kind)
+        return kind
+
+    def _read_series(self, name: str, b: Optional[str], e: Optional[str], n: Optional[int],
+                     where: str) -> dict[str, list]:
+        flt = range_filter(b, e, self.datetime_keys(name), where)
         cursor = self.db[name].find(flt, {"value": 1}).max_time_ms(MAX_TIME_MS)
         if n is not None:
             docs = list(cursor.sort("_id", DESCENDING).limit(n))[::-1]
@@ -156,34 +175,47 @@ class QueryApi:
 
     # -- /collections --------------------------------------------------------------
     def collections(self) -> list[dict]:
-        """Every ``zagg.*`` collection: count, and whether its keys are times."""
+        """Every ``zagg.*`` collection: count, first and last key, whether keys are times.
+
+        Each collection's figures are kept ``ABOUT_TTL`` seconds: dashboards poll, and
+        on FerretDB a count or a sorted look-up reads the whole collection.
+        """
+        now = time.monotonic()
         out = []
         for name in self.collection_names():
-            coll = self.db[name]
-            first = coll.find_one({}, {"_id": 1}, sort=[("_id", ASCENDING)])
-            last = coll.find_one({}, {"_id": 1}, sort=[("_id", DESCENDING)])
-            keys = [d["_id"] for d in (first, last) if d is not None]
-            times = [key_millis(k) for k in keys]
-            out.append({"name": name, "c": name[len(PREFIX):],
-                        "count": coll.estimated_document_count(),
-                        "keys": "time" if keys and None not in times else "other",
-                        "first": keys[0] if keys else None,
-                        "last": keys[-1] if keys else None,
-                        "first_ms": times[0] if keys else None,
-                        "last_ms": times[-1] if keys else None})
+            at, about = self._about.get(name, (0.0, None))
+            if about is None or now - at > ABOUT_TTL:
+                about = self._describe(name)
+                self._about[name] = (now, about)
+            out.append(about)
         return out
 
+    def _describe(self, name: str) -> dict:
+        coll = self.db[name]
+        first = coll.find_one({}, {"_id": 1}, sort=[("_id", ASCENDING)])
+        last = coll.find_one({}, {"_id": 1}, sort=[("_id", DESCENDING)])
+        keys = [d["_id"] for d in (first, last) if d is not None]
+        times = [key_millis(k) for k in keys]
+        return {"name": name, "c": name[len(PREFIX):], "count": coll.estimated_document_count(),
+                "keys": "time" if keys and None not in times else "other",
+                "first": keys[0] if keys else None, "last": keys[-1] if keys else None,
+                "first_ms": times[0] if keys else None, "last_ms": times[-1] if keys else None}
 
-def range_filter(b: Optional[str], e: Optional[str]) -> dict:
-    """The ``_id`` filter of an inclusive key range (see the module docstring)."""
-    bounds = {op: v for op, v in (("$gte", b), ("$lte", e)) if v is not None}
-    if not bounds:
-        return {}
-    clauses = [{"_id": bounds}]
-    times = {op: parse_bound(v) for op, v in bounds.items()}
-    if None not in times.values():
-        clauses.append({"_id": times})
-    return clauses[0] if len(clauses) == 1 else {"$or": clauses}
+
+def range_filter(b: Optional[str], e: Optional[str], datetimes: bool = False,
+                 where: str = "") -> dict:
+    """The ``_id`` filter of an inclusive key range: strings as they are, or, for a
+    collection whose keys are datetimes, the bounds read as ISO dates or times."""
+    bounds: dict[str, Any] = {op: v for op, v in (("$gte", b), ("$lte", e)) if v is not None}
+    if datetimes:
+        for op, name in (("$gte", "b"), ("$lte", "e")):
+            if op in bounds:
+                when = parse_bound(bounds[op])
+                if when is None:
+                    raise ApiError(f"{where}{name}", f"the keys are datetimes: give an ISO date "
+                                   f"or time such as 2011-07-22T10:05, got {bounds[op]!r}")
+                bounds[op] = when
+    return {"_id": bounds} if bounds else {}
 
 
 def parse_sort(text: str) -> list[tuple[str, int]]:
