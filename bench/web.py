@@ -33,7 +33,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,22 +47,9 @@ sys.path.insert(0, ROOT)
 import pymongo  # noqa: E402
 import yaml  # noqa: E402
 
+from ingest import free_port, mongo_uri  # noqa: E402  (bench/ is this script's directory)
+
 START = dt.datetime(2024, 1, 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mongo_uri() -> str:
-    uri = os.environ.get("ZARKOV_TEST_MONGO_URI")
-    if uri:
-        return uri
-    out = subprocess.run([os.path.join(ROOT, "scripts", "dev-db"), "start"],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
 
 
 def server_name(client: pymongo.MongoClient) -> str:
