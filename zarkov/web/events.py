@@ -16,7 +16,6 @@ their own data there, e.g. ``/beacon.gif?page=pricing``).
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
 import uuid
@@ -97,9 +96,8 @@ def register(app: Flask, st: State) -> None:
         if not items:
             intake.reject(body, "empty list")
             return error(400, "body: an empty list holds no event", "body", CORS)
-        raw = [body] if items is not obj else [json.dumps(i).encode() for i in items]
         try:
-            docs = intake.prepare(items, raw)
+            docs = intake.prepare(items, None if items is obj else body)
         except BadEvent as e:
             where = f"events[{e.index}]" if items is obj else "body"
             return error(400, f"{where}: {e.reason}", where, CORS)

@@ -12,10 +12,11 @@ what an earlier run left there on start), the stats file
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from typing import Any, Iterable, Optional
+from typing import Optional
 
 import gevent
 
@@ -63,15 +64,17 @@ class WebIntake:
         self._stats_greenlet = gevent.spawn(write_loop, path, self.stats, STATS_INTERVAL)
         return self
 
-    def prepare(self, items: Iterable[Any], raw: Iterable[bytes]) -> list[bytes]:
-        """The BSON documents of parsed JSON events; Rejected (with the index) on the first
-        bad one, after recording every bad one in the rejects file."""
+    def prepare(self, items: list, body: Optional[bytes] = None) -> list[bytes]:
+        """The BSON documents of parsed JSON events; BadEvent (with the index) on the first
+        bad one, after recording every bad one in the rejects file (as ``body`` when the
+        request held that one event, else as its JSON)."""
         now = now_millis()
         docs, first = [], None
-        for i, (item, text) in enumerate(zip(items, raw)):
+        for i, item in enumerate(items):
             try:
                 docs.append(prepare_doc(event_from_json(item), now))
             except Rejected as e:
+                text = body if body is not None else json.dumps(item).encode()
                 self.rejects.add(SOURCE, text, str(e))
                 if first is None:
                     first = BadEvent(i, str(e))

@@ -50,7 +50,11 @@ class WebServer:
                             log=LoggingLogAdapter(logging.getLogger("zarkov.web.access"),
                                                   logging.DEBUG),
                             error_log=LoggingLogAdapter(log, logging.ERROR))
-        server.init_socket()  # bind now: a taken port fails before anything else starts
+        try:
+            server.init_socket()  # bind now: a taken port fails before anything else starts
+        except OSError as e:
+            raise OSError(e.errno, f"web service: cannot listen on {cfg.web_bind}:{self.port}: "
+                                   f"{e.strerror or e}") from None
         self.intake = WebIntake(cfg, self.port).start()
         self.rate = EventRate(cfg.journal).start()
         server.application = create_app(cfg, self.intake, self.rate)

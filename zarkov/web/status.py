@@ -54,11 +54,12 @@ def aggdefs(db: Database) -> list[dict[str, Any]]:
     return out
 
 
-def router_status(config: Config, recent: int = 20) -> dict[str, Any]:
+def router_status(config: Config, recent: int = 20,
+                  timeout: float = ROUTER_TIMEOUT) -> dict[str, Any]:
     """The router's ``status`` reply, or ``{"error": ...}`` when it does not answer."""
     try:
         reply = wire.request(config.zmr.req_uri, {"$command": "status", "recent": recent},
-                             timeout=ROUTER_TIMEOUT)
+                             timeout=timeout)
     except wire.WireError as e:
         return {"error": str(e)}
     return reply
@@ -124,7 +125,7 @@ def health(config: Config, db: Database, intake: Any, rate: Any) -> tuple[dict, 
     except PyMongoError as e:
         out["database_ok"] = False
         out["database_error"] = str(e)[:300]
-    reply = router_status(config, 0)
+    reply = router_status(config, 0, timeout=1.0)  # a health probe must answer fast
     out["router_ok"] = "error" not in reply
     if out["router_ok"]:
         out["workers"] = reply.get("workers", 0)

@@ -33,8 +33,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     try:
         server = WebServer(config, port).start()
     except OSError as e:
-        print(f"zcmd: cannot listen on {config.web_bind}:{port}: {e.strerror or e}",
-              file=sys.stderr)
+        print(f"zcmd: {e.strerror or e}", file=sys.stderr)
         return 1
     stop = gevent.event.Event()
     on_stop_signals(stop.set)
