@@ -281,5 +281,6 @@ def test_the_screenshot_over_the_demos_data(procs, mongo_uri, mongo_client, tmp_
         assert width >= 1000 and height >= 800 and os.path.getsize(out) < 600_000
         assert console_errors(driver) == []
     finally:
+        procs.stop_all()  # first: its real-time loop would create the database again
         mongo_client.drop_database(db.name)
 
