@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv db test fuzz demo bench clean stop
+.PHONY: venv db browser test fuzz demo bench screenshot clean stop
 
 venv: $(VENV)/.installed
 
@@ -19,8 +19,12 @@ $(VENV)/.installed: setup.py
 db: venv
 	@if [ -z "$$ZARKOV_TEST_MONGO_URI" ]; then scripts/dev-db start; fi
 
+# Debian's chromium + chromium-driver for the browser tests (installed when root).
+browser:
+	@scripts/browser-deps
+
 # pytest exits 5 when it collected no test: say so loudly and fail.
-test: venv db
+test: venv db browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED: no tests ran" >&2; fi; exit $$rc
 
@@ -36,6 +40,11 @@ bench: venv db
 	$(PY) bench/zmr.py
 	$(PY) bench/aggregate.py
 	$(PY) bench/ingest.py
+	$(PY) bench/web.py
+
+# The README's picture of the dashboard, taken by the browser test over the demo's data.
+screenshot: venv db browser
+	ZARKOV_SCREENSHOT=docs/dashboard.png $(PY) -m pytest -q tests/test_web_browser.py -k screenshot
 
 stop:
 	scripts/dev-db stop

@@ -9,6 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["zarkov", "zarkov.*"]),
+    package_data={"zarkov.web": ["templates/*.html", "static/*.js", "static/*.css"]},
     python_requires=">=3.9",
     install_requires=[
         "pymongo==4.20.0",
@@ -16,9 +17,15 @@ setup(
         "pyzmq==27.3.0",
         "gevent==26.9.0",
         "PyYAML==6.0.3",
+        # The web service: a well-kept WSGI framework (served by gevent.pywsgi) ...
+        "Flask==3.1.3",
+        # ... and the dashboard's chart library: the plotly.min.js this package ships.
+        "plotly==7.1.0",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "hypothesis==6.170.15"],
+        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "hypothesis==6.170.17",
+                 # drives Debian's chromium-driver in the browser tests
+                 "selenium==4.51.0"],
     },
     entry_points={
         "console_scripts": [

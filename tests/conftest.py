@@ -69,6 +69,7 @@ def make_config(tmp_dir, mongo_uri: str, db_name: str) -> dict:
         "bson_uri": f"tcp://127.0.0.1:{bp}",
         "json_bind_address": f"tcp://127.0.0.1:{free_port()}",
         "publish_bind_address": f"tcp://127.0.0.1:{free_port()}",
+        "web_port": free_port(),
         "journal": os.path.join(tmp_dir, "journal"),
         "num_event_servers": 1,
         "zmr": {

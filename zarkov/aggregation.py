@@ -39,7 +39,7 @@ from pymongo import ReplaceOne, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import OperationFailure, PyMongoError
 
-from zarkov import functions, model as M, wire
+from zarkov import agg_status, functions, model as M, wire
 from zarkov.lease import HOST, Lease, LeaseBusy, LeaseLost, utcnow
 from zarkov.task import JobFailed, RunContext, Task, TaskError
 from zarkov.zmr.partition import group_key
@@ -518,9 +518,29 @@ def run(config: Any, name: str, full: bool = False, wait: bool = False,
     Busy.  ``progress`` receives ``{phase, docs, elapsed}`` dicts while it runs.
     Raises AggregationError (BadDefinition, Busy) with a one-line message; usable
     from a gevent process (``zcmd serve``'s real-time loop) as from a plain one.
+    The run's progress, outcome or error is recorded in ``agg_status`` for the
+    dashboard (:mod:`zarkov.agg_status`).
     """
-    t0 = time.monotonic()
     M.configure(config)
+    recorder = agg_status.Recorder(M.db(), name, full)
+    try:
+        result = _run(config, name, full, wait, recorder.progress(progress))
+    except Busy:
+        raise  # another process's run: its own recorder reports it
+    except AggregationError as e:
+        recorder.failed(str(e))
+        raise
+    except Exception as e:
+        recorder.failed(f"{type(e).__name__}: {e}")
+        raise
+    recorder.done(result)
+    return result
+
+
+def _run(config: Any, name: str, full: bool, wait: bool,
+         progress: Optional[Progress]) -> RunResult:
+    """:func:`run` without the status report."""
+    t0 = time.monotonic()
     db = M.db()
     agg = load_definition(name)
     task_cls = load_task_class(agg.task_name, name)

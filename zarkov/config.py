@@ -9,6 +9,7 @@ never another exception, never a message longer than a line.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
 import os
 from typing import Any, Mapping
@@ -30,7 +31,14 @@ TOP_SCHEMA: dict[str, tuple[Any, Any]] = {
     "json_bind_address": (str, "tcp://0.0.0.0:6544"),
     "bson_uri": (str, "tcp://127.0.0.1:6543"),
     "publish_bind_address": (str, "tcp://0.0.0.0:6545"),
+    # The web service (JSON API, dashboard, events over HTTP); 0 = not run by `serve`.
     "web_port": (int, 8081),
+    # Address the web service listens on.  Beyond loopback it needs `web_token`.
+    "web_bind": (str, "127.0.0.1"),
+    # Bearer token the query API and the dashboard require (always, when set).
+    "web_token": ((str, type(None)), None),
+    # Addresses (or networks) of reverse proxies whose X-Forwarded-For is believed.
+    "web_trusted_proxies": (list, []),
     "journal": (str, "journal"),
     "journal_file_size": (int, 262144),
     "journal_min_files": (int, 4),
@@ -118,7 +126,7 @@ def defaults() -> dict[str, Any]:
 def _type_name(t: Any) -> str:
     ts = t if isinstance(t, tuple) else (t,)
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             type(None): "null"}
+             type(None): "null", list: "a list"}
     return " or ".join(names.get(x, x.__name__) for x in ts)
 
 
@@ -139,6 +147,33 @@ def _check(key: str, value: Any, expected: Any, source: str) -> None:
                           f"got {short_repr(value)}")
     if key.endswith("_port") and isinstance(value, int) and value > 65535:
         raise ConfigError(f"{source}: key '{key}': not a TCP port, got {short_repr(value)}")
+    if key in _EXTRA_CHECKS:
+        problem = _EXTRA_CHECKS[key](value)
+        if problem:
+            raise ConfigError(f"{source}: key '{key}': {problem}")
+
+
+def _bad_token(value: str | None) -> str | None:
+    # Why a minimum: the token is the only thing between the network and the data.
+    if value is not None and len(value) < 16:
+        return "must be at least 16 characters (or null for none)"
+    return None
+
+
+def _bad_proxies(value: list) -> str | None:
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise ValueError(item)
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{short_repr(item)} is not an IP address or network"
+    return None
+
+
+# Checks beyond the type: each returns what is wrong, or None.
+_EXTRA_CHECKS = {"web_token": _bad_token,
+                 "web_trusted_proxies": _bad_proxies}
 
 
 def _key_name(key: Any) -> str:

@@ -228,20 +228,30 @@ def json_to_doc(obj: Any, depth: int = 1) -> Any:
     return obj
 
 
-def parse_json(text: str | bytes) -> dict:
-    """Parse one JSON object (with ``$datetime`` values) into an event document."""
+def loads(text: str | bytes) -> Any:
+    """Parse JSON as the event logger does: strict UTF-8, no NaN or infinities, no
+    duplicate keys, not too deep; Rejected if it is not such JSON."""
     if not isinstance(text, str):
         try:
             text = bytes(text).decode("utf-8")  # strictly: no surrogates, no other encoding
         except UnicodeDecodeError as e:
             raise Rejected(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                         object_pairs_hook=_object)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          object_pairs_hook=_object)
     except ValueError as e:
         raise Rejected(f"not JSON ({clip(e)})") from None
     except RecursionError:  # the C parser stops near Python's recursion limit
         raise Rejected(_TOO_DEEP) from None
+
+
+def parse_json(text: str | bytes) -> dict:
+    """Parse one JSON object (with ``$datetime`` values) into an event document."""
+    return event_from_json(loads(text))
+
+
+def event_from_json(obj: Any) -> dict:
+    """The event document of one parsed JSON value; Rejected unless it is an object."""
     doc = json_to_doc(obj)
     if not isinstance(doc, dict):  # {"$datetime": 0} alone is a datetime, not an event
         raise Rejected(f"a JSON {'$datetime' if isinstance(obj, dict) else type(obj).__name__}"

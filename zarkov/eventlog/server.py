@@ -51,7 +51,8 @@ from zarkov.eventlog import journal as J
 from zarkov.eventlog.committer import Committer
 from zarkov.eventlog.rejects import RejectLog, rejects_path
 from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
-from zarkov.eventlog.stats import Stats, read_stats, stats_path, total, write_stats
+from zarkov.eventlog.stats import (Stats, read_stats, stats_path, total, write_loop,
+                                   write_stats)
 from zarkov.oneline import first_line as clip
 
 BATCH = 100             # most messages taken from a socket before journaling them
@@ -241,17 +242,7 @@ class EventServer:
     # -- housekeeping ---------------------------------------------------------------
 
     def _write_stats_loop(self) -> None:
-        path = stats_path(self.config.journal, self.index)
-        last = None
-        while True:
-            gevent.sleep(STATS_INTERVAL)
-            try:
-                snap = self.stats.as_dict()
-                if snap != last:
-                    write_stats(path, self.stats)
-                    last = snap
-            except Exception:  # noqa: BLE001 - a full disk must not end the stats
-                self.stats.errors.record("stats loop")
+        write_loop(stats_path(self.config.journal, self.index), self.stats, STATS_INTERVAL)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop intake, journal what the sockets still hold, commit within ``timeout``.

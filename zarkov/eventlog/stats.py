@@ -14,6 +14,8 @@ import os
 import time
 from typing import Any
 
+import gevent
+
 from zarkov.supervise import Errors
 
 FIELDS = ("accepted", "rejected", "committed", "duplicates", "errors")
@@ -61,6 +63,20 @@ def write_stats(path: str, stats: Stats) -> None:
     with open(tmp, "w") as f:
         json.dump(stats.as_dict(), f)
     os.replace(tmp, path)
+
+
+def write_loop(path: str, stats: Stats, interval: float) -> None:
+    """Rewrite ``path`` whenever the counters changed, every ``interval`` s (a greenlet's work)."""
+    last = None
+    while True:
+        gevent.sleep(interval)
+        try:
+            snap = stats.as_dict()
+            if snap != last:
+                write_stats(path, stats)
+                last = snap
+        except Exception:  # noqa: BLE001 - a full disk must not end the stats
+            stats.errors.record("stats loop")
 
 
 def read_stats(journal_dir: str) -> list[dict[str, Any]]:

@@ -42,6 +42,9 @@ log = logging.getLogger("zarkov.zmr.router")
 TICK = 0.2                 # seconds between two looks at overdue tasks
 KEEP_FINISHED = 3600.0     # seconds a finished job's status stays available
 MAX_FINISHED = 1000        # finished jobs remembered at most
+RECENT_JOBS = 20           # finished jobs listed by ``status`` without a job id
+SUMMARY_COUNTS = ("docs_read", "chunks_done", "chunks_total", "partitions_done",
+                  "partitions_total", "docs_written")
 
 
 class Router:
@@ -244,7 +247,7 @@ class Router:
             workers = d.live_workers()
             return {"workers": len(workers), "worker_pids": [pid for _, pid in workers],
                     "jobs_running": sum(1 for j in self.jobs.values() if not j.finished),
-                    "jobs_known": len(self.jobs),
+                    "jobs_known": len(self.jobs), "jobs": self._recent_jobs(request),
                     "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
                     "sink_dropped": d.dropped, "worker_errors": d.worker_errors()}
         job_id = request["job_id"]
@@ -254,3 +257,28 @@ class Router:
             return {"job_id": job_id, "status": {"state": "UNKNOWN"},
                     "error": f"unknown job id {_short(job_id)}"}
         return {"job_id": job.job_id, "status": job.status()}
+
+    def _recent_jobs(self, request: dict) -> list[dict]:
+        """Running jobs, then the ``recent`` (default 20) last finished, newest first."""
+        recent = request.get("recent", RECENT_JOBS)
+        if not isinstance(recent, int) or isinstance(recent, bool) or recent < 0:
+            recent = RECENT_JOBS
+        jobs = sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
+        running = [j for j in jobs if not j.finished]
+        finished = [j for j in jobs if j.finished][:min(recent, MAX_FINISHED)]
+        return [job_summary(j) for j in running + finished]
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """One line of the ``jobs`` list of ``status``: what the job is and how far it got."""
+    st = job.status()
+    out = {"job_id": job.job_id, "kind": job.spec.kind, "database": job.spec.database,
+           "input": list(job.spec.input_names), "output": job.spec.output_name,
+           "created": job.created, "started": job.started, "ended": job.ended}
+    for key in ("state", "phase", "elapsed", *SUMMARY_COUNTS):
+        if key in st:
+            out[key] = st[key]
+    if st.get("traceback"):
+        out["error"] = st["traceback"].strip().splitlines()[-1][:300]
+    return out
+

@@ -1,0 +1,102 @@
+"""What each AggDef's runs did, for people: the ``agg_status`` collection.
+
+One document per AggDef name, written by :func:`zarkov.aggregation.run` through a
+:class:`Recorder` and read by the web service (``/aggdefs``, the dashboard)::
+
+    {_id: name,
+     running:    {started, full, phase, docs, elapsed, updated, pid, host} | null,
+     last:       {started, ended, seconds, docs, full, run_id, resumed},
+     last_work:  the same, of the last run that took documents (or was full),
+     last_error: {at, message, full}}
+
+This is a report, not part of the exactly-once mechanism (that is ``agg_run`` and
+``agg_lease``): a write that fails here is logged and the run goes on, and a
+``running`` entry left by a killed process is recognised by the lease being gone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+from zarkov.lease import HOST, utcnow
+
+COLLECTION = "agg_status"
+#: Seconds between two progress writes of one run (and before the first one: a
+#: run that ends sooner, as most real-time runs with nothing new do, costs one write).
+PROGRESS_EVERY = 0.5
+#: Characters of an error message kept.
+MESSAGE_CHARS = 2000
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Records one call of ``aggregation.run`` for the AggDef ``name``."""
+
+    def __init__(self, db: Database, name: str, full: bool):
+        self.coll = db[COLLECTION]
+        self.db = db
+        self.name = name
+        self.full = bool(full)
+        self.started = utcnow()
+        self._t0 = time.monotonic()
+        self._last_write: Optional[float] = None
+        self._running = False
+
+    def progress(self, inner: Optional[Callable[[dict], None]]) -> Callable[[dict], None]:
+        """A progress callback that records ``{phase, docs}`` and then calls ``inner``.
+
+        The run reports progress only once it holds the AggDef's lease, so a run that
+        finds the AggDef busy never overwrites the holder's ``running`` entry.
+        """
+        def report(p: dict) -> None:
+            now = time.monotonic()
+            since = self._last_write if self._last_write is not None else self._t0
+            if now - since >= PROGRESS_EVERY:
+                self._last_write = now
+                self._running = True
+                self._set({"running": {
+                    "started": self.started, "full": self.full, "phase": str(p.get("phase")),
+                    "docs": int(p.get("docs") or 0), "elapsed": round(now - self._t0, 3),
+                    "updated": utcnow(), "pid": os.getpid(), "host": HOST}})
+            if inner is not None:
+                inner(p)
+        return report
+
+    def done(self, result: Any) -> None:
+        """The run ended well: ``result`` is its RunResult."""
+        last = {"started": self.started, "ended": utcnow(), "seconds": round(result.seconds, 3),
+                "docs": int(result.docs), "full": self.full, "run_id": result.run_id,
+                "resumed": result.resumed}
+        fields = {"running": None, "last": last}
+        if last["docs"] or self.full:
+            # Why apart: the real-time loop's runs that find nothing new would hide it.
+            fields["last_work"] = last
+        self._set(fields)
+
+    def failed(self, message: str) -> None:
+        """The run failed with ``message`` (recorded only for a defined AggDef)."""
+        try:
+            if self.db.agg_def.count_documents({"name": self.name}, limit=1) == 0:
+                return
+        except PyMongoError:
+            return
+        self._set({"running": None, "last_error": {
+            "at": utcnow(), "message": message[:MESSAGE_CHARS], "full": self.full}})
+
+    def _set(self, fields: dict) -> None:
+        try:
+            self.coll.update_one({"_id": self.name}, {"$set": fields}, upsert=True)
+        except PyMongoError as e:  # a report must never fail the run
+            log.warning("%s: cannot record the run's status in %s: %s", self.name,
+                        COLLECTION, e)
+
+
+def read_all(db: Database) -> dict[str, dict]:
+    """Every AggDef's status document, by name."""
+    return {d["_id"]: d for d in db[COLLECTION].find({}) if isinstance(d.get("_id"), str)}
