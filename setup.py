@@ -10,15 +10,18 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["zarkov", "zarkov.*"]),
     python_requires=">=3.9",
+    # Compatible ranges, so that Zarkov installs into an existing environment; the
+    # exact versions make test uses are pinned in constraints.txt.  pymongo 4.18+
+    # (wire version 9 and up: MongoDB 4.4 and later).
     install_requires=[
-        "pymongo==4.20.0",
-        "Ming==0.17.3",
-        "pyzmq==27.3.0",
-        "gevent==26.9.0",
-        "PyYAML==6.0.3",
+        "pymongo>=4.18,<5",
+        "Ming>=0.17,<0.18",
+        "pyzmq>=26,<28",
+        "gevent>=24.2,<27",
+        "PyYAML>=6,<7",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
     },
     entry_points={
         "console_scripts": [
