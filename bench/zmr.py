@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the map-reduce cluster against a plain one-process count.
 
-N event documents (SPEC §3 shape) are counted per (type, day) key:
+N event documents (the event logger's shape) are counted per (type, day) key:
 
 * baseline: one process, a pymongo cursor and a dict;
 * zmr with 1 worker process and with 2: a router and a pool started here (own
@@ -81,7 +81,7 @@ def spin_for(us: float) -> int:
 
 
 def event(i: int, base: dt.datetime) -> dict:
-    """One event of SPEC §3's shape, spread over 30 days."""
+    """One event as the event logger stores it, spread over 30 days."""
     return {"timestamp": base + dt.timedelta(seconds=(i * 7919) % (30 * 86400)),
             "type": TYPES[i % len(TYPES)],
             "context": {"user": f"user{i % 997}", "project": f"project{i % 101}",
