@@ -29,7 +29,8 @@ test: venv
 demo: venv db
 	$(PY) scripts/demo
 
-bench: venv db
+# Each bench measures both bundled servers and prints their figures side by side.
+bench: venv
 	$(PY) bench/zmr.py
 	$(PY) bench/aggregate.py
 	$(PY) bench/ingest.py

@@ -70,8 +70,8 @@ OnWritten = Optional[Callable[[int], None]]
 
 
 @dataclass(frozen=True)
-class Capabilities:
-    """What one server (and database on it) can do, as far as Zarkov cares."""
+class Identity:
+    """Which server a client talks to."""
 
     #: ``MongoDB``, ``FerretDB`` or ``mongo-java-server``.
     server: str
@@ -80,19 +80,6 @@ class Capabilities:
     #: The MongoDB version it reports, and its wire version.
     mongodb_version: str
     wire_version: int
-    #: ``renameCollection`` of collections whose names contain a dot (``event.0``,
-    #: ``zagg.*``) works.  Probed.
-    renames_dotted: bool
-    #: ... and with ``dropTarget`` over an existing collection, in one step.  Probed.
-    renames_over: bool
-    #: Update commands of hundreds of statements are cheap and safe.  By name: false on
-    #: FerretDB, where probing it could wedge the server.
-    bulk_updates: bool
-
-    @property
-    def update_batch(self) -> int:
-        """Most statements to send in one update command."""
-        return BATCH if self.bulk_updates else FERRETDB_UPDATE_BATCH
 
     @property
     def label(self) -> str:
@@ -103,18 +90,38 @@ class Capabilities:
                 f"wire {self.wire_version})")
 
 
-def identify(client: MongoClient) -> tuple[str, str, str, int]:
-    """(server name, its version, MongoDB version reported, wire version)."""
+@dataclass(frozen=True)
+class Capabilities(Identity):
+    """What one server (and database on it) can do, as far as Zarkov cares."""
+
+    #: ``renameCollection`` of collections whose names contain a dot (``event.0``,
+    #: ``zagg.*``) works.  Probed.
+    renames_dotted: bool = False
+    #: ... and with ``dropTarget`` over an existing collection, in one step.  Probed.
+    renames_over: bool = False
+    #: Update commands of hundreds of statements are cheap and safe.  By name: false on
+    #: FerretDB, where probing it could wedge the server.
+    bulk_updates: bool = False
+
+    @property
+    def update_batch(self) -> int:
+        """Most statements to send in one update command."""
+        return BATCH if self.bulk_updates else FERRETDB_UPDATE_BATCH
+
+
+def identify(client: MongoClient) -> Identity:
+    """Which server ``client`` talks to (from ``buildInfo`` and the wire handshake)."""
     info = client.admin.command("buildInfo")
     wire = max((d.max_wire_version or 0
                 for d in client.topology_description.server_descriptions().values()),
                default=0)
     reported = str(info.get("version", "?"))
     if "ferretdbVersion" in info:
-        return "FerretDB", str(info["ferretdbVersion"]).lstrip("v"), reported, wire
+        return Identity("FerretDB", str(info["ferretdbVersion"]).lstrip("v"), reported, wire)
     if "mongoJavaServerVersion" in info:  # added by tools/java-server
-        return "mongo-java-server", str(info["mongoJavaServerVersion"]), reported, wire
-    return "MongoDB", reported, reported, wire
+        return Identity("mongo-java-server", str(info["mongoJavaServerVersion"]), reported,
+                        wire)
+    return Identity("MongoDB", reported, reported, wire)
 
 
 def _probe_renames(db: Database) -> tuple[bool, bool]:
@@ -153,10 +160,11 @@ def capabilities(client: MongoClient, database: str) -> Capabilities:
     with _lock:
         known = _cache.setdefault(client, {})
         if database not in known:
-            server, version, reported, wire = identify(client)
+            who = identify(client)
             renames_dotted, renames_over = _probe_renames(client[database])
-            known[database] = Capabilities(server, version, reported, wire, renames_dotted,
-                                           renames_over, bulk_updates=server != "FerretDB")
+            known[database] = Capabilities(**vars(who), renames_dotted=renames_dotted,
+                                           renames_over=renames_over,
+                                           bulk_updates=who.server != "FerretDB")
             log.debug("%s, database %s: %s", known[database].label, database, known[database])
         return known[database]
 
