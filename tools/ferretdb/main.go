@@ -23,6 +23,8 @@ func main() {
 	dataDir := flag.String("data", "var/ferretdb", "directory of the SQLite files")
 	logLevel := flag.String("log-level", "error", "log level: debug, info, warn or error")
 	idIndex := flag.Bool("id-index", true, "index the _id expression FerretDB queries with (see idindex.go)")
+	synchronous := flag.String("synchronous", "normal", "SQLite synchronous mode: normal (WAL synced every -wal-sync, see walsync.go) or full (WAL synced at every commit)")
+	walSync := flag.Duration("wal-sync", 100*time.Millisecond, "with -synchronous normal: how often the WAL files are synced to disk")
 	flag.Parse()
 
 	dir, err := filepath.Abs(*dataDir)
@@ -33,10 +35,14 @@ func main() {
 		log.Fatalf("ferretdb: data dir %q: %v", dir, err)
 	}
 
+	if *synchronous != "normal" && *synchronous != "full" {
+		log.Fatalf("ferretdb: -synchronous %q: want normal or full", *synchronous)
+	}
+
 	f, err := ferretdb.New(&ferretdb.Config{
 		Listener:  ferretdb.ListenerConfig{TCP: *listen},
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + dir + "/",
+		SQLiteURL: "file:" + dir + "/?_pragma=synchronous(" + *synchronous + ")",
 		Logger:    newLogger(*logLevel),
 	})
 	if err != nil {
@@ -48,6 +54,10 @@ func main() {
 
 	if *idIndex {
 		go indexIDs(ctx, dir, 200*time.Millisecond, newLogger(*logLevel))
+	}
+
+	if *synchronous == "normal" && *walSync > 0 {
+		go syncWALs(ctx, dir, *walSync, newLogger(*logLevel))
 	}
 
 	fmt.Fprintf(os.Stderr, "ferretdb: listening on %s, data in %s\n", *listen, dir)
