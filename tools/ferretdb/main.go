@@ -12,9 +12,11 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"syscall"
 	"time"
 
+	"github.com/FerretDB/FerretDB/build/version"
 	"github.com/FerretDB/FerretDB/ferretdb"
 )
 
@@ -34,6 +36,8 @@ func main() {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		log.Fatalf("ferretdb: data dir %q: %v", dir, err)
 	}
+
+	setVersion()
 
 	if *synchronous != "normal" && *synchronous != "full" {
 		log.Fatalf("ferretdb: -synchronous %q: want normal or full", *synchronous)
@@ -73,4 +77,21 @@ func newLogger(level string) *slog.Logger {
 		log.Fatalf("ferretdb: -log-level %q: %v", level, err)
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}
+
+// setVersion makes buildInfo's ferretdbVersion say which FerretDB this is: embedded,
+// FerretDB cannot read the version file that its module zip lacks and says
+// "unknown", but the Go build records the module's version.
+func setVersion() {
+	info := version.Get()
+	if info.Version != "unknown" {
+		return
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, dep := range bi.Deps {
+			if dep.Path == "github.com/FerretDB/FerretDB" {
+				info.Version = dep.Version
+			}
+		}
+	}
 }
