@@ -15,7 +15,7 @@ import traceback
 from bson.raw_bson import RawBSONDocument
 
 from zarkov import functions, storage
-from zarkov.agg import Scope, StepFailed, batches
+from zarkov.agg import Scope, StepFailed
 from zarkov.zmr.partition import group_key
 
 #: Documents merged per batch (one look-up of the old values per batch).
