@@ -1,19 +1,22 @@
-# make test: the whole test suite; make demo: see Zarkov work.  Both set up
-# everything they need on a fresh machine: .venv/, the package and its pinned
-# dependencies, and the bundled database (built with Go) unless
-# ZARKOV_TEST_MONGO_URI names another server.
+# make test: the whole test suite, once against each bundled server (FerretDB, then
+# mongo-java-server); make demo: see Zarkov work.  Both set up everything they need on
+# a fresh machine: .venv/, the package and its pinned dependencies, and the bundled
+# servers (FerretDB built with Go, the java server with Maven) unless
+# ZARKOV_TEST_MONGO_URI names another server.  TEST_SERVERS=java make test runs one.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+TEST_SERVERS ?= ferretdb java
+export PYTEST_ARGS
 
 .PHONY: venv db browser test fuzz demo bench screenshot clean stop
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $@
 
 db: venv
@@ -23,10 +26,9 @@ db: venv
 browser:
 	@scripts/browser-deps
 
-# pytest exits 5 when it collected no test: say so loudly and fail.
-test: venv db browser
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: FAILED: no tests ran" >&2; fi; exit $$rc
+# One pytest run per server; fails if any fails or runs no test (scripts/test-servers).
+test: venv browser
+	@scripts/test-servers $(TEST_SERVERS)
 
 # make fuzz: only the fuzz tests, with random inputs and ZARKOV_FUZZ_FACTOR (default
 # 50) times the examples that make test runs; the time limit per test is lifted.
@@ -36,7 +38,8 @@ fuzz: venv db
 demo: venv db
 	$(PY) scripts/demo
 
-bench: venv db
+# Each bench measures both bundled servers and prints their figures side by side.
+bench: venv
 	$(PY) bench/zmr.py
 	$(PY) bench/aggregate.py
 	$(PY) bench/ingest.py

@@ -11,21 +11,24 @@ setup(
     packages=find_packages(include=["zarkov", "zarkov.*"]),
     package_data={"zarkov.web": ["templates/*.html", "static/*.js", "static/*.css"]},
     python_requires=">=3.9",
+    # Compatible ranges, so that Zarkov installs into an existing environment; the
+    # exact versions make test uses are pinned in constraints.txt.  pymongo 4.18+
+    # (wire version 9 and up: MongoDB 4.4 and later).
     install_requires=[
-        "pymongo==4.20.0",
-        "Ming==0.17.3",
-        "pyzmq==27.3.0",
-        "gevent==26.9.0",
-        "PyYAML==6.0.3",
+        "pymongo>=4.18,<5",
+        "Ming>=0.17,<0.18",
+        "pyzmq>=26,<28",
+        "gevent>=24.2,<27",
+        "PyYAML>=6,<7",
         # The web service: a well-kept WSGI framework (served by gevent.pywsgi) ...
-        "Flask==3.1.3",
+        "Flask>=3.1,<4",
         # ... and the dashboard's chart library: the plotly.min.js this package ships.
-        "plotly==7.1.0",
+        "plotly>=6,<8",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "hypothesis==6.170.17",
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "hypothesis>=6.100,<7",
                  # drives Debian's chromium-driver in the browser tests
-                 "selenium==4.51.0"],
+                 "selenium>=4.20,<5"],
     },
     entry_points={
         "console_scripts": [

@@ -18,14 +18,17 @@ and a 2-process worker pool started here, through ``zarkov.aggregation.run`` —
    ``--n``), against one process counting the same with pymongo and a dict.
 
 Every output is checked against a Python count; each run's time is broken down by
-phase (mark, jobs, merge, apply, flag; seconds).  Usage::
+phase (mark, jobs, merge, apply, flag; seconds) and each run says how it wrote its
+target (``zarkov.storage``'s path).  All of it runs on each server (``--server``,
+see bench/servers.py: both bundled servers by default), then the figures are
+printed side by side, a column a server.  Usage::
 
-    python bench/aggregate.py [--n 1000000] [--new 10000] [--runs 3] [--full-n N]
+    python bench/aggregate.py [--server both] [--n 1000000] [--new 10000] [--runs 3]
+                              [--full-n N]
 
-The database is ``$ZARKOV_TEST_MONGO_URI`` or the bundled one (``scripts/dev-db
-start``); databases of its own are created and dropped.  On the bundled FerretDB
-every single-document write scans its whole collection (see docs/exactly-once.md),
-so marking and flagging cost grows with ``--n``: use e.g. ``--n 20000 --new 200``
+Databases of its own are created and dropped.  On the bundled FerretDB every filter
+but ``_id`` equality scans its whole collection (see docs/exactly-once.md), so
+marking and flagging cost grows with ``--n``: use e.g. ``--n 20000 --new 200``
 there; a full 1,000,000-event run is out of reach on it.
 """
 from __future__ import annotations
@@ -51,6 +54,7 @@ import pymongo  # noqa: E402
 import yaml  # noqa: E402
 from bson import ObjectId  # noqa: E402
 
+import servers  # noqa: E402  (bench/servers.py)
 from zarkov import aggregation, wire  # noqa: E402
 from zarkov import config as C  # noqa: E402
 from tests.support import free_port  # noqa: E402
@@ -58,13 +62,6 @@ from tests.support import free_port  # noqa: E402
 NAME = "bench_agg"
 TARGET = "zagg.my_agg"
 KEYS = [f"k{i}" for i in range(100)]
-
-
-def mongo_uri() -> str:
-    """$ZARKOV_TEST_MONGO_URI, else the bundled server (started if needed)."""
-    return os.environ.get("ZARKOV_TEST_MONGO_URI") or subprocess.run(
-        [os.path.join(ROOT, "scripts", "dev-db"), "start"], capture_output=True, text=True,
-        check=True).stdout.split()[-1]
 
 
 class Cluster:
@@ -161,7 +158,8 @@ class Phases:
         t, res = timed(lambda: aggregation.run(cfg, NAME, progress=self, **kw))
         self.spent[self.current or "other"] += time.perf_counter() - self.since
         parts = ", ".join(f"{k} {v:.1f}" for k, v in self.spent.items())
-        return t, res, parts
+        paths = ", ".join(sorted(set(res.write_paths.values())))
+        return t, res, f"{parts}; {paths}" if paths else parts
 
 
 def fresh(client, label: str):
@@ -170,7 +168,7 @@ def fresh(client, label: str):
     return db
 
 
-def incremental(client, cluster: Cluster, args, rnd) -> None:
+def incremental(client, cluster: Cluster, args, rnd, figures: dict) -> None:
     print(f"\n== incremental cost: {args.n} events aggregated + {args.new} new "
           f"(x{args.runs}), vs a first run over {args.new}")
     big = fresh(client, "big")
@@ -191,7 +189,7 @@ def incremental(client, cluster: Cluster, args, rnd) -> None:
             print(f"  incremental run over {args.new} new among "
                   f"{big.event.estimated_document_count()}: {t:.2f} s ({parts})")
         check(big)
-        late(big, cfg, args, rnd)
+        late(big, cfg, args, rnd, figures)
     finally:
         client.drop_database(big.name)
     first = []
@@ -206,11 +204,15 @@ def incremental(client, cluster: Cluster, args, rnd) -> None:
         finally:
             client.drop_database(small.name)
     ratio = statistics.median(inc) / statistics.median(first)
+    figures[f"incremental run: {args.new} new among {args.n:,} aggregated"] = (
+        f"{statistics.median(inc):.2f} s")
+    figures[f"first run over {args.new}"] = f"{statistics.median(first):.2f} s"
+    figures["ratio incremental / first (target <= 1.5)"] = f"{ratio:.2f}"
     print(f"incremental {statistics.median(inc):.2f} s / first run {statistics.median(first):.2f} s"
           f" = ratio {ratio:.2f} (target <= 1.5)")
 
 
-def late(db, cfg, args, rnd) -> None:
+def late(db, cfg, args, rnd, figures: dict) -> None:
     """Late events: older ids and timestamps than last_run; counted anyway."""
     last_run = db.agg_def.find_one({"name": NAME})["last_run"]
     old = last_run - timedelta(days=1)
@@ -227,13 +229,14 @@ def late(db, cfg, args, rnd) -> None:
                                                          {"_id": 1}))))
     res = aggregation.run(cfg, NAME)
     check(db)
+    figures[f"late events counted (of {args.late})"] = f"{res.docs}"
     print(f"late events: {args.late} inserted with ids/timestamps a day before last_run;"
           f" the run took {res.docs} (output checked); a 'since last_run' selection would"
           f" take {n_since} ({t_since:.2f} s to select), ours takes {n_ours}"
           f" ({t_ours:.2f} s)")
 
 
-def full(client, cluster: Cluster, args, rnd) -> None:
+def full(client, cluster: Cluster, args, rnd, figures: dict) -> None:
     n = args.full_n
     print(f"\n== first full run over {n} events (x{args.runs}) vs pymongo + dict")
     rates, base = [], []
@@ -250,13 +253,37 @@ def full(client, cluster: Cluster, args, rnd) -> None:
                   f"pymongo + dict {tb:.2f} s ({n / tb:,.0f} events/s)")
         finally:
             client.drop_database(db.name)
+    figures[f"full run over {n}"] = f"{statistics.median(rates):,.0f} events/s"
+    figures["pymongo + dict, same events"] = f"{statistics.median(base):,.0f} events/s"
+    figures["ratio full run / pymongo + dict"] = (
+        f"{statistics.median(rates) / statistics.median(base):.3g}")
     print(f"full run {statistics.median(rates):,.0f} events/s vs pymongo + dict "
           f"{statistics.median(base):,.0f} events/s: ratio "
           f"{statistics.median(rates) / statistics.median(base):.3g}")
 
 
+def measure(server: servers.Server, args) -> dict[str, str]:
+    """Every figure on one server."""
+    servers.heading(server, f"{os.cpu_count()} cores; router + 2 worker processes")
+    client = pymongo.MongoClient(server.uri)
+    rnd = random.Random(42)
+    figures: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = Cluster(server.uri, tmp)
+        try:
+            if "incremental" not in args.skip:
+                incremental(client, cluster, args, rnd, figures)
+            if "full" not in args.skip:
+                full(client, cluster, args, rnd, figures)
+        finally:
+            cluster.stop()
+            client.close()
+    return figures
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    servers.add_argument(p)
     p.add_argument("--n", type=int, default=1_000_000, help="events already aggregated")
     p.add_argument("--new", type=int, default=10_000, help="new events per incremental run")
     p.add_argument("--runs", type=int, default=3)
@@ -266,19 +293,10 @@ def main() -> None:
     p.add_argument("--skip", choices=["incremental", "full"], action="append", default=[])
     args = p.parse_args()
     args.full_n = args.full_n or args.n
-    uri = mongo_uri()
-    client = pymongo.MongoClient(uri)
-    rnd = random.Random(42)
-    print(f"database {uri}; {os.cpu_count()} cores; router + 2 worker processes")
-    with tempfile.TemporaryDirectory() as tmp:
-        cluster = Cluster(uri, tmp)
-        try:
-            if "incremental" not in args.skip:
-                incremental(client, cluster, args, rnd)
-            if "full" not in args.skip:
-                full(client, cluster, args, rnd)
-        finally:
-            cluster.stop()
+    chosen = servers.chosen(args)
+    figures = {server.label: measure(server, args) for server in chosen}
+    servers.side_by_side(f"bench/aggregate.py: the article's count per foo, medians of "
+                         f"{args.runs} runs", chosen, figures)
 
 
 if __name__ == "__main__":

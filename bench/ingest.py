@@ -22,8 +22,10 @@ each acknowledged insert), taking the journal as first in, first out; the databa
 is not polled, since a FerretDB look-up by ``_id`` scans the collection.
 
 Prints each run, then the medians and the ratio logger / ceiling (target ≥ 0.7).
-Usage: ``python bench/ingest.py [--events 100000] [--runs 3] [--servers 1]``; the
-database is ``$ZARKOV_TEST_MONGO_URI`` or the bundled one (``scripts/dev-db start``).
+All of it runs on each database server (``--server``, see bench/servers.py: both
+bundled servers by default), then the figures are printed side by side.  Usage:
+``python bench/ingest.py [--server both] [--events 100000] [--runs 3]
+[--event-servers 1]``.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ import zmq  # noqa: E402
 from bson import ObjectId  # noqa: E402
 from bson.raw_bson import RawBSONDocument  # noqa: E402
 
+import servers  # noqa: E402  (bench/servers.py)
 
 
 def event(seq: int) -> dict:
@@ -66,15 +69,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def mongo_uri() -> str:
-    uri = os.environ.get("ZARKOV_TEST_MONGO_URI")
-    if uri:
-        return uri
-    out = subprocess.run([os.path.join(ROOT, "scripts", "dev-db"), "start"],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
 
 
 # -- a client process ------------------------------------------------------------------
@@ -259,24 +253,36 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=100000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--servers", type=int, default=1, help="num_event_servers")
+    ap.add_argument("--event-servers", type=int, default=1,
+                    help="num_event_servers of the logger (default 1)")
     ap.add_argument("--batch", type=int, default=10000,
                     help="insert_many batch of the ceiling (default: the logger's largest)")
     ap.add_argument("--load", type=float, default=0.5,
                     help="paced load for the latency phase, as a fraction of the ceiling")
     ap.add_argument("--paced-seconds", type=float, default=6.0)
+    servers.add_argument(ap)
     args = ap.parse_args()
-    uri = mongo_uri()
+    chosen = servers.chosen(args)
+    figures = {server.label: measure(server, args) for server in chosen}
+    servers.side_by_side(f"bench/ingest.py: {args.events} events, {args.clients} clients, "
+                         f"{args.event_servers} event server(s), medians of {args.runs} runs",
+                         chosen, figures)
+    return 0
+
+
+def measure(server: servers.Server, args) -> dict[str, str]:
+    """Every figure on one database server."""
+    uri = server.uri
     client = pymongo.MongoClient(uri)
-    print(f"ingest benchmark: {args.events} events, {args.clients} clients, "
-          f"{args.servers} event server(s), ceiling batches of {args.batch}, {args.runs} runs, "
-          f"{os.cpu_count()} cores, database {uri}")
+    servers.heading(server, f"{args.events} events, {args.clients} clients, "
+                    f"{args.event_servers} event server(s), ceiling batches of {args.batch}, "
+                    f"{args.runs} runs, {os.cpu_count()} cores")
     ceilings, runs, paced = [], [], []
     for i in range(args.runs):
         c = ceiling(client, args.events, args.batch)
-        r = logger_run(client, uri, args.events, args.clients, args.servers)
+        r = logger_run(client, uri, args.events, args.clients, args.event_servers)
         rate = args.load * c
-        p = logger_run(client, uri, int(rate * args.paced_seconds), args.clients, args.servers,
+        p = logger_run(client, uri, int(rate * args.paced_seconds), args.clients, args.event_servers,
                        rate)
         ceilings.append(c)
         runs.append(r)
@@ -297,7 +303,11 @@ def main() -> int:
           f"at {args.load:g}x the ceiling: median {lat['lat_median'] * 1000:.0f} ms, "
           f"p99 {lat['lat_p99'] * 1000:.0f} ms")
     client.close()
-    return 0
+    return {"ceiling: insert_many batches": f"{ceil:,.0f} events/s",
+            "logger, end to end": f"{med['rate']:,.0f} events/s {med['rate'] / ceil:.2f}x",
+            "logger, steady (10% -> 90%)": f"{med['steady']:,.0f} events/s",
+            f"latency median at {args.load:g}x ceiling": f"{lat['lat_median'] * 1000:.0f} ms",
+            f"latency p99 at {args.load:g}x ceiling": f"{lat['lat_p99'] * 1000:.0f} ms"}
 
 
 if __name__ == "__main__":

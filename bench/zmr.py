@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the map-reduce cluster against a plain one-process count.
 
-N event documents (SPEC §3 shape) are counted per (type, day) key:
+N event documents (the event logger's shape) are counted per (type, day) key:
 
 * baseline: one process, a pymongo cursor and a dict;
 * zmr with 1 worker process and with 2: a router and a pool started here (own
@@ -14,9 +14,11 @@ twice: with a cheap map, and with a map that burns about 20 µs of CPU per
 document.  ``--rss-n M`` adds one 2-worker run over M documents, for the
 router's peak RSS at that size.
 
-Usage: ``python bench/zmr.py [--n 200000] [--runs 3] [--rss-n 1000000]``; the
-database is ``$ZARKOV_TEST_MONGO_URI`` or the bundled one (``scripts/dev-db
-start``).  A database of its own is created and dropped.
+All of it runs on each server (``--server``, see bench/servers.py: both bundled
+servers by default), then the figures are printed side by side, a column a server.
+
+Usage: ``python bench/zmr.py [--server both] [--n 200000] [--runs 3] [--rss-n 1000000]``.
+A database of its own is created and dropped on each server.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import bson  # noqa: E402
 import pymongo  # noqa: E402
 import yaml  # noqa: E402
 
+import servers  # noqa: E402  (bench/servers.py)
 from zarkov import wire  # noqa: E402
 from zarkov.zmr import client  # noqa: E402
 
@@ -81,7 +84,7 @@ def spin_for(us: float) -> int:
 
 
 def event(i: int, base: dt.datetime) -> dict:
-    """One event of SPEC §3's shape, spread over 30 days."""
+    """One event as the event logger stores it, spread over 30 days."""
     return {"timestamp": base + dt.timedelta(seconds=(i * 7919) % (30 * 86400)),
             "type": TYPES[i % len(TYPES)],
             "context": {"user": f"user{i % 997}", "project": f"project{i % 101}",
@@ -201,13 +204,17 @@ def output_counts(db) -> dict:
     return {(d["_id"]["type"], d["_id"]["day"]): d["value"] for d in db["zagg.bench"].find()}
 
 
-def series(label: str, n: int, runs: int, db, cluster: Cluster, map_text: str) -> None:
-    print(f"\n{label} map, N={n}, median of {runs} runs:", flush=True)
+def series(label: str, n: int, runs: int, db, cluster: Cluster, map_text: str,
+           figures: dict[str, str]) -> None:
+    """One map: the baseline, then zmr with 1 and 2 worker processes; into ``figures``."""
+    print(f"{label} map, N={n}, median of {runs} runs:", flush=True)
     base = []
     for _ in range(runs):
         secs, want = baseline(db.event, map_text)
         base.append(secs)
     b = n / statistics.median(base)
+    name = label.split(" ")[0]
+    figures[f"{name} map: baseline, 1 process"] = f"{b:,.0f} docs/s"
     print(f"  baseline (1 process)  {b:10,.0f} docs/s", flush=True)
     for procs in (1, 2):
         cluster.workers(procs)
@@ -215,13 +222,57 @@ def series(label: str, n: int, runs: int, db, cluster: Cluster, map_text: str) -
         if output_counts(db) != want:
             raise SystemExit("bench: zmr output differs from the baseline's counts")
         r = n / statistics.median(times)
+        figures[f"{name} map: zmr, {procs} worker process{'es' if procs > 1 else ''}"] = (
+            f"{r:,.0f} docs/s {r / b:.2f}x")
         print(f"  zmr, {procs} worker process{'es' if procs > 1 else '  '} {r:10,.0f} docs/s"
               f"   {r / b:5.2f}x baseline", flush=True)
-    print(f"  router peak RSS so far: {peak_rss_mb(cluster.router.pid):.0f} MB", flush=True)
+    rss = peak_rss_mb(cluster.router.pid)
+    figures["router peak RSS"] = f"{rss:.0f} MB"
+    print(f"  router peak RSS so far: {rss:.0f} MB", flush=True)
+
+
+def measure(server: servers.Server, args) -> dict[str, str]:
+    """Every figure on one server."""
+    servers.heading(server, f"N={args.n}, median of {args.runs} runs")
+    mc = pymongo.MongoClient(server.uri)
+    name = "zbench_" + uuid.uuid4().hex[:8]
+    db = mc[name]
+    tmp = tempfile.mkdtemp(prefix="zmr-bench-")
+    cluster = None
+    figures: dict[str, str] = {}
+    try:
+        t0 = time.perf_counter()
+        fill(db.event, args.n)
+        size = len(bson.encode(event(0, dt.datetime(2024, 1, 1))))
+        secs = time.perf_counter() - t0
+        figures["insert_many, batches of 10,000"] = f"{args.n / secs:,.0f} docs/s"
+        print(f"inserted {args.n} events in {secs:.1f} s (about {size} bytes each)", flush=True)
+        cluster = Cluster(server.uri, name, tmp)
+        series("cheap", args.n, args.runs, db, cluster, MAP, figures)
+        if not args.cheap_only:
+            series(f"costly (~20 us/doc, {args.spin} loop turns)", args.n, args.runs, db,
+                   cluster, COSTLY_MAP.replace("SPIN", str(args.spin)), figures)
+        if args.rss_n > args.n:
+            fill(db.event, args.rss_n)
+            cluster.workers(2)
+            secs = cluster.run(name, MAP)
+            rss = peak_rss_mb(cluster.router.pid)
+            figures[f"N={args.rss_n}: zmr, 2 worker processes"] = f"{args.rss_n / secs:,.0f} docs/s"
+            figures[f"N={args.rss_n}: router peak RSS"] = f"{rss:.0f} MB"
+            print(f"N={args.rss_n}: zmr 2 workers {args.rss_n / secs:,.0f} docs/s; "
+                  f"router peak RSS {rss:.0f} MB", flush=True)
+    finally:
+        if cluster is not None:
+            cluster.close()
+        mc.drop_database(name)
+        mc.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return figures
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    servers.add_argument(p)
     p.add_argument("--n", type=int, default=200000, help="event documents (default 200000)")
     p.add_argument("--runs", type=int, default=3, help="runs per figure (median; default 3)")
     p.add_argument("--rss-n", type=int, default=0,
@@ -230,37 +281,12 @@ def main() -> int:
     args = p.parse_args()
     # A timeout's SIGTERM must still stop the router and workers started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    uri = os.environ.get("ZARKOV_TEST_MONGO_URI") or subprocess.run(
-        [os.path.join(ROOT, "scripts", "dev-db"), "start"], capture_output=True, text=True,
-        check=True).stdout.split()[-1]
-    mc = pymongo.MongoClient(uri)
-    name = "zbench_" + uuid.uuid4().hex[:8]
-    db = mc[name]
-    tmp = tempfile.mkdtemp(prefix="zmr-bench-")
-    cluster = None
-    try:
-        t0 = time.perf_counter()
-        fill(db.event, args.n)
-        size = len(bson.encode(event(0, dt.datetime(2024, 1, 1))))
-        print(f"inserted {args.n} events in {time.perf_counter() - t0:.1f} s "
-              f"(about {size} bytes each)", flush=True)
-        cluster = Cluster(uri, name, tmp)
-        series("cheap", args.n, args.runs, db, cluster, MAP)
-        if not args.cheap_only:
-            spin = spin_for(20.0)
-            series(f"costly (~20 us/doc, {spin} loop turns)", args.n, args.runs, db, cluster,
-                   COSTLY_MAP.replace("SPIN", str(spin)))
-        if args.rss_n > args.n:
-            fill(db.event, args.rss_n)
-            cluster.workers(2)
-            secs = cluster.run(name, MAP)
-            print(f"\nN={args.rss_n}: zmr 2 workers {args.rss_n / secs:,.0f} docs/s; "
-                  f"router peak RSS {peak_rss_mb(cluster.router.pid):.0f} MB", flush=True)
-    finally:
-        if cluster is not None:
-            cluster.close()
-        mc.drop_database(name)
-        shutil.rmtree(tmp, ignore_errors=True)
+    chosen = servers.chosen(args)
+    args.spin = spin_for(20.0)  # once: the same costly map on every server
+    figures = {server.label: measure(server, args) for server in chosen}
+    servers.side_by_side(f"bench/zmr.py: count per (type, day) of N={args.n} events, "
+                         f"median of {args.runs} runs; ratio to the baseline on the same "
+                         f"server", chosen, figures)
     return 0
 
 

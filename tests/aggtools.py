@@ -43,6 +43,19 @@ def output(db, name: str = TARGET) -> dict:
     return {d["_id"]: d["value"] for d in db[name].find()}
 
 
+def prepared(db, task_name: str = "my.tasks.MyTask") -> None:
+    """Events already aggregated, then new ones: the next run has old values to merge.
+
+    The aggregated state is written directly (what earlier runs leave), which keeps
+    kill tests short; test_article_example checks that runs produce it.
+    """
+    register(db, task_name=task_name)
+    add_events(db, 200, seed=4, aggregates=[NAME], jobs=[])
+    db[TARGET].insert_many([{"_id": k, "value": v} for k, v in python_count(db).items()])
+    # Many keys, so that applying takes several batches and can be cut in the middle.
+    add_events(db, 180, keys=[f"k{i}" for i in range(120)] + list("abc"), seed=5)
+
+
 def assert_clean(db, name: str = NAME, coll: str = "event", all_flagged: bool = True) -> None:
     """No run left over: no run record, no lease, no staging, no marks."""
     assert db.agg_run.count_documents({}) == 0, list(db.agg_run.find())

@@ -1,32 +1,101 @@
 """Fixtures: the database server, a throw-away database per test, Zarkov processes.
 
 Tests talk to a real MongoDB-wire server over TCP: the one named by
-ZARKOV_TEST_MONGO_URI, or else the bundled FerretDB that scripts/dev-db starts.
+ZARKOV_TEST_MONGO_URI (a real mongod, say), or else the bundled server named by
+ZARKOV_TEST_SERVER (``ferretdb``, the default, or ``java``), which scripts/dev-db
+starts.  ``make test`` runs the suite once per bundled server.  The server's name
+and version are printed in pytest's header and in its summary line.
+
+A test that cannot pass on one server says so with
+``@pytest.mark.server_limit("<kind>", reason="<the server's limit>")``: it is then
+expected to fail there (``xfail(strict=True)``), never skipped.
 """
 from __future__ import annotations
 
+import json
 import os
-import subprocess
 import uuid
 
 import pymongo
 import pytest
 import yaml
 
-from tests.support import ROOT, Cluster, Processes, free_port, write_config
+from tests.support import Cluster, Processes, PrivateServer, free_port, write_config
+from tests.support import EXPECTED_PATHS, PATHS_CHECKED, TestServer, test_server
+from tests.support import test_server_if_known
+
+
+def pytest_report_header(config):
+    server = test_server()
+    return [f"server: {server.label} at {server.uri} ({server.how})"]
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter is registered
+def pytest_configure(config):
+    # Each run's summary line names its server: "FerretDB-1.24.2: 117 passed in ...".
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    build_line = reporter.build_summary_stats_line
+
+    def named_line():
+        parts, color = build_line()
+        server = test_server_if_known()
+        if server is None and os.environ.get("ZARKOV_TEST_SERVER"):
+            server = test_server()  # make test's runs always name theirs
+        if server is not None and parts:
+            (text, markup), *rest = parts
+            parts = [(f"{server.word}: {text}", markup), *rest]
+        return parts, color
+
+    reporter.build_summary_stats_line = named_line
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark in item.iter_markers("server_limit"):
+            kind = mark.args[0]
+            if test_server().kind == kind:
+                item.add_marker(pytest.mark.xfail(strict=True,
+                                                  reason=f"{kind}: {mark.kwargs['reason']}"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    report = os.environ.get("ZARKOV_TEST_REPORT")
+    if report:  # for scripts/test-servers' total
+        counts = {k: len(terminalreporter.stats.get(k, ()))
+                  for k in ("passed", "failed", "error", "skipped", "xfailed", "xpassed")}
+        with open(report, "w") as f:
+            json.dump({"server": test_server().label, **counts}, f)
+    if PATHS_CHECKED:
+        server = test_server()
+        terminalreporter.section(f"write paths checked on {server.label}")
+        for test, what, path in PATHS_CHECKED:
+            terminalreporter.line(f"{what:>10}: {path:<18} {test}")
+
+
+@pytest.fixture
+def expect_path(request, server):
+    """``expect_path(what, got)``: assert that the write of kind ``what`` (replace,
+    overwrite, move) took the path this server must take; listed in the summary."""
+    def check(what: str, got: str) -> None:
+        assert got == EXPECTED_PATHS[server.kind][what], (
+            f"{server.label}: {what} took path {got!r}, expected "
+            f"{EXPECTED_PATHS[server.kind][what]!r}")
+        PATHS_CHECKED.append((request.node.nodeid, what, got))
+    return check
 
 
 @pytest.fixture(scope="session")
-def mongo_uri() -> str:
-    """URI of the server the tests use (started here when none is given)."""
-    uri = os.environ.get("ZARKOV_TEST_MONGO_URI")
-    if not uri:
-        out = subprocess.run([os.path.join(ROOT, "scripts", "dev-db"), "start"],
-                             capture_output=True, text=True, timeout=900)
-        if out.returncode != 0:
-            pytest.exit(f"cannot start the bundled database: {out.stderr.strip()}", 3)
-        uri = out.stdout.strip().splitlines()[-1]
-    return uri
+def server() -> TestServer:
+    """The server under test: its kind (ferretdb, java, mongodb), URI and capabilities."""
+    return test_server()
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(server) -> str:
+    """URI of the server the tests use (started by scripts/dev-db when none is given)."""
+    return server.uri
 
 
 @pytest.fixture(scope="session")
@@ -156,3 +225,15 @@ def shared_config_file(shared_cluster, tmp_path, db_name):
         base = {**yaml.safe_load(f), "mongo_database": db_name}
     yield config_writer(base, str(tmp_path / "zarkov.yaml"))
     shared_cluster.wait_idle()
+
+
+@pytest.fixture
+def private_server(procs, tmp_path, server) -> PrivateServer:
+    """A server of the kind under test that the test owns: kill it, start it again.
+
+    Its data are kept on disk under the test's tmp dir (the java server in H2).
+    """
+    if server.kind not in ("ferretdb", "java"):
+        pytest.skip(f"needs a bundled server the test can kill and restart; "
+                    f"ZARKOV_TEST_MONGO_URI names a {server.label} it cannot")
+    return PrivateServer(procs, server.kind, str(tmp_path / "db"))

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from typing import Callable
 
 import yaml
@@ -189,3 +190,124 @@ def wait_router_idle(uri: str, timeout: float = 60) -> None:
     """Wait until the router at ``uri`` runs no job."""
     wait_for(lambda: router_status(uri, 1.0)["jobs_running"] == 0, timeout=timeout,
              what="the router's jobs to end")
+
+
+# -- the server under test -------------------------------------------------------------
+class TestServer:
+    """The MongoDB-wire server a test session runs against.
+
+    ``kind`` is ``ferretdb`` or ``java`` (the bundled servers) or ``mongodb`` (any
+    other, named by ZARKOV_TEST_MONGO_URI); ``caps`` its :class:`zarkov.storage.Capabilities`.
+    """
+
+    __test__ = False  # not a test class, despite the name
+
+    KINDS = {"FerretDB": "ferretdb", "mongo-java-server": "java", "MongoDB": "mongodb"}
+
+    def __init__(self, uri: str, how: str):
+        import pymongo
+
+        from zarkov import storage
+        self.uri, self.how = uri, how
+        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10000)
+        try:
+            probe_db = "zt_probe_" + uuid.uuid4().hex[:8]
+            self.caps = storage.capabilities(client, probe_db)
+            client.drop_database(probe_db)
+        finally:
+            client.close()
+        self.kind = self.KINDS[self.caps.server]
+        self.label = self.caps.label
+        #: One word for the summary line: ``FerretDB-1.24.2``.
+        self.word = f"{self.caps.server}-{self.caps.version}"
+
+
+_server: "TestServer | None" = None
+
+
+def test_server() -> TestServer:
+    """The session's server, started by ``scripts/dev-db`` on first use if need be."""
+    global _server
+    if _server is None:
+        uri = os.environ.get("ZARKOV_TEST_MONGO_URI")
+        if uri:
+            _server = TestServer(uri, "ZARKOV_TEST_MONGO_URI")
+        else:
+            import pytest
+            kind = os.environ.get("ZARKOV_TEST_SERVER", "ferretdb")
+            out = subprocess.run([os.path.join(ROOT, "scripts", "dev-db"), "start", kind],
+                                 capture_output=True, text=True, timeout=900)
+            if out.returncode != 0:
+                pytest.exit(f"cannot start the bundled {kind} server: {out.stderr.strip()}", 3)
+            _server = TestServer(out.stdout.strip().splitlines()[-1],
+                                 f"ZARKOV_TEST_SERVER={kind}, scripts/dev-db")
+    return _server
+
+
+test_server.__test__ = False  # type: ignore[attr-defined]
+
+
+def test_server_if_known() -> "TestServer | None":
+    """The session's server if something already asked for it, else None."""
+    return _server
+
+
+test_server_if_known.__test__ = False  # type: ignore[attr-defined]
+
+
+class PrivateServer:
+    """A bundled server of one kind that a test starts, kills and starts again.
+
+    It listens on a port of its own and keeps its data in ``data_dir`` (FerretDB's
+    SQLite files; the java server's H2 file), so they survive a SIGKILL.  Every
+    start is a process of the test's :class:`Processes`, stopped at the end.
+    """
+
+    BINARIES = {"ferretdb": "ferretdb", "java": "java-server"}
+
+    def __init__(self, procs: Processes, kind: str, data_dir: str):
+        self.procs, self.kind, self.data_dir = procs, kind, data_dir
+        self.binary = os.path.join(ROOT, "var", "bin", self.BINARIES[kind])
+        self.port = free_port()
+        self.uri = f"mongodb://127.0.0.1:{self.port}/"
+        self.proc: subprocess.Popen | None = None
+        self._starts = 0
+        os.makedirs(data_dir, exist_ok=True)
+
+    def start(self) -> "PrivateServer":
+        """Start it; return once it answers ``ping``."""
+        self._starts += 1
+        name = f"{self.kind}-db{self._starts}"
+        self.proc = self.procs.start(name, [self.binary, "-listen", f"127.0.0.1:{self.port}",
+                                            "-data", self.data_dir])
+        wait_for(lambda: self.proc.poll() is None and self.ping(), timeout=60,
+                 what=f"the private {self.kind} server (log: {self.procs.log(name)[-300:]!r})")
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` (SIGKILL: no goodbye) and reap it."""
+        self.procs.kill(self.proc, sig)
+
+    def ping(self) -> bool:
+        """Whether it answers ``ping`` now."""
+        import pymongo
+        client = pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=300)
+        try:
+            return bool(client.admin.command("ping"))
+        except pymongo.errors.PyMongoError:
+            return False
+        finally:
+            client.close()
+
+
+#: The write paths of zarkov.storage that each kind of server must take.  Real MongoDB
+#: and mongo-java-server take MongoDB's; FerretDB 1.24 the fallbacks.
+MONGODB_PATHS = {"replace": "renamed over", "overwrite": "replace-upserts", "move": "renamed"}
+EXPECTED_PATHS = {
+    "mongodb": MONGODB_PATHS,
+    "java": MONGODB_PATHS,
+    "ferretdb": {"replace": "replaced in place", "overwrite": "delete+insert",
+                 "move": "moved documents"},
+}
+#: (test, what, path) of every path assertion made in the session, for its summary.
+PATHS_CHECKED: list[tuple[str, str, str]] = []

@@ -14,6 +14,8 @@ import yaml
 
 from tests import aggtools as A
 from tests.support import run_zcmd, wait_for
+from zarkov import aggregation
+from zarkov import config as C
 
 SLOW = "my.slow.SlowTask"  # the article's count, 20 ms per event in map
 
@@ -115,17 +117,7 @@ def test_xmr_task_with_document_keys(db, config, procs):
 
 
 # -- kills -------------------------------------------------------------------------
-def _prepared(db, task_name="my.tasks.MyTask"):
-    """Events already aggregated, then new ones: the next run has old values to merge.
-
-    The aggregated state is written directly (what earlier runs leave), which keeps
-    these tests short; test_article_example checks that runs produce it.
-    """
-    A.register(db, task_name=task_name)
-    A.add_events(db, 200, seed=4, aggregates=[A.NAME], jobs=[])
-    db[A.TARGET].insert_many([{"_id": k, "value": v} for k, v in A.python_count(db).items()])
-    # Many keys, so that applying takes several batches and can be cut in the middle.
-    A.add_events(db, 180, keys=[f"k{i}" for i in range(120)] + list("abc"), seed=5)
+_prepared = A.prepared
 
 
 @pytest.mark.parametrize("point", ["marking", "running", "staged", "applying", "flagging"])
@@ -155,6 +147,26 @@ def test_killed_twice_in_a_row(db, config, procs):
     A.kill_at(procs, config, "applying")
     A.kill_at(procs, config, "applying")  # killed again while finishing the first
     A.ok(A.aggregate(config, A.NAME))
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+# -- which way the outputs are written --------------------------------------------------
+def test_write_paths_follow_the_server(db, config, monkeypatch, expect_path):
+    """A full run replaces its target (renaming the staging collection over it where
+    the server can); an incremental run overwrites documents (ReplaceOne upserts where
+    the server takes them): on MongoDB's paths wherever the server allows."""
+    monkeypatch.syspath_prepend(A.TASKS_DIR)
+    cfg = C.load(config)
+    A.register(db)
+    A.add_events(db, 200, seed=15)
+    db[A.TARGET].insert_one({"_id": "stale", "value": 1})
+    res = aggregation.run(cfg, A.NAME, full=True)
+    expect_path("replace", res.write_paths[A.TARGET])
+    assert A.output(db) == A.python_count(db)
+    A.add_events(db, 50, keys="az", seed=16)
+    res = aggregation.run(cfg, A.NAME)
+    expect_path("overwrite", res.write_paths[A.TARGET])
     assert A.output(db) == A.python_count(db)
     A.assert_clean(db)
 

@@ -1,17 +1,14 @@
-"""The event logger keeps every accepted event: SIGKILL mid-commit, database down."""
+"""The event logger keeps every accepted event: SIGKILL mid-commit, database down
+(a private server of the kind under test, SIGKILLed and started again)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 
 import pymongo
-import pytest
 
 from tests.eventlog_util import load, push, seqs, start_logger, stats, wait_accepted
-from tests.support import ROOT, free_port, wait_for
-
-FERRETDB = os.path.join(ROOT, "var", "bin", "ferretdb")
+from tests.support import wait_for
 
 
 def burst(first: int, n: int) -> list[dict]:
@@ -46,39 +43,20 @@ def test_sigkill_before_everything_is_committed_then_restart_stores_each_event_o
     assert journal_files == [], journal_files
 
 
-def _ping(uri: str) -> bool:
-    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=300)
-    try:
-        return bool(client.admin.command("ping"))
-    finally:
-        client.close()
-
-
 def test_events_sent_while_the_database_is_down_are_stored_once_it_is_back(
-        procs, config_file, tmp_path):
-    if not os.access(FERRETDB, os.X_OK):
-        pytest.skip("needs the bundled FerretDB binary (scripts/dev-db build)")
-    port = free_port()
-    uri = f"mongodb://127.0.0.1:{port}/"
-    data = tmp_path / "ferretdb"
-    data.mkdir()
-
-    def start_db(name: str):
-        proc = procs.start(name, [FERRETDB, "-listen", f"127.0.0.1:{port}", "-data", str(data)])
-        wait_for(lambda: _ping(uri), timeout=30, what="the private database server")
-        return proc
-
-    database = start_db("ferretdb")
-    path = config_file(mongo_uri=uri, mongo_database="zdown")
+        procs, config_file, private_server):
+    """The database SIGKILLed under the logger, the logger too, then both back."""
+    database = private_server.start()
+    path = config_file(mongo_uri=database.uri, mongo_database="zdown")
     cfg = load(path)
-    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+    client = pymongo.MongoClient(database.uri, serverSelectionTimeoutMS=5000)
     event = client.zdown.event
     try:
         p = start_logger(procs, path)
         push(cfg["bson_bind_address"], burst(0, 1000))
         wait_for(lambda: event.count_documents({}) == 1000, what="the first events stored")
 
-        procs.kill(database, signal.SIGTERM)
+        database.kill()  # SIGKILL: what it acknowledged must still be there
         push(cfg["bson_bind_address"], burst(1000, 1500))
         wait_accepted(procs, p, cfg["journal"], 2500)
         wait_for(lambda: stats(cfg["journal"]).get("db_ok") is False, timeout=30,
@@ -89,7 +67,7 @@ def test_events_sent_while_the_database_is_down_are_stored_once_it_is_back(
         push(cfg["bson_bind_address"], burst(2500, 1500))
         wait_accepted(procs, p2, cfg["journal"], 1500)
 
-        start_db("ferretdb2")
+        database.start()
         wait_for(lambda: event.count_documents({}) >= 4000, timeout=60,
                  what="every event committed once the database is back")
         wait_for(lambda: stats(cfg["journal"]).get("backlog_files") == 0, what="no backlog")
@@ -98,7 +76,6 @@ def test_events_sent_while_the_database_is_down_are_stored_once_it_is_back(
         assert "replaying" in procs.log("eventlog2")
     finally:
         client.close()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def test_a_killed_event_server_is_restarted_and_replays_its_journal(procs, config_file, db):

@@ -57,13 +57,15 @@ def test_journal_reads_back_and_stops_at_a_torn_tail(tmp_path):
     j2.close()
 
 
-def test_rotate_keeps_num_event_logs_and_dumps_the_oldest(db, tmp_path):
+def test_rotate_keeps_num_event_logs_and_dumps_the_oldest(db, tmp_path, expect_path):
     for name, n in (("event", 3), ("event.0", 2), ("event.1", 1)):
         db[name].insert_many([{"type": name, "i": i} for i in range(n)])
     db.event.create_index("type", name="by_type")
     dump = str(tmp_path / "dump")
     done = rotate(db, dump, keep=2)
     assert any("dumped event.1 (1 documents)" in line for line in done), done
+    moved = [line for line in done if "event to event.0" in line]
+    expect_path("move", "renamed" if moved[0].startswith("renamed") else "moved documents")
     names = set(db.list_collection_names())
     assert {"event.0", "event.1"} <= names and "event.2" not in names
     assert db["event.0"].count_documents({"type": "event"}) == 3

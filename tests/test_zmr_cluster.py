@@ -185,6 +185,22 @@ def test_reduce_folds_into_existing_values(zmr):
                                       "s0": 2 * SMALL["s0"] + 1000}
 
 
+def test_write_paths_follow_the_server(zmr, expect_path):
+    """replace builds aside and renames over the target where the server can; merge and
+    reduce write with ReplaceOne upserts where the server takes them."""
+    zmr.db["zagg.paths"].insert_one({"_id": "stale", "value": 1})
+    st = zmr.run(zmr.request((F.map_by_s, F.reduce_sum), input_name="small",
+                             output_name="zagg.paths"))
+    expect_path("replace", st["write_path"])
+    assert zmr.output("zagg.paths") == SMALL
+    assert not [c for c in zmr.db.list_collection_names() if c.startswith("zmr.tmp.")]
+    for output_type in ("merge", "reduce"):
+        st = zmr.run(zmr.request((F.map_by_s, F.reduce_sum), input_name="small",
+                                 output_name="zagg.paths", output_type=output_type))
+        expect_path("overwrite", st["write_path"])
+    assert zmr.output("zagg.paths") == {k: 2 * v for k, v in SMALL.items()}
+
+
 @pytest.mark.parametrize("output_type", ["replace", "merge"])
 def test_rewriting_many_existing_documents(zmr, output_type):
     # Hundreds of updates of existing documents: FerretDB hangs on one update

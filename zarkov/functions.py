@@ -2,8 +2,8 @@
 
 A map, reduce or finalize function is shipped to workers as the dedented source of a
 module-level function plus the name to call after executing that source in a fresh
-namespace (SPEC §4).  Errors name the function, so that a job's traceback or a
-command's one-line message points at the culprit.
+namespace (README, "The map-reduce protocol").  Errors name the function, so that a
+job's traceback or a command's one-line message points at the culprit.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Task: the base class of aggregation logic (SPEC §5, the seed article).
+"""Task: the base class of aggregation logic (README "Using it", the original article).
 
 Users subclass :class:`Task`, override ``_start_jobs(self, socket, full)`` and start
 map-reduce jobs from it with :meth:`Task.start_mr` (or :meth:`Task.start_xmr`,
@@ -25,13 +25,8 @@ from typing import Any, Callable, Optional, Union
 import bson
 from pymongo.collection import Collection
 
-from zarkov import functions, wire
+from zarkov import wire
 from zarkov.zmr import client
-
-# How often a waiting Task asks the router for its jobs' status (s): short at first so
-# that small jobs finish fast, then backing off so that long ones cost little.
-POLL_FIRST = 0.02
-POLL_MAX = 0.5
 
 
 class TaskError(Exception):
@@ -81,23 +76,6 @@ class RunContext:
                              "reduce_text": reduce_text, "reduce_name": reduce_name,
                              "finalize": finalize})
         return staging
-
-
-def _shippable(func: Any, name: Optional[str], what: str) -> tuple[str, str]:
-    """(source text, name) of a function or of source text plus its name."""
-    if func is None:
-        raise TaskError(f"a {what} function is required")
-    if callable(func):
-        try:
-            text, fname = functions.source_of(func)
-        except functions.FunctionError as e:
-            raise TaskError(f"{what}: {e}") from None
-        return text, name or fname
-    if isinstance(func, str):
-        if not name:
-            raise TaskError(f"{what} given as source text needs {what}_name")
-        return func, name
-    raise TaskError(f"{what} must be a function or source text, got {type(func).__name__}")
 
 
 def _collection_name(collection: Union[Collection, str]) -> str:
@@ -193,32 +171,31 @@ class Task:
                          map_name: Optional[str], reduce_name: Optional[str],
                          finalize: Any, finalize_name: Optional[str]) -> Any:
         """Build and send a mapreduce (``mr``) or xmapreduce (``xmr``) request."""
-        map_text, map_name = _shippable(map, map_name, "map")
-        reduce_text, reduce_name = _shippable(reduce, reduce_name, "reduce")
-        command = "mapreduce" if kind == "mr" else "xmapreduce"
-        request = {"$command": command, "database": self.config.mongo_database,
-                   "input_names": [self.input_name], "query": self._query(filter),
-                   "map_text": map_text, "map_name": map_name,
-                   "reduce_text": reduce_text, "reduce_name": reduce_name}
-        if finalize is not None:
-            request["finalize_text"], request["finalize_name"] = _shippable(
-                finalize, finalize_name, "finalize")
+        try:
+            request = client.mapreduce_request(
+                map, reduce, finalize, query=self._query(filter), xmr=kind == "xmr",
+                map_name=map_name, reduce_name=reduce_name, finalize_name=finalize_name,
+                database=self.config.mongo_database, input_names=[self.input_name])
+        except client.BadFunction as e:
+            raise TaskError(str(e)) from None
         out_field = "output_name" if kind == "mr" else "output_prefix"
         if self._context is not None:
             # Always fresh collections of their own; the engine applies them later.
-            request[out_field] = self._context.stage(kind, target, reduce_text, reduce_name,
-                                                     finalize is not None)
+            request[out_field] = self._context.stage(
+                kind, target, request["reduce_text"], request["reduce_name"],
+                finalize is not None)
             request["output_type"] = "replace"
         else:
             request[out_field] = target
             request["output_type"] = "replace" if full else "reduce"
-        return self._submit(socket, request, command, target)
+        return self._submit(socket, request, request["$command"], target)
 
     def start_basic_job(self, socket: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``func(*args, **kwargs)`` on a worker; its result lands in ``self.results``."""
-        func_text, func_name = _shippable(func, kwargs.pop("func_name", None), "func")
-        request = {"$command": "basic", "func_text": func_text, "func_name": func_name,
-                   "args": list(args), "kwargs": kwargs}
+        try:
+            request = client.basic_request(func, *args, **kwargs)
+        except client.BadFunction as e:
+            raise TaskError(str(e)) from None
         return self._submit(socket, request, "basic", None)
 
     # -- running --------------------------------------------------------------------
@@ -232,7 +209,7 @@ class Task:
         return self.wait(socket)
 
     def wait(self, socket: Any) -> int:
-        """Poll the router until every started job is complete; return documents read.
+        """Wait until every started job is complete; return the documents they read.
 
         Raises JobFailed when a job fails, when the router forgets a job (it was
         restarted) or does not answer within ``zmr.max_chunk_timeout``, and when no
@@ -240,43 +217,30 @@ class Task:
         """
         timeout = float(self.config.zmr.max_chunk_timeout)
         started = time.monotonic()
-        pending = [j for j in self._jobs]
-        last_change = time.monotonic()
-        last_seen: Any = None
-        delay = POLL_FIRST
-        while pending:
-            for job in list(pending):
-                try:
-                    status = client.status(socket, job["job_id"], timeout) or {}
-                except wire.RouterTimeout as e:
-                    raise JobFailed(str(e)) from None
-                except client.ZmrError as e:
-                    raise JobFailed(f"{job['kind']} job {job['job_id']}: {e}") from None
-                job["status"] = status
-                state = status.get("state")
-                if state == "complete":
-                    pending.remove(job)
-                    if job["kind"] == "basic":
-                        self.results[job["job_id"]] = status.get("result")
-                elif state == "error":
-                    tb = status.get("traceback")
-                    last = (tb or "").strip().splitlines()[-1:] or ["no traceback"]
-                    raise JobFailed(f"{job['kind']} job into {job['target'] or '-'} failed: "
-                                    f"{last[0]}", tb)
-                elif state == "UNKNOWN" or state is None:
-                    raise JobFailed(f"the router does not know job {job['job_id']} any more "
-                                    f"(was it restarted?)")
-            seen = [{k: v for k, v in j["status"].items() if k != "elapsed"}
-                    for j in self._jobs]
-            if seen != last_seen:
-                last_seen, last_change = seen, time.monotonic()
-            elif time.monotonic() - last_change > 2 * timeout:
-                raise JobFailed(f"no job progress for {2 * timeout:g} s "
-                                f"(are workers connected to {self.config.zmr.req_uri}?)")
+        by_id = {j["job_id"]: j for j in self._jobs}
+
+        def progress(statuses: dict) -> None:
+            for job_id, st in statuses.items():
+                by_id[job_id]["status"] = st
             self._report(started)
-            if pending:
-                time.sleep(delay)
-                delay = min(delay * 1.5, POLL_MAX)
+
+        try:
+            final = client.wait(socket, list(by_id), on_progress=progress,
+                                stall=2 * timeout, request_timeout=timeout)
+        except wire.RouterTimeout as e:
+            raise JobFailed(str(e)) from None
+        except client.JobError as e:
+            job = by_id[e.job_id]
+            raise JobFailed(f"{job['kind']} job into {job['target'] or '-'} failed: "
+                            f"{client.last_line(e.traceback)}", e.traceback) from None
+        except client.Stalled:
+            raise JobFailed(f"no job progress for {2 * timeout:g} s "
+                            f"(are workers connected to {self.config.zmr.req_uri}?)") from None
+        except client.ZmrError as e:
+            raise JobFailed(str(e)) from None
+        for job_id, st in final.items():
+            if by_id[job_id]["kind"] == "basic":
+                self.results[job_id] = st.get("result")
         return self.docs_read()
 
     def docs_read(self) -> int:

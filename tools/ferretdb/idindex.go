@@ -19,16 +19,23 @@ import (
 // dir, a moment after the table appears.  It changes no data and no result, only
 // the query plans, so the bundled server behaves like MongoDB's _id index.
 func indexIDs(ctx context.Context, dir string, every time.Duration, l *slog.Logger) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-
-	for {
+	tick(ctx, every, func() {
 		files, _ := filepath.Glob(filepath.Join(dir, "*.sqlite"))
 		for _, f := range files {
 			if err := indexFile(ctx, f); err != nil && ctx.Err() == nil {
 				l.Debug("id index", slog.String("file", f), slog.String("error", err.Error()))
 			}
 		}
+	})
+}
+
+// tick calls fn at once, then every interval until ctx is done.
+func tick(ctx context.Context, every time.Duration, fn func()) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+
+	for {
+		fn()
 
 		select {
 		case <-ctx.Done():

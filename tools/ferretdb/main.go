@@ -12,9 +12,11 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"syscall"
 	"time"
 
+	"github.com/FerretDB/FerretDB/build/version"
 	"github.com/FerretDB/FerretDB/ferretdb"
 )
 
@@ -23,6 +25,8 @@ func main() {
 	dataDir := flag.String("data", "var/ferretdb", "directory of the SQLite files")
 	logLevel := flag.String("log-level", "error", "log level: debug, info, warn or error")
 	idIndex := flag.Bool("id-index", true, "index the _id expression FerretDB queries with (see idindex.go)")
+	synchronous := flag.String("synchronous", "normal", "SQLite synchronous mode: normal (WAL synced every -wal-sync, see walsync.go) or full (WAL synced at every commit)")
+	walSync := flag.Duration("wal-sync", 100*time.Millisecond, "with -synchronous normal: how often the WAL files are synced to disk")
 	flag.Parse()
 
 	dir, err := filepath.Abs(*dataDir)
@@ -33,10 +37,16 @@ func main() {
 		log.Fatalf("ferretdb: data dir %q: %v", dir, err)
 	}
 
+	setVersion()
+
+	if *synchronous != "normal" && *synchronous != "full" {
+		log.Fatalf("ferretdb: -synchronous %q: want normal or full", *synchronous)
+	}
+
 	f, err := ferretdb.New(&ferretdb.Config{
 		Listener:  ferretdb.ListenerConfig{TCP: *listen},
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + dir + "/",
+		SQLiteURL: "file:" + dir + "/?_pragma=synchronous(" + *synchronous + ")",
 		Logger:    newLogger(*logLevel),
 	})
 	if err != nil {
@@ -48,6 +58,10 @@ func main() {
 
 	if *idIndex {
 		go indexIDs(ctx, dir, 200*time.Millisecond, newLogger(*logLevel))
+	}
+
+	if *synchronous == "normal" && *walSync > 0 {
+		go syncWALs(ctx, dir, *walSync, newLogger(*logLevel))
 	}
 
 	fmt.Fprintf(os.Stderr, "ferretdb: listening on %s, data in %s\n", *listen, dir)
@@ -63,4 +77,21 @@ func newLogger(level string) *slog.Logger {
 		log.Fatalf("ferretdb: -log-level %q: %v", level, err)
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}
+
+// setVersion makes buildInfo's ferretdbVersion say which FerretDB this is: embedded,
+// FerretDB cannot read the version file that its module zip lacks and says
+// "unknown", but the Go build records the module's version.
+func setVersion() {
+	info := version.Get()
+	if info.Version != "unknown" {
+		return
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, dep := range bi.Deps {
+			if dep.Path == "github.com/FerretDB/FerretDB" {
+				info.Version = dep.Version
+			}
+		}
+	}
 }

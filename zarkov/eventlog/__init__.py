@@ -1,4 +1,5 @@
-"""The event logger (SPEC §3): ZeroMQ ingest, write-ahead journal, commits to MongoDB.
+"""The event logger: ZeroMQ ingest, write-ahead journal, commits to MongoDB (README,
+"The event logger").
 
 ``EventLogger(config).start()`` runs it inside a gevent process and ``.stop()`` flushes
 the journal; see :mod:`zarkov.eventlog.server`.  Modules: ``schema`` (what an event

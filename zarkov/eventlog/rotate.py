@@ -1,17 +1,15 @@
-"""Rotate the event collections: ``event`` → ``event.0`` → ``event.1`` … (SPEC §1).
+"""Rotate the event collections: ``event`` → ``event.0`` → ``event.1`` … (README,
+"Commands": ``zcmd rotate``).
 
 ``num_event_logs`` rotated collections are kept (``event.0`` … ``event.<k-1>``).  The
 one that would fall off the end is first written to the dump directory as a BSON
 file (documents back to back, as ``mongodump`` writes them), then dropped.  Renames
 go from the oldest to the newest so that no rename ever lands on an existing
-collection (FerretDB has no ``renameCollection`` with ``dropTarget``).
-
-Where the server refuses the rename itself (FerretDB 1.24 refuses collection names
-with a dot in ``renameCollection``), documents are moved in batches instead: inserted
-into the target (a duplicate key counts as done, so a rerun after a crash completes
-the move) and then deleted from the source by ``_id``; ``event`` is never dropped,
-so events the logger inserts meanwhile stay in it.  Either way the new ``event``
-has the indexes the old one had.
+collection.  Each step moves one collection's documents to the next name with
+:meth:`zarkov.storage.Writes.move`: a rename where the server can, else documents
+moved in batches (a rerun after a crash completes the move); ``event`` itself is
+never dropped then, so events the logger inserts meanwhile stay in it.  Either way
+the new ``event`` has the indexes the old one had.
 """
 from __future__ import annotations
 
@@ -21,11 +19,10 @@ import os
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, OperationFailure
+
+from zarkov import storage
 
 COLLECTION = "event"
-MOVE_BATCH = 5000
-INVALID_NAMESPACE = 73
 
 
 class RotateError(Exception):
@@ -52,48 +49,14 @@ def dump_collection(db: Database, name: str, dump_dir: str) -> tuple[str, int]:
     return path, count
 
 
-def _copy_indexes(db: Database, source: str, target: str) -> list[str]:
-    made = []
-    for name, info in db[source].index_information().items():
-        if name == "_id_":
-            continue
-        options = {k: v for k, v in info.items() if k not in ("key", "v", "ns")}
-        db[target].create_index(info["key"], name=name, **options)
-        made.append(name)
-    return made
-
-
-def _move_documents(db: Database, source: str, target: str) -> int:
-    _copy_indexes(db, source, target)
-    raw = db.get_collection(source, codec_options=CodecOptions(document_class=RawBSONDocument))
-    moved = 0
-    while True:
-        batch = list(raw.find().sort("_id", 1).limit(MOVE_BATCH))
-        if not batch:
-            return moved
-        try:
-            db[target].insert_many(batch, ordered=False)
-        except BulkWriteError as e:
-            if any(x.get("code") != 11000 for x in e.details.get("writeErrors", [])):
-                raise
-        db[source].delete_many({"_id": {"$in": [d["_id"] for d in batch]}})
-        moved += len(batch)
-
-
 def _move(db: Database, source: str, target: str) -> str:
-    """Rename ``source`` to ``target``, or move its documents where renaming is refused."""
-    try:
-        db[source].rename(target)
-    except OperationFailure as e:
-        if e.code != INVALID_NAMESPACE:
-            raise
-        moved = _move_documents(db, source, target)
-        if source != COLLECTION:
-            db.drop_collection(source)
-        return f"moved {moved} documents from {source} to {target} (rename refused: {e.details.get('errmsg')})"
-    if source == COLLECTION:
-        _copy_indexes(db, target, COLLECTION)
-    return f"renamed {source} to {target}"
+    """Move ``source`` to ``target`` (see the module docstring); what was done."""
+    how = storage.writes(db).move(source, target, drop_source=source != COLLECTION)
+    if how == storage.MOVED_BY_RENAME:
+        if source == COLLECTION:  # the logger's next inserts create it: same indexes
+            storage.copy_indexes(db, target, COLLECTION)
+        return f"renamed {source} to {target}"
+    return f"moved the documents of {source} to {target} ({how}: the server does not rename it)"
 
 
 def rotate(db: Database, dump_dir: str, keep: int) -> list[str]:

@@ -1,6 +1,6 @@
 """The event schema: turn one received message into the BSON document to store.
 
-An event (SPEC §3) has ``timestamp`` (a datetime, filled with the receive time when
+An event (README) has ``timestamp`` (a datetime, filled with the receive time when
 missing), ``type`` (a string, required), ``context`` (a document, ``{}`` when missing)
 and ``extra`` (anything).  Its ``_id`` (an ObjectId) is given here, before the event
 is journaled, so that replaying the journal after a crash inserts nothing twice: the

@@ -1,19 +1,23 @@
 """For those who submit jobs: build requests, submit, ask status, wait.
 
-Every function takes a REQ socket from :func:`zarkov.wire.req_socket` connected to
-``zmr.req_uri``; a router that does not answer makes them raise
-:class:`zarkov.wire.RouterTimeout` (its message names the URI) within
-``timeout`` seconds.  Example::
+The requests are those of README "The map-reduce protocol" (their fields:
+:mod:`.jobspec`).  Every function takes a REQ socket from
+:func:`zarkov.wire.req_socket` connected to ``zmr.req_uri``; a router that does not
+answer makes them raise :class:`zarkov.wire.RouterTimeout` (its message names the
+URI) within ``request_timeout`` seconds.  Example::
 
     sock = wire.req_socket(config.zmr.req_uri)
     job_id = client.submit(sock, client.mapreduce_request(my_map, my_reduce,
                                                           output_name="zagg.x"))
     client.wait(sock, [job_id], timeout=600)
+
+:class:`zarkov.task.Task` builds its requests and waits for its jobs with these same
+functions.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import bson
 
@@ -21,52 +25,103 @@ from zarkov import functions, wire
 
 FINAL_STATES = ("complete", "error")
 
+#: Polling of ``wait``: fast at first so that small jobs finish fast, then backing off
+#: so that long ones cost the router little.
+POLL_FIRST = 0.02
+POLL_MAX = 0.5
+
+#: A function to ship: a module-level function, or its source text (then its name
+#: must be given too).
+Shippable = Union[Callable[..., Any], str]
+
 
 class ZmrError(Exception):
     """The router refused a request (its ``error`` reply) or a job failed."""
+
+
+class BadFunction(ZmrError, ValueError):
+    """A function that cannot be shipped to workers (the message says why)."""
 
 
 class JobError(ZmrError):
     """A job ended in state ``error``; ``status`` is its status document."""
 
     def __init__(self, job_id: str, status: Mapping[str, Any]):
-        tb = (status.get("traceback") or "").strip()
-        super().__init__(f"job {job_id} failed: {tb.splitlines()[-1] if tb else 'no traceback'}")
+        super().__init__(f"job {job_id} failed: {last_line(status.get('traceback'))}")
         self.job_id = job_id
         self.status = dict(status)
+        self.traceback = status.get("traceback")
+
+
+class JobLost(ZmrError):
+    """The router does not know the job (any more): it was restarted."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"the router does not know job {job_id} any more "
+                         f"(was it restarted?)")
+        self.job_id = job_id
 
 
 class WaitTimeout(ZmrError):
-    """Jobs still running when ``wait`` gave up."""
+    """Jobs still running when ``wait`` reached its deadline."""
 
 
-def _ship(func: Callable[..., Any] | None, what: str) -> dict[str, str]:
+class Stalled(ZmrError):
+    """No job made any progress for ``stall`` seconds (no worker serving the router?)."""
+
+
+def last_line(traceback: Optional[str]) -> str:
+    """The last line of a traceback (the exception), or ``no traceback``."""
+    lines = (traceback or "").strip().splitlines()
+    return lines[-1] if lines else "no traceback"
+
+
+# -- requests ------------------------------------------------------------------------
+def shipped(func: Optional[Shippable], what: str, name: Optional[str] = None) -> dict[str, str]:
+    """``{<what>_text, <what>_name}`` of a function or of source text named ``name``."""
     if func is None:
-        return {}
-    text, name = functions.source_of(func)
-    return {f"{what}_text": text, f"{what}_name": name}
+        raise BadFunction(f"a {what} function is required")
+    if callable(func):
+        try:
+            text, fname = functions.source_of(func)
+        except functions.FunctionError as e:
+            raise BadFunction(f"{what}: {e}") from None
+        return {f"{what}_text": text, f"{what}_name": name or fname}
+    if isinstance(func, str):
+        if not name:
+            raise BadFunction(f"{what} given as source text needs {what}_name")
+        return {f"{what}_text": func, f"{what}_name": name}
+    raise BadFunction(f"{what} must be a function or source text, got {type(func).__name__}")
 
 
-def mapreduce_request(map: Callable[..., Any], reduce: Callable[..., Any],
-                      finalize: Callable[..., Any] | None = None, *,
-                      query: Mapping[str, Any] | None = None, xmr: bool = False,
-                      **fields: Any) -> dict[str, Any]:
+def mapreduce_request(map: Shippable, reduce: Shippable,
+                      finalize: Optional[Shippable] = None, *,
+                      query: Union[Mapping[str, Any], bytes, None] = None, xmr: bool = False,
+                      map_name: Optional[str] = None, reduce_name: Optional[str] = None,
+                      finalize_name: Optional[str] = None, **fields: Any) -> dict[str, Any]:
     """A ``mapreduce`` (``xmapreduce`` when ``xmr``) request shipping these functions.
 
-    ``fields`` adds or overrides request fields: ``database``, ``input_names``,
-    ``output_name``, ``output_type``, ``output_prefix``, ``wait``.
+    ``query`` is a filter document (or its BSON).  ``fields`` adds or overrides
+    request fields: ``database``, ``input_names``, ``output_name``, ``output_type``,
+    ``output_prefix``, ``wait``.
     """
-    return {"$command": "xmapreduce" if xmr else "mapreduce",
-            "query": bson.encode(dict(query or {})),
-            **_ship(map, "map"), **_ship(reduce, "reduce"), **_ship(finalize, "finalize"),
-            **fields}
+    if not isinstance(query, bytes):
+        query = bson.encode(dict(query or {}))
+    request = {"$command": "xmapreduce" if xmr else "mapreduce", "query": query,
+               **shipped(map, "map", map_name), **shipped(reduce, "reduce", reduce_name)}
+    if finalize is not None:
+        request.update(shipped(finalize, "finalize", finalize_name))
+    return {**request, **fields}
 
 
-def basic_request(func: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+def basic_request(func: Shippable, *args: Any, func_name: Optional[str] = None,
+                  **kwargs: Any) -> dict[str, Any]:
     """A ``basic`` request: run ``func(*args, **kwargs)`` on a worker."""
-    return {"$command": "basic", **_ship(func, "func"), "args": list(args), "kwargs": kwargs}
+    return {"$command": "basic", **shipped(func, "func", func_name), "args": list(args),
+            "kwargs": kwargs}
 
 
+# -- calls ---------------------------------------------------------------------------
 def call(sock, request: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """One request; raises ZmrError when the reply carries ``error``."""
     reply = wire.call(sock, request, timeout)
@@ -82,44 +137,73 @@ def submit(sock, request: Mapping[str, Any], timeout: float = 10.0) -> str:
 
 
 def status(sock, job_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    """The job's status document: ``{state, phase, docs_read, ...}``."""
-    return call(sock, {"$command": "status", "job_id": job_id}, timeout)["status"]
+    """The job's status document: ``{state, phase, docs_read, ...}``.
+
+    A job the router does not know has state ``UNKNOWN``.
+    """
+    reply = wire.call(sock, {"$command": "status", "job_id": job_id}, timeout)
+    st = reply.get("status")
+    if not isinstance(st, dict):
+        raise ZmrError(f"status: {reply.get('error', 'reply without a status')}")
+    return st
 
 
-def wait(sock, job_ids: Iterable[str], timeout: float | None = None,
-         on_progress: Callable[[str, dict[str, Any]], None] | None = None,
-         interval: float = 0.2, raise_on_error: bool = True) -> dict[str, dict[str, Any]]:
+def wait(sock, job_ids: Iterable[str], timeout: Optional[float] = None,
+         on_progress: Optional[Callable[[dict[str, dict[str, Any]]], None]] = None,
+         raise_on_error: bool = True, *, stall: Optional[float] = None,
+         request_timeout: float = 10.0) -> dict[str, dict[str, Any]]:
     """Poll until every job has ended; return {job_id: final status}.
 
-    ``on_progress(job_id, status)`` is called at each poll of a running job.
-    Raises WaitTimeout after ``timeout`` seconds (None: no limit), and JobError
-    for the first job that ended in ``error`` when ``raise_on_error``.
+    The one waiter of Zarkov (``Task`` uses it too):
+
+    * ``timeout``: a deadline in seconds (None: none); WaitTimeout after it;
+    * ``stall``: Stalled when no job's status changed for that long (a router with
+      no worker never fails a job, it just waits);
+    * ``raise_on_error``: JobError as soon as any job ends in ``error`` (fail fast,
+      without waiting for the others); else errors are returned like completions;
+    * JobLost when the router does not know a job (restarted), whatever the mode;
+    * ``on_progress(statuses)`` after each round of polls, with the latest status
+      of every job (the ended ones too);
+    * a basic job's result is its final status's ``result``.
+
+    Polls start every 20 ms and back off to every 0.5 s.
     """
-    pending = list(job_ids)
-    final: dict[str, dict[str, Any]] = {}
+    ids = list(job_ids)
+    latest: dict[str, dict[str, Any]] = {}
+    pending = list(ids)
     deadline = None if timeout is None else time.monotonic() + timeout
+    last_change, last_seen = time.monotonic(), None
+    delay = POLL_FIRST
     while True:
         for job_id in list(pending):
-            st = status(sock, job_id)
-            if st.get("state") in FINAL_STATES:
-                final[job_id] = st
+            st = status(sock, job_id, request_timeout)
+            latest[job_id] = st
+            state = st.get("state")
+            if state == "UNKNOWN" or state is None:
+                raise JobLost(job_id)
+            if state in FINAL_STATES:
                 pending.remove(job_id)
-            elif on_progress is not None:
-                on_progress(job_id, st)
+                if state == "error" and raise_on_error:
+                    raise JobError(job_id, st)
+        if on_progress is not None:
+            on_progress({j: latest[j] for j in ids})
         if not pending:
-            break
-        if deadline is not None and time.monotonic() > deadline:
+            return {j: latest[j] for j in ids}
+        now = time.monotonic()
+        seen = [{k: v for k, v in latest[j].items() if k != "elapsed"} for j in ids]
+        if seen != last_seen:
+            last_seen, last_change = seen, now
+        elif stall is not None and now - last_change > stall:
+            raise Stalled(f"no job progress for {stall:g} s: {', '.join(pending)}")
+        if deadline is not None and now > deadline:
             raise WaitTimeout(f"jobs still running after {timeout:g} s: {', '.join(pending)}")
-        time.sleep(interval)
-    if raise_on_error:
-        for job_id, st in final.items():
-            if st.get("state") == "error":
-                raise JobError(job_id, st)
-    return final
+        time.sleep(delay)
+        delay = min(delay * 1.5, POLL_MAX)
 
 
-def run(sock, request: Mapping[str, Any], timeout: float | None = None,
-        on_progress: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run(sock, request: Mapping[str, Any], timeout: Optional[float] = None,
+        on_progress: Optional[Callable[[dict[str, dict[str, Any]]], None]] = None
+        ) -> dict[str, Any]:
     """Submit one job and wait for it; return its final status (JobError on error)."""
     job_id = submit(sock, request)
     return wait(sock, [job_id], timeout, on_progress)[job_id]

@@ -7,7 +7,7 @@ sockets.  Records travel as concatenated BSON documents:
 * reduce output: ``{_id, value}`` documents (or what finalize yields), grouped by
   output collection (``""`` stands for the job's ``output_name``).
 
-The shipped functions follow SPEC §4: ``map(objects)`` yields ``(key, value)``
+The shipped functions (README, "Using it"): ``map(objects)`` yields ``(key, value)``
 pairs (xmapreduce: ``{c, k, v}`` documents or ``(c, k, v)`` tuples);
 ``reduce(key, values)`` (xmapreduce: ``reduce(c, key, values)``) must accept its
 own output among the values; ``finalize(objects)`` (xmapreduce:

@@ -69,7 +69,6 @@ class Job:
         self._spill: Spill | None = None
         self._outputs: dict[str, int] = {}     # target collection -> out file index
         self._colls: dict[str, str] = {}       # target collection -> name the map gave
-        self._temps: list[str] = []
         self._phase_start = self.created
 
     # -- public ------------------------------------------------------------------
@@ -267,26 +266,12 @@ class Job:
         if self.spec.output_type == "reduce":
             self._rereduce(db)
             prefix = "final-"
-        files = {t: f"{prefix}{i:03d}" for t, i in self._outputs.items()}
-        swap = self.router.swaps_documents
-        if self.spec.output_type == "replace" and not self.router.can_rename(self.spec.database):
-            for target in self._outputs:
-                commit.replace_in_place(db[target], self._batches(files[target]), self._written,
-                                        swap)
-        elif self.spec.output_type == "replace":
-            for target, idx in self._outputs.items():  # build every output aside first
-                tmp = commit.temp_name(self.job_id, idx)
-                self._temps.append(tmp)
-                db.drop_collection(tmp)
-                db.create_collection(tmp)
-                commit.insert(db[tmp], self._batches(files[target]), self._written)
-            for target, idx in self._outputs.items():
-                commit.rename_over(self.router.mongo, self.spec.database,
-                                   commit.temp_name(self.job_id, idx), target)
-            self._temps.clear()
-        else:
-            for target in self._outputs:
-                commit.upsert(db[target], self._batches(files[target]), self._written, swap)
+        outputs = {t: self._batches(f"{prefix}{i:03d}") for t, i in self._outputs.items()}
+        path = commit.write(self.router.writes(self.spec.database), self.spec.output_type,
+                            outputs, lambda t: commit.temp_name(self.job_id, self._outputs[t]),
+                            self._written)
+        if path is not None:
+            self.info["write_path"] = path
 
     def _rereduce(self, db) -> None:
         """Reduce mode: fold the stored values in, on workers, before any write."""
@@ -306,7 +291,5 @@ class Job:
     def _cleanup(self) -> None:
         for ts in self._sets:
             self.router.dispatcher.unregister(ts)
-        if self._temps:
-            commit.drop_quietly(self.router.mongo[self.spec.database], self._temps)
         if self._spill is not None:
             self._spill.remove()

@@ -1,4 +1,4 @@
-"""Job requests: required fields, defaults and types (SPEC §4).
+"""Job requests: required fields, defaults and types (README, "The map-reduce protocol").
 
 :func:`parse` turns a ``mapreduce`` / ``xmapreduce`` / ``basic`` request into a
 :class:`JobSpec` or raises :class:`BadRequest`, whose message the router sends

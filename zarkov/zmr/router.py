@@ -2,9 +2,10 @@
 
 Runs under gevent (``zmq.green``).  Three sockets:
 
-* ROUTER at ``zmr.req_bind``: one BSON request → one BSON reply (SPEC §4).  A
-  ROUTER rather than a REP so that a ``wait: true`` request can be answered when
-  its job ends while other requests are served meanwhile;
+* ROUTER at ``zmr.req_bind``: one BSON request → one BSON reply (README, "The
+  map-reduce protocol"; fields in :mod:`.jobspec`).  A ROUTER rather than a REP so
+  that a ``wait: true`` request can be answered when its job ends while other
+  requests are served meanwhile;
 * PUSH at ``zmr.worker_uri`` + ``src_port``: tasks to worker processes;
 * PULL at ``zmr.worker_uri`` + ``sink_port``: replies and heartbeats.
 
@@ -29,11 +30,11 @@ import gevent.lock
 import gevent.pool
 import pymongo
 
-from zarkov import faults, supervise, wire
+from zarkov import faults, storage, supervise, wire
 from zarkov.config import Config
 from zarkov.oneline import first_line
 from zarkov.oneline import short_repr as _short
-from zarkov.zmr import commit, jobspec
+from zarkov.zmr import jobspec
 from zarkov.zmr.dispatch import Dispatcher
 from zarkov.zmr.job import Job
 
@@ -63,8 +64,6 @@ class Router:
         self._requests = gevent.pool.Pool(self.zcfg.request_greenlets)
         self._stopped = gevent.event.Event()
         self._started = False
-        self._rename_ok: dict[str, bool] = {}
-        self._swap: bool | None = None
         self.errors = supervise.Errors(log)
 
     @property
@@ -74,18 +73,9 @@ class Router:
             self._mongo = pymongo.MongoClient(self.config.mongo_uri)
         return self._mongo
 
-    @property
-    def swaps_documents(self) -> bool:
-        """Whether outputs are overwritten by delete + insert (see commit.py)."""
-        if self._swap is None:
-            self._swap = commit.swaps_documents(self.mongo)
-        return self._swap
-
-    def can_rename(self, database: str) -> bool:
-        """Whether ``replace`` can build aside and rename (probed once per database)."""
-        if database not in self._rename_ok:
-            self._rename_ok[database] = commit.can_rename_over(self.mongo, database)
-        return self._rename_ok[database]
+    def writes(self, database: str) -> storage.Writes:
+        """How jobs write outputs into ``database`` (the server probed once per database)."""
+        return storage.writes(self.mongo[database])
 
     # -- life cycle ---------------------------------------------------------------
 

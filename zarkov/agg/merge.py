@@ -1,0 +1,92 @@
+"""Merging with the user's reduce, and applying the results to the targets
+(docs/exactly-once.md, states ``staged`` and ``applying``).
+
+Incremental run: the new value of a key is ``reduce(key, [old, staged])`` where the
+target has the key, else the staged value.  These *after-images* are computed into
+``<staging>.after`` without touching the target, then written over the target's
+documents: applying the same after-images twice gives the same result.  Full run:
+the staging collection becomes the target.  Both write through
+:mod:`zarkov.storage`, which picks the way the server allows.
+"""
+from __future__ import annotations
+
+import traceback
+
+from bson.raw_bson import RawBSONDocument
+
+from zarkov import functions, storage
+from zarkov.agg import Scope, StepFailed
+from zarkov.zmr.partition import group_key
+
+#: Documents merged per batch (one look-up of the old values per batch).
+BATCH = 1000
+#: After-images written per batch.  Where overwriting is delete + insert (FerretDB),
+#: readers of the target miss at most this many documents at a time.
+APPLY_BATCH = 100
+
+
+def after_name(out: dict) -> str:
+    """The collection of an output's after-images."""
+    return out["staging"] + ".after"
+
+
+def after_images(scope: Scope, out: dict) -> None:
+    """Compute the after-images of one output into :func:`after_name` (from scratch)."""
+    target_name = out["target"]
+    scope.report(f"merging {target_name}", 0)
+    after = scope.db[after_name(out)]
+    after.drop()
+    reduce = functions.load(out["reduce_text"], out["reduce_name"], "reduce")
+    target = scope.db[target_name]
+    n = 0
+    # Read in raw batches, written to another collection: no cursor stays open on a
+    # collection being written (FerretDB's multi-document writes would wait for it).
+    for raw in storage.raw_batches(scope.db[out["staging"]], BATCH):
+        docs = [RawBSONDocument(r) for r in raw]
+        old = {group_key(d["_id"]): d
+               for d in target.find({"_id": {"$in": [d["_id"] for d in docs]}})}
+        images = []
+        for d in docs:
+            prev = old.get(group_key(d["_id"]))
+            if prev is None:
+                images.append(d)
+                continue
+            values = [prev.get("value"), d.get("value")]
+            try:
+                if out["kind"] == "xmr":
+                    value = reduce(out["c"], d["_id"], values)
+                else:
+                    value = reduce(d["_id"], values)
+            except Exception as e:  # noqa: BLE001 - the user's reduce
+                raise StepFailed(f"reduce '{out['reduce_name']}' raised {type(e).__name__}: "
+                                 f"{e} while merging into {target_name}",
+                                 traceback.format_exc()) from None
+            images.append({**prev, "value": value})
+        after.insert_many(images, ordered=False)
+        n += len(images)
+        scope.report(f"merging {target_name}", n)
+
+
+def apply(scope: Scope, out: dict, full: bool) -> None:
+    """Write one output's results into its target (idempotent).
+
+    Full: the staging collection replaces the target; a missing staging collection
+    means it already did.  Incremental: the after-images overwrite the target's
+    documents.  The hook is called after each batch written.
+    """
+    target = out["target"]
+    scope.report(f"applying {target}", 0)
+    written = [0]
+
+    def on_batch(n: int) -> None:
+        written[0] += n
+        scope.report(f"applying {target}", written[0])
+        scope.hook("applying")
+
+    if full:
+        if out["staging"] not in scope.db.list_collection_names():
+            return
+        scope.write_paths[target] = scope.writes.replace_from(out["staging"], target, on_batch)
+    else:
+        after = storage.raw_batches(scope.db[after_name(out)], APPLY_BATCH)
+        scope.write_paths[target] = scope.writes.overwrite(target, after, on_batch)
