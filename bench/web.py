@@ -17,11 +17,11 @@ For each run:
 3. the same from ``--clients`` threads of that process (the database under the same
    concurrency as the web service puts on it).
 
-Prints each run, then medians and the ratios web / baseline.  The database server is
-named (``buildInfo``): on the bundled FerretDB every range filter decodes the whole
-collection, which bounds every side alike.
-Usage: ``python bench/web.py [--keys 10000] [--range 1000] [--clients 8] [--runs 3]``;
-the database is ``$ZARKOV_TEST_MONGO_URI`` or the bundled one (``scripts/dev-db start``).
+Prints each run, then medians and the ratios web / baseline, on each server
+(``--server``, see bench/servers.py: both bundled servers by default), then the
+figures side by side.  On the bundled FerretDB every range filter decodes the whole
+collection, which bounds every side alike.  Usage: ``python bench/web.py [--server
+both] [--keys 10000] [--range 1000] [--clients 8] [--runs 3]``.
 """
 from __future__ import annotations
 
@@ -47,19 +47,10 @@ sys.path.insert(0, ROOT)
 import pymongo  # noqa: E402
 import yaml  # noqa: E402
 
-from ingest import free_port, mongo_uri  # noqa: E402  (bench/ is this script's directory)
+import servers  # noqa: E402  (bench/servers.py)
+from ingest import free_port  # noqa: E402  (bench/ is this script's directory)
 
 START = dt.datetime(2024, 1, 1)
-
-
-def server_name(client: pymongo.MongoClient) -> str:
-    info = client.admin.command("buildInfo")
-    if "ferretdbVersion" in info:
-        version = info["ferretdbVersion"]
-        if version == "unknown":  # the bundled launcher embeds it without a version file
-            version = "1.24.2 (bundled, SQLite)"
-        return f"FerretDB {version}"
-    return f"MongoDB {info.get('version')}"
 
 
 def key(i: int) -> str:
@@ -156,8 +147,18 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=15.0, help="length of each side of a run")
     ap.add_argument("--requests", type=int, default=5000, help="most requests of each side")
     ap.add_argument("--runs", type=int, default=3)
+    servers.add_argument(ap)
     args = ap.parse_args()
-    uri = mongo_uri()
+    chosen = servers.chosen(args)
+    figures = {server.label: measure(server, args) for server in chosen}
+    servers.side_by_side(f"bench/web.py: /q over {args.range:,} of {args.keys:,} keys, "
+                         f"{args.clients} clients, medians of {args.runs} runs", chosen, figures)
+    return 0
+
+
+def measure(server: servers.Server, args) -> dict[str, str]:
+    """Every figure on one database server."""
+    uri = server.uri
     client = pymongo.MongoClient(uri)
     db_name = f"zarkov_bench_web_{uuid.uuid4().hex[:8]}"
     db = client[db_name]
@@ -174,31 +175,17 @@ def main() -> int:
     for i in range(0, len(docs), 1000):
         coll.insert_many(docs[i:i + 1000])
     log = open(os.path.join(tmp, "web-server.log"), "w")
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "zcmd"), "-y", path,
-                               "web-server"], stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server_proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "zcmd"), "-y",
+                                    path, "web-server"], stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", f"/q?c=bench&b={key(0)}&e={key(2)}")
-                reply = conn.getresponse()
-                body = json.loads(reply.read())
-                conn.close()
-                assert body["a"][2][1] == 2, body
-                break
-            except (OSError, http.client.HTTPException):
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("bench/web.py: zcmd web-server did not answer "
-                                     f"(log: {log.name})")
-                time.sleep(0.2)
+        wait_answering(port, server_proc, log.name)
         versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("Flask", "gevent"))
-        print(f"web benchmark: /q over {args.range:,} of {args.keys:,} keys, {args.clients} "
-              f"clients on loopback against zcmd web-server (one process: {versions}, "
-              f"gevent.pywsgi); baseline: pymongo {pymongo.version} find of the same range "
-              f"from one process; {args.runs} runs of {args.seconds:g} s a side; "
-              f"{os.cpu_count()} cores; database {server_name(client)} at {uri}", flush=True)
+        servers.heading(server, f"/q over {args.range:,} of {args.keys:,} keys, "
+                        f"{args.clients} clients on loopback against zcmd web-server (one "
+                        f"process: {versions}, gevent.pywsgi); baseline: pymongo "
+                        f"{pymongo.version} find of the same range from one process; "
+                        f"{args.runs} runs of {args.seconds:g} s a side; {os.cpu_count()} cores")
         sides = ("/q", "find x1", f"find x{args.clients}")
         runs = []
         for i in range(args.runs):
@@ -222,18 +209,41 @@ def main() -> int:
               f"{b['p50'] * 1000:.0f} ms, p99 {b['p99'] * 1000:.0f} ms), {b8['rate']:.2f}/s "
               f"from {args.clients} threads (p50 {b8['p50'] * 1000:.0f} ms); /q throughput = "
               f"{ratio1:.2f}x the single find's, {ratio8:.2f}x the {args.clients}-thread "
-              f"find's (medians of the runs' ratios)")
+              f"find's (medians of the runs' ratios)", flush=True)
+        return {f"/q, {args.clients} clients (requests/s)": f"{w['rate']:.2f}",
+                "/q p50 / p99 (ms)": f"{w['p50'] * 1000:.0f} / {w['p99'] * 1000:.0f}",
+                "find, one at a time (finds/s)": f"{b['rate']:.2f}",
+                f"find, {args.clients} threads (finds/s)": f"{b8['rate']:.2f}",
+                "/q / find x1": f"{ratio1:.2f}x",
+                f"/q / find x{args.clients}": f"{ratio8:.2f}x"}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        os.killpg(server_proc.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=30)
+            server_proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            os.killpg(server_proc.pid, signal.SIGKILL)
+            server_proc.wait()
         log.close()
         client.drop_database(db_name)
         client.close()
-    return 0
+
+
+def wait_answering(port: int, proc: subprocess.Popen, log_name: str) -> None:
+    """Wait until the web server answers a small /q (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", f"/q?c=bench&b={key(0)}&e={key(2)}")
+            reply = conn.getresponse()
+            body = json.loads(reply.read())
+            conn.close()
+            assert body["a"][2][1] == 2, body
+            return
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"bench/web.py: zcmd web-server did not answer (log: {log_name})")
+            time.sleep(0.2)
 
 
 if __name__ == "__main__":
