@@ -18,14 +18,30 @@ import (
 // that FerretDB queries with, for every collection table of every database under
 // dir, a moment after the table appears.  It changes no data and no result, only
 // the query plans, so the bundled server behaves like MongoDB's _id index.
-func indexIDs(ctx context.Context, dir string, every time.Duration, l *slog.Logger) {
+//
+// A database file is first left alone for settle: FerretDB creates it and switches it
+// to WAL mode with a connection of its own, and a second connection opening the new
+// file at that moment can make FerretDB's first ping fail with SQLITE_BUSY.
+func indexIDs(ctx context.Context, dir string, every, settle time.Duration, l *slog.Logger) {
+	seen := map[string]time.Time{} // database file -> when this loop first saw it
 	tick(ctx, every, func() {
 		files, _ := filepath.Glob(filepath.Join(dir, "*.sqlite"))
+		now := time.Now()
+		present := make(map[string]time.Time, len(files))
 		for _, f := range files {
+			first, ok := seen[f]
+			if !ok {
+				first = now
+			}
+			present[f] = first
+			if now.Sub(first) < settle {
+				continue
+			}
 			if err := indexFile(ctx, f); err != nil && ctx.Err() == nil {
 				l.Debug("id index", slog.String("file", f), slog.String("error", err.Error()))
 			}
 		}
+		seen = present // a dropped database's file is new again when it comes back
 	})
 }
 

@@ -57,7 +57,7 @@ func main() {
 	defer stop()
 
 	if *idIndex {
-		go indexIDs(ctx, dir, 200*time.Millisecond, newLogger(*logLevel))
+		go indexIDs(ctx, dir, 200*time.Millisecond, time.Second, newLogger(*logLevel))
 	}
 
 	if *synchronous == "normal" && *walSync > 0 {
