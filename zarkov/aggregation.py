@@ -39,7 +39,7 @@ from pymongo import ReplaceOne, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import OperationFailure, PyMongoError
 
-from zarkov import functions, model as M, wire
+from zarkov import functions, model as M, security, wire
 from zarkov.lease import HOST, Lease, LeaseBusy, LeaseLost, utcnow
 from zarkov.task import JobFailed, RunContext, Task, TaskError
 from zarkov.zmr.partition import group_key
@@ -325,7 +325,7 @@ class _Run:
                              progress=lambda s: self._report(f"jobs: {s['phase']}",
                                                              s["docs"]))
         task = self.task_cls(self.agg, self.config, context)
-        sock = wire.req_socket(self.config.zmr.req_uri)
+        sock = wire.req_socket(self.config.zmr.req_uri, keys=security.client_keys(self.config))
         try:
             task.run(sock, record["full"])
         except (JobFailed, TaskError, wire.WireError, LeaseLost, PyMongoError):

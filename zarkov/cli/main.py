@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     try:
         return int(_command_module(opts.command).run(config, args) or 0)
+    except C.ConfigError as e:  # found when starting: e.g. a bind beyond loopback
+        print(f"zcmd: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -3,7 +3,9 @@
 Each event-server process writes ``stats-<index>.json`` under the journal directory
 a few times a second (when something changed), replacing it atomically, so that
 operators, tests and ``zcmd serve`` can read what the logger has done without a
-socket of its own.
+socket of its own.  With CURVE and several server processes, the connections
+refused on the public sockets are counted by the parent process, in
+``stats-proxy.json`` (index -1).
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import os
 import time
 from typing import Any
 
-FIELDS = ("accepted", "rejected", "committed", "duplicates")
+FIELDS = ("accepted", "rejected", "committed", "duplicates", "refused")
+PROXY_STATS = "stats-proxy.json"
 
 
 class Stats:
     """Counters: events accepted (journaled), rejected, committed (confirmed stored),
-    duplicates (of the committed ones, already in the database: a replay)."""
+    duplicates (of the committed ones, already in the database: a replay), refused
+    (connections without an authorised CURVE key: nothing they sent was read)."""
 
     def __init__(self, index: int = 0):
         self.index = index
@@ -28,6 +32,7 @@ class Stats:
         self.rejected = 0
         self.committed = 0
         self.duplicates = 0
+        self.refused = 0
         self.backlog_files = 0
         self.db_ok = True
         self.last_db_error: str | None = None
@@ -39,6 +44,7 @@ class Stats:
         return {"index": self.index, "pid": self.pid, "started": self.started,
                 "accepted": self.accepted, "rejected": self.rejected,
                 "committed": self.committed, "duplicates": self.duplicates,
+                "refused": self.refused,
                 "backlog_files": self.backlog_files, "db_ok": self.db_ok,
                 "last_db_error": self.last_db_error, "commits": list(self.commits)}
 
@@ -78,5 +84,5 @@ def total(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: sum(s.get(k, 0) for s in snapshots) for k in FIELDS}
     out["backlog_files"] = sum(s.get("backlog_files", 0) for s in snapshots)
     out["db_ok"] = all(s.get("db_ok", True) for s in snapshots)
-    out["processes"] = len(snapshots)
+    out["processes"] = sum(1 for s in snapshots if s.get("index", 0) >= 0)
     return out

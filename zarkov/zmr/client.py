@@ -1,11 +1,11 @@
 """For those who submit jobs: build requests, submit, ask status, wait.
 
-Every function takes a REQ socket from :func:`zarkov.wire.req_socket` connected to
-``zmr.req_uri``; a router that does not answer makes them raise
-:class:`zarkov.wire.RouterTimeout` (its message names the URI) within
-``timeout`` seconds.  Example::
+Every function takes a REQ socket from :func:`connect` (or
+:func:`zarkov.wire.req_socket`) connected to ``zmr.req_uri``; a router that does not
+answer makes them raise :class:`zarkov.wire.RouterTimeout` (its message names the
+URI) within ``timeout`` seconds.  Example::
 
-    sock = wire.req_socket(config.zmr.req_uri)
+    sock = client.connect(config)   # zmr.req_uri, with the CURVE keys of the config
     job_id = client.submit(sock, client.mapreduce_request(my_map, my_reduce,
                                                           output_name="zagg.x"))
     client.wait(sock, [job_id], timeout=600)
@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import bson
 
-from zarkov import functions, wire
+from zarkov import functions, security, wire
+from zarkov.config import Config
 
 FINAL_STATES = ("complete", "error")
 
@@ -38,6 +39,14 @@ class JobError(ZmrError):
 
 class WaitTimeout(ZmrError):
     """Jobs still running when ``wait`` gave up."""
+
+
+def connect(where: "Config | str", keys: "security.ClientKeys | None" = None):
+    """A REQ socket to the router: ``where`` is a Config (its ``zmr.req_uri`` and
+    CURVE keys) or a URI (with ``keys`` when the router uses CURVE)."""
+    if isinstance(where, Config):
+        return wire.req_socket(where.zmr.req_uri, keys=keys or security.client_keys(where))
+    return wire.req_socket(where, keys=keys)
 
 
 def _ship(func: Callable[..., Any] | None, what: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ Runs under gevent (``zmq.green``).  Three sockets:
 
 ``Router(config).serve_forever()`` is all a command needs; ``start()`` /
 ``stop()`` let a larger process (``zcmd serve``) run it beside other greenlets.
+With ``security.server_key`` set all three are CURVE servers (:mod:`zarkov.security`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import gevent.lock
 import gevent.pool
 import pymongo
 
-from zarkov import wire
+from zarkov import security, wire
 from zarkov.config import Config
 from zarkov.zmr import commit, jobspec
 from zarkov.zmr.dispatch import Dispatcher
@@ -79,26 +80,34 @@ class Router:
     # -- life cycle ---------------------------------------------------------------
 
     def start(self) -> "Router":
-        """Bind the sockets and start serving in background greenlets."""
+        """Bind the sockets and start serving in background greenlets.
+
+        Raises ConfigError when a bind address is beyond loopback without keys.
+        """
+        security.check_binds(self.config, ("zmr.req_bind", "zmr.worker_uri"))
         z = wire.zmq_module()
         ctx = wire.context()
         self.req = ctx.socket(z.ROUTER)
         self.req.setsockopt(z.LINGER, 0)
+        security.secure_server(self.config, self.req, "requests")
         self.req.bind(self.zcfg.req_bind)
         push = ctx.socket(z.PUSH)
         push.setsockopt(z.SNDHWM, 1)  # tasks wait here, not in a dead worker's queue
         push.setsockopt(z.LINGER, 0)
+        security.secure_server(self.config, push, "tasks")
         self.src_port = self._bind(push, self.zcfg.src_port)
         self.sink = ctx.socket(z.PULL)
         self.sink.setsockopt(z.LINGER, 0)
+        security.secure_server(self.config, self.sink, "results")
         self.sink_port = self._bind(self.sink, self.zcfg.sink_port)
         self._sockets = [self.req, push, self.sink]
         self.dispatcher = Dispatcher(push)
         self._loops = [gevent.spawn(self._serve_requests), gevent.spawn(self._serve_sink),
                        gevent.spawn(self._tick)]
         self._started = True
-        log.info("router: requests at %s, tasks on port %d, replies on port %d",
-                 self.zcfg.req_bind, self.src_port, self.sink_port)
+        log.info("router: requests at %s, tasks on port %d, replies on port %d%s",
+                 self.zcfg.req_bind, self.src_port, self.sink_port,
+                 ", CURVE on" if security.curve_on(self.config) else "")
         return self
 
     def _bind(self, sock, port: int) -> int:
@@ -218,9 +227,11 @@ class Router:
     def _status(self, request: dict) -> dict:
         if "job_id" not in request:
             workers = self.dispatcher.live_workers()
+            refused = security.refusals()
             return {"workers": len(workers), "worker_pids": [pid for _, pid in workers],
                     "jobs_running": sum(1 for j in self.jobs.values() if not j.finished),
-                    "jobs_known": len(self.jobs)}
+                    "jobs_known": len(self.jobs), "curve": security.curve_on(self.config),
+                    "refused": sum(refused.values()), "refused_by_socket": refused}
         job_id = request["job_id"]
         job = self.jobs.get(str(job_id))
         if job is None:

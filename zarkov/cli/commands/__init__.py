@@ -13,4 +13,5 @@ COMMANDS: dict[str, str] = {
     "eventlog": "eventlog",
     "perftest": "perftest",
     "rotate": "rotate",
+    "keys": "keys",
 }

@@ -4,6 +4,7 @@ import logging
 
 import gevent.event
 
+from zarkov import security
 from zarkov.config import Config
 
 SUMMARY = ("run the whole service: event logger, map-reduce router, "
@@ -26,6 +27,13 @@ def run(config: Config, args: argparse.Namespace) -> int:
     from zarkov.zmr.router import Router
     from zarkov.zmr.signals import on_stop_signals
 
+    # Before anything starts: a bind beyond loopback without keys exits 2 (ConfigError).
+    binds = ["zmr.req_bind", "zmr.worker_uri"]
+    if not args.no_eventlog:
+        binds += ["bson_bind_address", "json_bind_address"]
+    if not args.no_realtime:
+        binds.append("publish_bind_address")
+    security.check_binds(config, binds)
     stop = gevent.event.Event()
     on_stop_signals(stop.set)
     started = []
