@@ -90,12 +90,18 @@ def call(sock, doc: Mapping[str, Any], timeout: float, uri: str | None = None) -
     z = zmq_module()
     uri = uri or getattr(sock, "zarkov_uri", "the router")
     deadline = time.monotonic() + timeout
-    # Why poll before sending: a REQ socket with no connection (the router refused
-    # our key, or is not there) would block in send for ever.
-    if not sock.poll(timeout * 1000, z.POLLOUT):
-        raise RouterTimeout(f"no connection to {uri} (zmr.req_uri) within {timeout:g} s"
-                            f"{_REFUSED_HINT if _has_keys(sock) else ''}")
-    sock.send(encode(doc))
+    data = encode(doc)
+    # Why poll and never block in send: a REQ socket with no connection (the router
+    # refused our key, or is not there) would block there for ever.
+    while True:
+        if not sock.poll(max(0.0, deadline - time.monotonic()) * 1000, z.POLLOUT):
+            raise RouterTimeout(f"no connection to {uri} (zmr.req_uri) within "
+                                f"{timeout:g} s{_REFUSED_HINT if _has_keys(sock) else ''}")
+        try:
+            sock.send(data, z.NOBLOCK)
+            break
+        except z.Again:  # the connection went away between poll and send
+            continue
     if not sock.poll(max(0.0, deadline - time.monotonic()) * 1000, z.POLLIN):
         raise RouterTimeout(f"no answer from {uri} (zmr.req_uri) within {timeout:g} s"
                             f"{_REFUSED_HINT if _has_keys(sock) else ''}")

@@ -42,7 +42,8 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 RELOAD_INTERVAL = 1.0   # seconds between two looks at the authorised directory
 LOG_INTERVAL = 1.0      # seconds between two refusal lines about one peer
 MONITOR_EVENTS = (zmq.EVENT_LISTENING | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
-                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_MONITOR_STOPPED)
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                  | zmq.EVENT_MONITOR_STOPPED)
 _REASONS = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "no CURVE key (a plain ZeroMQ peer)",
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its handshake does not decrypt (wrong server "
@@ -84,7 +85,8 @@ class Gatekeeper:
         self._state: tuple | None = None
         self._next_look = 0.0
         self._seen: dict[bytes, set[str]] = collections.defaultdict(set)
-        self._logged: dict[str, tuple[float, int]] = {}
+        # peer -> (time of its last line, reasons of the refusals not logged since)
+        self._logged: dict[str, tuple[float, collections.Counter | None]] = {}
         self._handlers: dict[int, tuple[Any, Any, gevent.Greenlet]] = {}
         self._monitors: list[_Monitor] = []
         self._reloader: gevent.Greenlet | None = None
@@ -194,15 +196,20 @@ class Gatekeeper:
         """Count one refusal and log it, at most once a second per peer."""
         self.refused[name] += 1
         now = time.monotonic()
-        last, hidden = self._logged.get(peer, (-LOG_INTERVAL, 0))
+        last, hidden = self._logged.get(peer, (-LOG_INTERVAL, None))
         if now - last < LOG_INTERVAL:
-            self._logged[peer] = (last, hidden + 1)
+            hidden = hidden or collections.Counter()
+            hidden[why] += 1
+            self._logged[peer] = (last, hidden)
             return
-        more = f" ({hidden} more refusals since the last line)" if hidden else ""
+        more = ""
+        if hidden:
+            more = (f" ({sum(hidden.values())} more since the last line: "
+                    + ", ".join(f"{n} x {w}" for w, n in hidden.most_common()) + ")")
         from zarkov.security import SOCKETS
         log.warning("security: refused %s on %s: %s%s", peer, SOCKETS.get(name, name), why,
                     more)
-        self._logged[peer] = (now, 0)
+        self._logged[peer] = (now, None)
         if len(self._logged) > 10000:  # a scan from many addresses: forget the old ones
             self._logged = {p: v for p, v in self._logged.items()
                             if now - v[0] < 60 * LOG_INTERVAL}
@@ -246,6 +253,10 @@ class _Monitor:
             self.peers[value] = _peer(value, self.port)
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self.failed = _REASONS.get(value, f"ZMTP protocol error {value:#x}")
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            # Why count it: a plain ZeroMQ peer that noticed the mismatch first hangs
+            # up before the server can tell why (so do port scanners).
+            self.failed = "it hung up during the handshake (no CURVE key?)"
         elif event == zmq.EVENT_DISCONNECTED:
             peer = self.peers.pop(value, None)
             if self.failed is not None:

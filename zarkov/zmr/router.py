@@ -34,6 +34,10 @@ from zarkov.zmr.job import Job
 log = logging.getLogger("zarkov.zmr.router")
 
 TICK = 0.2                 # seconds between two looks at overdue tasks
+# ZMTP heartbeats on every socket: a peer whose host vanished (a cut link sends no
+# FIN) is dropped within HEARTBEAT_TIMEOUT instead of swallowing tasks for minutes.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
 KEEP_FINISHED = 3600.0     # seconds a finished job's status stays available
 MAX_FINISHED = 1000        # finished jobs remembered at most
 
@@ -85,20 +89,13 @@ class Router:
         Raises ConfigError when a bind address is beyond loopback without keys.
         """
         security.check_binds(self.config, ("zmr.req_bind", "zmr.worker_uri"))
-        z = wire.zmq_module()
-        ctx = wire.context()
-        self.req = ctx.socket(z.ROUTER)
-        self.req.setsockopt(z.LINGER, 0)
-        security.secure_server(self.config, self.req, "requests")
+        self.req = self._socket("ROUTER", "requests")
         self.req.bind(self.zcfg.req_bind)
-        push = ctx.socket(z.PUSH)
-        push.setsockopt(z.SNDHWM, 1)  # tasks wait here, not in a dead worker's queue
-        push.setsockopt(z.LINGER, 0)
-        security.secure_server(self.config, push, "tasks")
+        push = self._socket("PUSH", "tasks")
+        # Tasks wait here, not in a dead worker's queue.
+        push.setsockopt(wire.zmq_module().SNDHWM, 1)
         self.src_port = self._bind(push, self.zcfg.src_port)
-        self.sink = ctx.socket(z.PULL)
-        self.sink.setsockopt(z.LINGER, 0)
-        security.secure_server(self.config, self.sink, "results")
+        self.sink = self._socket("PULL", "results")
         self.sink_port = self._bind(self.sink, self.zcfg.sink_port)
         self._sockets = [self.req, push, self.sink]
         self.dispatcher = Dispatcher(push)
@@ -109,6 +106,15 @@ class Router:
                  self.zcfg.req_bind, self.src_port, self.sink_port,
                  ", CURVE on" if security.curve_on(self.config) else "")
         return self
+
+    def _socket(self, kind: str, name: str):
+        z = wire.zmq_module()
+        sock = wire.context().socket(getattr(z, kind))
+        sock.setsockopt(z.LINGER, 0)
+        sock.setsockopt(z.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(z.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        security.secure_server(self.config, sock, name)
+        return sock
 
     def _bind(self, sock, port: int) -> int:
         if port:

@@ -121,6 +121,10 @@ class Worker:
 
     def _socket(self, kind: int):
         sock = self.ctx.socket(kind)
+        # Why heartbeats: after the router's host was cut off and came back, a silent
+        # PULL connection would never notice that the router dropped it.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         if self.keys is not None:
             self.keys.apply(sock)
         return sock
