@@ -14,7 +14,10 @@ For each run:
    printed too;
 3. latency: the same 4 clients paced at ``--load`` × the ceiling for
    ``--paced-seconds``, a load the logger can sustain (under a flat-out burst the
-   latency only measures the queue, printed as "burst latency").
+   latency only measures the queue, printed as "burst latency");
+4. CURVE: steps 2 and 3 again with the logger's sockets CURVE servers and the
+   clients authorised CURVE clients (keys made for the run), for the ratio
+   CURVE / plain (target >= 0.8); ``--no-curve`` skips it.
 
 Latency send → stored is computed for every event from the clients' send times and
 the logger's commit timeline (its stats file lists the time and running total of
@@ -51,6 +54,9 @@ import zmq  # noqa: E402
 from bson import ObjectId  # noqa: E402
 from bson.raw_bson import RawBSONDocument  # noqa: E402
 
+from zarkov import keys as K  # noqa: E402
+from zarkov.security import ClientKeys  # noqa: E402
+
 
 
 def event(seq: int) -> dict:
@@ -79,12 +85,15 @@ def mongo_uri() -> str:
 
 # -- a client process ------------------------------------------------------------------
 
-def client_main(uri: str, first: int, count: int, rate: float) -> None:
+def client_main(uri: str, first: int, count: int, rate: float,
+                keys: list[str] | None = None) -> None:
     """Pre-encode ``count`` events, say ready, wait for "go", push them (at ``rate``
-    events/s, 0 = flat out), report."""
+    events/s, 0 = flat out), report.  ``keys``: [server public, client secret] files."""
     msgs = [bson.encode(event(s)) for s in range(first, first + count)]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
+    if keys:
+        ClientKeys.load(*keys).apply(sock)
     sock.connect(uri)
     print("ready", flush=True)
     sys.stdin.readline()
@@ -166,17 +175,30 @@ def latencies(send_times: list[float], timelines: dict[int, dict[float, int]]) -
     return out
 
 
+def make_keys(directory: str) -> dict:
+    """A server key pair and one authorised client key: the config section and the
+    clients' key files."""
+    server_public, server_secret = K.new_key_pair(directory, "server")
+    client_public, client_secret = K.new_key_pair(directory, "client")
+    authorized = os.path.join(directory, "authorized")
+    K.authorize(client_public, authorized)
+    return {"security": {"server_key": server_secret, "authorized_keys": authorized},
+            "client": [server_public, client_secret]}
+
+
 def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
-               servers: int, rate: float = 0.0) -> dict:
+               servers: int, rate: float = 0.0, keys: dict | None = None) -> dict:
     """One measured run of ``zcmd eventlog``: rates and latencies.
 
-    ``rate`` (events/s in all, 0 = flat out) paces the clients."""
+    ``rate`` (events/s in all, 0 = flat out) paces the clients; ``keys`` (from
+    :func:`make_keys`) makes every socket CURVE."""
     tmp = tempfile.mkdtemp(prefix="zbench-")
     db_name = "zbench_" + uuid.uuid4().hex[:8]
     bson_addr = f"tcp://127.0.0.1:{free_port()}"
     cfg = {"mongo_uri": uri, "mongo_database": db_name, "bson_bind_address": bson_addr,
            "bson_uri": bson_addr, "json_bind_address": f"tcp://127.0.0.1:{free_port()}",
-           "journal": os.path.join(tmp, "journal"), "num_event_servers": servers}
+           "journal": os.path.join(tmp, "journal"), "num_event_servers": servers,
+           **({"security": keys["security"]} if keys else {})}
     path = os.path.join(tmp, "zarkov.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -197,7 +219,7 @@ def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
         for count in share:
             senders.append(subprocess.Popen(
                 [sys.executable, __file__, "--client", bson_addr, str(first), str(count),
-                 str(rate / clients)],
+                 str(rate / clients), *(keys["client"] if keys else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
             first += count
         for p in senders:
@@ -253,7 +275,8 @@ def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        client_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+        client_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
+                    sys.argv[6:8] or None)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=100000)
@@ -265,13 +288,16 @@ def main() -> int:
     ap.add_argument("--load", type=float, default=0.5,
                     help="paced load for the latency phase, as a fraction of the ceiling")
     ap.add_argument("--paced-seconds", type=float, default=6.0)
+    ap.add_argument("--no-curve", action="store_true", help="skip the CURVE runs")
     args = ap.parse_args()
     uri = mongo_uri()
     client = pymongo.MongoClient(uri)
     print(f"ingest benchmark: {args.events} events, {args.clients} clients, "
           f"{args.servers} event server(s), ceiling batches of {args.batch}, {args.runs} runs, "
           f"{os.cpu_count()} cores, database {uri}")
-    ceilings, runs, paced = [], [], []
+    key_dir = tempfile.mkdtemp(prefix="zbench-keys-")
+    keys = None if args.no_curve else make_keys(key_dir)
+    ceilings, runs, paced, curve, curve_paced = [], [], [], [], []
     for i in range(args.runs):
         c = ceiling(client, args.events, args.batch)
         r = logger_run(client, uri, args.events, args.clients, args.servers)
@@ -286,6 +312,16 @@ def main() -> int:
               f"burst latency median {r['lat_median']:.2f} s; at {rate:,.0f}/s latency "
               f"median {p['lat_median'] * 1000:.0f} ms, p99 {p['lat_p99'] * 1000:.0f} ms",
               flush=True)
+        if keys:
+            rc = logger_run(client, uri, args.events, args.clients, args.servers, keys=keys)
+            pc = logger_run(client, uri, int(rate * args.paced_seconds), args.clients,
+                            args.servers, rate, keys=keys)
+            curve.append(rc)
+            curve_paced.append(pc)
+            print(f"run {i + 1} CURVE: logger {rc['rate']:,.0f}/s end to end, "
+                  f"{rc['steady']:,.0f}/s steady; CURVE / plain {rc['rate'] / r['rate']:.2f}; "
+                  f"at {rate:,.0f}/s latency median {pc['lat_median'] * 1000:.0f} ms, "
+                  f"p99 {pc['lat_p99'] * 1000:.0f} ms", flush=True)
     med = {k: statistics.median(r[k] for r in runs) for k in ("rate", "steady")}
     lat = {k: statistics.median(p[k] for p in paced) for k in ("lat_median", "lat_p99")}
     ceil = statistics.median(ceilings)
@@ -296,6 +332,16 @@ def main() -> int:
           f"steady {med['steady']:,.0f}/s = {med['steady'] / ceil:.2f}x; latency send->stored "
           f"at {args.load:g}x the ceiling: median {lat['lat_median'] * 1000:.0f} ms, "
           f"p99 {lat['lat_p99'] * 1000:.0f} ms")
+    if curve:
+        cmed = statistics.median(r["rate"] for r in curve)
+        cratio = statistics.median(rc["rate"] / r["rate"] for rc, r in zip(curve, runs))
+        clat = {k: statistics.median(p[k] for p in curve_paced)
+                for k in ("lat_median", "lat_p99")}
+        print(f"median of {args.runs}: CURVE logger {cmed:,.0f} events/s end to end = "
+              f"{cmed / med['rate']:.2f}x plain (median of the runs' ratios {cratio:.2f}; "
+              f"target >= 0.8); latency median {clat['lat_median'] * 1000:.0f} ms, "
+              f"p99 {clat['lat_p99'] * 1000:.0f} ms")
+    shutil.rmtree(key_dir, ignore_errors=True)
     client.close()
     return 0
 

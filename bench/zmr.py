@@ -6,7 +6,10 @@ N event documents (SPEC §3 shape) are counted per (type, day) key:
 * baseline: one process, a pymongo cursor and a dict;
 * zmr with 1 worker process and with 2: a router and a pool started here (own
   ports, own job root), one ``mapreduce`` job each run, timed from submit to
-  completion, output checked against the baseline's counts.
+  completion, output checked against the baseline's counts;
+* the same with CURVE: a second router whose sockets are CURVE servers, its workers
+  and the bench's client authorised CURVE clients (keys made for the run), for the
+  ratio CURVE / plain (target >= 0.8); ``--no-curve`` skips it.
 
 Each is run ``--runs`` times; the median documents/s and the ratio to the
 baseline are printed, then the router's peak RSS (VmHWM).  The whole is done
@@ -40,7 +43,9 @@ import bson  # noqa: E402
 import pymongo  # noqa: E402
 import yaml  # noqa: E402
 
+from zarkov import keys as K  # noqa: E402
 from zarkov import wire  # noqa: E402
+from zarkov.security import ClientKeys  # noqa: E402
 from zarkov.zmr import client  # noqa: E402
 
 TYPES = ("login", "download", "create", "view", "upload", "comment")
@@ -130,26 +135,43 @@ def peak_rss_mb(pid: int) -> float:
 
 
 class Cluster:
-    """A router and (re)startable worker pools of the bench's own."""
+    """A router and (re)startable worker pools of the bench's own; with ``curve``,
+    every socket is CURVE (the workers and the bench's client use a client key)."""
 
-    def __init__(self, uri: str, database: str, tmp: str):
+    def __init__(self, uri: str, database: str, tmp: str, curve: bool = False):
+        os.makedirs(tmp, exist_ok=True)
         port = free_port()
+        self.label = "CURVE" if curve else "plain"
         self.req_uri = f"tcp://127.0.0.1:{port}"
         cfg = {"mongo_uri": uri, "mongo_database": database,
                "zmr": {"req_uri": self.req_uri, "req_bind": self.req_uri,
                        "worker_uri": "tcp://127.0.0.1", "job_root": os.path.join(tmp, "jobs")}}
+        self.keys = None
+        if curve:
+            server_public, server_secret = K.new_key_pair(tmp, "server")
+            client_public, client_secret = K.new_key_pair(tmp, "client")
+            K.authorize(client_public, os.path.join(tmp, "authorized"))
+            cfg["security"] = {"server_key": server_secret,
+                               "authorized_keys": os.path.join(tmp, "authorized")}
+            self.keys = ClientKeys.load(server_public, client_secret)
         self.path = os.path.join(tmp, "zarkov.yaml")
         with open(self.path, "w") as f:
             yaml.safe_dump(cfg, f)
+        self.worker_path = self.path
+        if curve:  # workers connect as a client host would, with their own key
+            self.worker_path = os.path.join(tmp, "worker.yaml")
+            with open(self.worker_path, "w") as f:
+                yaml.safe_dump({**cfg, "security": {"server_public_key": server_public,
+                                                    "client_key": client_secret}}, f)
         self.log = open(os.path.join(tmp, "cluster.log"), "ab")
         self.router = self._zcmd("zmr-router")
         self.pool = None
-        self.sock = wire.req_socket(self.req_uri)
+        self.sock = wire.req_socket(self.req_uri, keys=self.keys)
         self._wait(lambda: client.call(self.sock, {"$command": "echo"}, 2), "router")
 
-    def _zcmd(self, *args: str) -> subprocess.Popen:
+    def _zcmd(self, *args: str, path: str | None = None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "zcmd"),
-                                 "-y", self.path, *args], stdout=self.log,
+                                 "-y", path or self.path, *args], stdout=self.log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait(self, cond, what: str, timeout: float = 60) -> None:
@@ -160,13 +182,13 @@ class Cluster:
                     return
             except wire.WireError:
                 self.sock.close(0)
-                self.sock = wire.req_socket(self.req_uri)
+                self.sock = wire.req_socket(self.req_uri, keys=self.keys)
             time.sleep(0.1)
         raise SystemExit(f"bench: no {what} after {timeout} s; see the cluster log")
 
     def workers(self, n: int) -> None:
         self.stop_pool()
-        self.pool = self._zcmd("zmr-worker", "-n", str(n))
+        self.pool = self._zcmd("zmr-worker", "-n", str(n), path=self.worker_path)
         self._wait(lambda: client.call(self.sock, {"$command": "status"}, 2)["workers"] == n,
                    f"{n} workers")
 
@@ -201,7 +223,7 @@ def output_counts(db) -> dict:
     return {(d["_id"]["type"], d["_id"]["day"]): d["value"] for d in db["zagg.bench"].find()}
 
 
-def series(label: str, n: int, runs: int, db, cluster: Cluster, map_text: str) -> None:
+def series(label: str, n: int, runs: int, db, clusters: list[Cluster], map_text: str) -> None:
     print(f"\n{label} map, N={n}, median of {runs} runs:", flush=True)
     base = []
     for _ in range(runs):
@@ -210,14 +232,19 @@ def series(label: str, n: int, runs: int, db, cluster: Cluster, map_text: str) -
     b = n / statistics.median(base)
     print(f"  baseline (1 process)  {b:10,.0f} docs/s", flush=True)
     for procs in (1, 2):
-        cluster.workers(procs)
-        times = [cluster.run(db.name, map_text) for _ in range(runs)]
-        if output_counts(db) != want:
-            raise SystemExit("bench: zmr output differs from the baseline's counts")
-        r = n / statistics.median(times)
-        print(f"  zmr, {procs} worker process{'es' if procs > 1 else '  '} {r:10,.0f} docs/s"
-              f"   {r / b:5.2f}x baseline", flush=True)
-    print(f"  router peak RSS so far: {peak_rss_mb(cluster.router.pid):.0f} MB", flush=True)
+        plain = None
+        for cluster in clusters:
+            cluster.workers(procs)
+            times = [cluster.run(db.name, map_text) for _ in range(runs)]
+            cluster.stop_pool()
+            if output_counts(db) != want:
+                raise SystemExit("bench: zmr output differs from the baseline's counts")
+            r = n / statistics.median(times)
+            plain = plain or r
+            vs_plain = f"   {r / plain:5.2f}x plain" if cluster is not clusters[0] else ""
+            print(f"  zmr {cluster.label:5}, {procs} worker process{'es' if procs > 1 else '  '}"
+                  f" {r:10,.0f} docs/s   {r / b:5.2f}x baseline{vs_plain}", flush=True)
+    print(f"  router peak RSS so far: {peak_rss_mb(clusters[0].router.pid):.0f} MB", flush=True)
 
 
 def main() -> int:
@@ -227,6 +254,7 @@ def main() -> int:
     p.add_argument("--rss-n", type=int, default=0,
                    help="also one 2-worker run over this many documents for the router's RSS")
     p.add_argument("--cheap-only", action="store_true", help="skip the costly map")
+    p.add_argument("--no-curve", action="store_true", help="skip the CURVE cluster")
     args = p.parse_args()
     # A timeout's SIGTERM must still stop the router and workers started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -237,27 +265,29 @@ def main() -> int:
     name = "zbench_" + uuid.uuid4().hex[:8]
     db = mc[name]
     tmp = tempfile.mkdtemp(prefix="zmr-bench-")
-    cluster = None
+    clusters: list[Cluster] = []
     try:
         t0 = time.perf_counter()
         fill(db.event, args.n)
         size = len(bson.encode(event(0, dt.datetime(2024, 1, 1))))
         print(f"inserted {args.n} events in {time.perf_counter() - t0:.1f} s "
               f"(about {size} bytes each)", flush=True)
-        cluster = Cluster(uri, name, tmp)
-        series("cheap", args.n, args.runs, db, cluster, MAP)
+        clusters.append(Cluster(uri, name, os.path.join(tmp, "plain")))
+        if not args.no_curve:
+            clusters.append(Cluster(uri, name, os.path.join(tmp, "curve"), curve=True))
+        series("cheap", args.n, args.runs, db, clusters, MAP)
         if not args.cheap_only:
             spin = spin_for(20.0)
-            series(f"costly (~20 us/doc, {spin} loop turns)", args.n, args.runs, db, cluster,
+            series(f"costly (~20 us/doc, {spin} loop turns)", args.n, args.runs, db, clusters,
                    COSTLY_MAP.replace("SPIN", str(spin)))
         if args.rss_n > args.n:
             fill(db.event, args.rss_n)
-            cluster.workers(2)
-            secs = cluster.run(name, MAP)
+            clusters[0].workers(2)
+            secs = clusters[0].run(name, MAP)
             print(f"\nN={args.rss_n}: zmr 2 workers {args.rss_n / secs:,.0f} docs/s; "
-                  f"router peak RSS {peak_rss_mb(cluster.router.pid):.0f} MB", flush=True)
+                  f"router peak RSS {peak_rss_mb(clusters[0].router.pid):.0f} MB", flush=True)
     finally:
-        if cluster is not None:
+        for cluster in clusters:
             cluster.close()
         mc.drop_database(name)
         shutil.rmtree(tmp, ignore_errors=True)

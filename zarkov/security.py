@@ -239,6 +239,18 @@ def secure_server(config: Config, sock, name: str) -> None:
     zap.gatekeeper(config).guard(sock, name)
 
 
+def admitted(frame, name: str) -> bool:
+    """Whether a message (a ``copy=False`` frame) received on the guarded socket
+    ``name`` comes from a key still authorised: True without CURVE.
+
+    For the router's requests, whose connections are not closed on revocation (a
+    reply in flight to another client on the same address would be lost).
+    """
+    from zarkov import zap
+    gate = zap.current()
+    return gate is None or gate.admits(frame, name)
+
+
 def refusals(names: Iterable[str] | None = None) -> dict[str, int]:
     """Connections refused in this process so far, by socket name (all names or ``names``)."""
     from zarkov import zap

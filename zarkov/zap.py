@@ -15,7 +15,10 @@ The authorised directory is looked at on every handshake and every second.  When
 key disappears, the connections from every address that used it are closed (a
 half-close, so what they already sent is still read): they reconnect and are
 refused, so revocation needs no restart.  Other clients on the same address
-reconnect too, which costs them nothing but a handshake.
+reconnect too, which costs them nothing but a handshake.  The router's request
+socket is the exception: closing it would lose replies in flight to the others, so
+each request is checked instead (:meth:`Gatekeeper.admits`, the key that ZAP
+attached to the message as its User-Id).
 """
 from __future__ import annotations
 
@@ -52,6 +55,10 @@ _REASONS = {
 # The C socket class, which gevent does not patch: only getpeername, getsockname and
 # shutdown on a duplicate of libzmq's descriptor, none of which may wait on the hub.
 _RawSocket = _socket.socket
+
+# Guarded sockets whose messages are checked one by one rather than their
+# connections closed when a key is revoked.
+CHECKED_PER_MESSAGE = ("requests",)
 
 _gate: "Gatekeeper | None" = None
 
@@ -156,7 +163,8 @@ class Gatekeeper:
         addresses = set()
         for key in revoked:
             addresses |= self._seen.pop(key, set())
-        dropped = sum(m.drop_from(addresses) for m in self._monitors)
+        dropped = sum(m.drop_from(addresses) for m in self._monitors
+                      if m.name not in CHECKED_PER_MESSAGE)
         if dropped:
             log.info("security: closed %d connections from %s after a key was revoked",
                      dropped, ", ".join(sorted(addresses)))
@@ -191,6 +199,23 @@ class Gatekeeper:
             return [b"1.0", request_id, b"400", b"key not authorised", b"", b""]
         self.refuse(name, peer, f"mechanism {mechanism.decode('ascii', 'replace')}")
         return [b"1.0", request_id, b"400", b"CURVE required", b"", b""]
+
+    def admits(self, frame, name: str) -> bool:
+        """Whether the message ``frame`` (received on socket ``name``) carries a key
+        that is still authorised; a refused one is counted and logged."""
+        try:
+            key = frame.get("User-Id").encode()
+        except (zmq.ZMQError, AttributeError):  # no metadata: not a guarded socket
+            return True
+        self.reload()
+        if key == self.public or key in self.allowed:
+            return True
+        try:
+            peer = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            peer = "an unknown address"
+        self.refuse(name, peer, f"key {key[:8].decode()}... was revoked")
+        return False
 
     def refuse(self, name: str, peer: str, why: str) -> None:
         """Count one refusal and log it, at most once a second per peer."""
@@ -288,7 +313,9 @@ class _Monitor:
         return n
 
     def stop(self) -> None:
+        """Stop watching (the greenlet may not have started: close here too)."""
         self.greenlet.kill()
+        self.pair.close(0)
         self.stopped = True
 
 

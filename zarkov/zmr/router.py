@@ -146,8 +146,10 @@ class Router:
 
     def _serve_requests(self) -> None:
         while True:
-            frames = self.req.recv_multipart()
-            self._requests.spawn(self._handle, frames)
+            frames = self.req.recv_multipart(copy=False)
+            if not security.admitted(frames[-1], "requests"):
+                continue  # a client whose key was revoked while it was connected
+            self._requests.spawn(self._handle, [f.bytes for f in frames])
 
     def _serve_sink(self) -> None:
         while True:
