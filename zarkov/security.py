@@ -22,6 +22,7 @@ import os
 from typing import Iterable, NamedTuple
 
 import zmq
+from zmq.utils import z85
 
 from zarkov import keys as K
 from zarkov.config import Config, ConfigError
@@ -128,7 +129,7 @@ class ClientKeys(NamedTuple):
                                              and not os.path.exists(server_key)):
             server = server_key.encode() if isinstance(server_key, str) else server_key
             try:
-                ok = len(zmq.utils.z85.decode(server)) == 32
+                ok = len(z85.decode(server)) == 32
             except (ValueError, KeyError):
                 ok = False
             if not ok:
