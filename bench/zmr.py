@@ -232,16 +232,28 @@ def series(label: str, n: int, runs: int, db, clusters: list[Cluster], map_text:
     b = n / statistics.median(base)
     print(f"  baseline (1 process)  {b:10,.0f} docs/s", flush=True)
     for procs in (1, 2):
-        plain = None
         for cluster in clusters:
             cluster.workers(procs)
-            times = [cluster.run(db.name, map_text) for _ in range(runs)]
+        # Why alternate: on a shared machine the load drifts; runs of the two clusters
+        # taken in turn see the same drift, and the per-run ratios cancel it.
+        times: dict[str, list[float]] = {c.label: [] for c in clusters}
+        for _ in range(runs):
+            for cluster in clusters:
+                times[cluster.label].append(cluster.run(db.name, map_text))
+                if output_counts(db) != want:
+                    raise SystemExit("bench: zmr output differs from the baseline's counts")
+        for cluster in clusters:
             cluster.stop_pool()
-            if output_counts(db) != want:
-                raise SystemExit("bench: zmr output differs from the baseline's counts")
-            r = n / statistics.median(times)
-            plain = plain or r
-            vs_plain = f"   {r / plain:5.2f}x plain" if cluster is not clusters[0] else ""
+        plain = times[clusters[0].label]
+        plain_rate = n / statistics.median(plain)
+        for cluster in clusters:
+            mine = times[cluster.label]
+            r = n / statistics.median(mine)
+            vs_plain = ""
+            if cluster is not clusters[0]:
+                ratio = statistics.median(p / m for p, m in zip(plain, mine))
+                vs_plain = (f"   {r / plain_rate:5.2f}x plain (median of the runs' ratios "
+                            f"{ratio:.2f}; target >= 0.8)")
             print(f"  zmr {cluster.label:5}, {procs} worker process{'es' if procs > 1 else '  '}"
                   f" {r:10,.0f} docs/s   {r / b:5.2f}x baseline{vs_plain}", flush=True)
     print(f"  router peak RSS so far: {peak_rss_mb(clusters[0].router.pid):.0f} MB", flush=True)

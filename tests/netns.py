@@ -51,12 +51,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def kill_processes(ns: str) -> None:
+    """SIGKILL every process left in namespace ``ns``."""
+    for pid in _ip("netns", "pids", ns, check=False).stdout.split():
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
 def remove_leftovers() -> list[str]:
-    """Delete the namespaces and bridges of earlier runs whose process is gone."""
+    """Delete the namespaces (killing what still runs in them) and bridges of
+    earlier runs whose process is gone."""
     removed = []
     for name in _ip("netns", "list").stdout.split():
         m = _NAME.match(name)
         if m and not _alive(int(m.group(1))):
+            kill_processes(name)
             _ip("netns", "del", name, check=False)
             removed.append(name)
     for line in _ip("-o", "link", "show", "type", "bridge").stdout.splitlines():
@@ -123,8 +134,10 @@ class Network:
         _ip("link", "set", self._links[host], "up" if up else "down")
 
     def destroy(self) -> None:
-        """Delete the namespaces (and so their veth pairs) and the bridge."""
+        """Delete the namespaces (and so their veth pairs) and the bridge, killing any
+        process still running in them."""
         for host in list(self.hosts):
+            kill_processes(self.netns(host))
             _ip("netns", "del", self.netns(host), check=False)
             _ip("link", "del", self._links[host], check=False)
         _ip("link", "del", self.bridge, check=False)

@@ -1,10 +1,11 @@
 """Several hosts for real: network namespaces joined by veth pairs (tests/netns.py).
 
 Three hosts: ``server`` runs ``zcmd serve`` (router and event logger, no local
-workers), ``workers`` runs ``zcmd zmr-worker``, ``app`` sends events, runs ``zcmd
-aggregate`` and map-reduce clients.  Every socket uses CURVE; only the addresses of
-these namespaces (and the bridge's, where a FerretDB of this module listens) are
-used.  Needs root; skipped with the reason where namespaces cannot be made.
+workers) and a FerretDB of this module, ``workers`` runs ``zcmd zmr-worker``,
+``app`` sends events, runs ``zcmd aggregate`` and map-reduce clients.  Every socket
+uses CURVE; only the addresses of these namespaces (and the bridge's, from which
+the tests look) are used.  Needs root; skipped with the reason where namespaces
+cannot be made.
 """
 from __future__ import annotations
 
@@ -33,25 +34,33 @@ FERRETDB = os.path.join(ROOT, "var", "bin", "ferretdb")
 TYPES = ("login", "download", "create", "view")
 
 
-def _ferretdb(procs: Processes, address: str, data: str) -> str:
-    """Start a FerretDB of this module on ``address``; its URI once it answers."""
+def _ferretdb(procs: Processes, network: netns.Network, host: str, data: str) -> str:
+    """Start a FerretDB of this module on ``host``; its URI once it answers."""
     if not os.access(FERRETDB, os.X_OK):
         build = subprocess.run([os.path.join(ROOT, "scripts", "dev-db"), "build"],
                                capture_output=True, text=True, timeout=900)
         if build.returncode != 0:
             pytest.skip(f"multi-host tests need the bundled FerretDB: {build.stderr.strip()}")
-    port = free_port()
+    port, address = free_port(), network.hosts[host]
     os.makedirs(data)
-    procs.start("ferretdb", [FERRETDB, "-listen", f"{address}:{port}", "-data", data])
+    procs.start("ferretdb", network.argv(host, [FERRETDB, "-listen", f"{address}:{port}",
+                                                "-data", data]))
     uri = f"mongodb://{address}:{port}/"
-    wait_for(lambda: pymongo.MongoClient(uri, serverSelectionTimeoutMS=500).admin.command(
-        "ping"), timeout=60, what=f"FerretDB on {address}:{port}")
+
+    def ping():
+        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=500)
+        try:
+            return client.admin.command("ping")
+        finally:
+            client.close()
+    wait_for(ping, timeout=60, what=f"FerretDB on {address}:{port}")
     return uri
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    """The three hosts, a FerretDB on the bridge, a set of keys; all removed at the end."""
+    """The three hosts, a FerretDB on the server host, a set of keys; all removed at the
+    end (and what an interrupted earlier run left, at the start)."""
     why = netns.unavailable()
     if why:
         pytest.skip(why)
@@ -63,7 +72,7 @@ def net(tmp_path_factory):
         network = netns.Network()
         for host in ("server", "workers", "app"):
             network.add_host(host)
-        uri = _ferretdb(procs, network.gateway, str(tmp / "ferretdb"))
+        uri = _ferretdb(procs, network, "server", str(tmp / "ferretdb"))
         mongo = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10000)
         yield SimpleNamespace(network=network, hosts=network.hosts, mongo_uri=uri,
                               mongo=mongo, keys=make_keys(str(tmp / "keys")))

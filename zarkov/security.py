@@ -165,13 +165,6 @@ def client_keys(config: Config) -> ClientKeys | None:
         raise ConfigError(f"{config.source}: key 'security': {e}") from None
 
 
-def secure_client(config: Config, sock) -> None:
-    """Apply this host's client keys to ``sock`` when CURVE is configured."""
-    ck = client_keys(config)
-    if ck is not None:
-        ck.apply(sock)
-
-
 class HandshakeWatch:
     """Whether the peer of a client socket accepted its handshake (CURVE or not).
 
