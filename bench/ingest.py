@@ -14,7 +14,10 @@ For each run:
    printed too;
 3. latency: the same 4 clients paced at ``--load`` × the ceiling for
    ``--paced-seconds``, a load the logger can sustain (under a flat-out burst the
-   latency only measures the queue, printed as "burst latency").
+   latency only measures the queue, printed as "burst latency");
+4. CURVE: steps 2 and 3 again with the logger's sockets CURVE servers and the
+   clients authorised CURVE clients (keys made for the run), for the ratio
+   CURVE / plain (target >= 0.8); ``--no-curve`` skips it.
 
 Latency send → stored is computed for every event from the clients' send times and
 the logger's commit timeline (its stats file lists the time and running total of
@@ -54,6 +57,8 @@ from bson import ObjectId  # noqa: E402
 from bson.raw_bson import RawBSONDocument  # noqa: E402
 
 import servers  # noqa: E402  (bench/servers.py)
+from zarkov import keys as K  # noqa: E402
+from zarkov.security import ClientKeys  # noqa: E402
 
 
 def event(seq: int) -> dict:
@@ -73,12 +78,15 @@ def free_port() -> int:
 
 # -- a client process ------------------------------------------------------------------
 
-def client_main(uri: str, first: int, count: int, rate: float) -> None:
+def client_main(uri: str, first: int, count: int, rate: float,
+                keys: list[str] | None = None) -> None:
     """Pre-encode ``count`` events, say ready, wait for "go", push them (at ``rate``
-    events/s, 0 = flat out), report."""
+    events/s, 0 = flat out), report.  ``keys``: [server public, client secret] files."""
     msgs = [bson.encode(event(s)) for s in range(first, first + count)]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
+    if keys:
+        ClientKeys.load(*keys).apply(sock)
     sock.connect(uri)
     print("ready", flush=True)
     sys.stdin.readline()
@@ -160,17 +168,30 @@ def latencies(send_times: list[float], timelines: dict[int, dict[float, int]]) -
     return out
 
 
+def make_keys(directory: str) -> dict:
+    """A server key pair and one authorised client key: the config section and the
+    clients' key files."""
+    server_public, server_secret = K.new_key_pair(directory, "server")
+    client_public, client_secret = K.new_key_pair(directory, "client")
+    authorized = os.path.join(directory, "authorized")
+    K.authorize(client_public, authorized)
+    return {"security": {"server_key": server_secret, "authorized_keys": authorized},
+            "client": [server_public, client_secret]}
+
+
 def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
-               servers: int, rate: float = 0.0) -> dict:
+               servers: int, rate: float = 0.0, keys: dict | None = None) -> dict:
     """One measured run of ``zcmd eventlog``: rates and latencies.
 
-    ``rate`` (events/s in all, 0 = flat out) paces the clients."""
+    ``rate`` (events/s in all, 0 = flat out) paces the clients; ``keys`` (from
+    :func:`make_keys`) makes every socket CURVE."""
     tmp = tempfile.mkdtemp(prefix="zbench-")
     db_name = "zbench_" + uuid.uuid4().hex[:8]
     bson_addr = f"tcp://127.0.0.1:{free_port()}"
     cfg = {"mongo_uri": uri, "mongo_database": db_name, "bson_bind_address": bson_addr,
            "bson_uri": bson_addr, "json_bind_address": f"tcp://127.0.0.1:{free_port()}",
-           "journal": os.path.join(tmp, "journal"), "num_event_servers": servers}
+           "journal": os.path.join(tmp, "journal"), "num_event_servers": servers,
+           **({"security": keys["security"]} if keys else {})}
     path = os.path.join(tmp, "zarkov.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -191,7 +212,7 @@ def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
         for count in share:
             senders.append(subprocess.Popen(
                 [sys.executable, __file__, "--client", bson_addr, str(first), str(count),
-                 str(rate / clients)],
+                 str(rate / clients), *(keys["client"] if keys else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
             first += count
         for p in senders:
@@ -247,7 +268,8 @@ def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        client_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+        client_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
+                    sys.argv[6:8] or None)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=100000)
@@ -261,6 +283,7 @@ def main() -> int:
                     help="paced load for the latency phase, as a fraction of the ceiling")
     ap.add_argument("--paced-seconds", type=float, default=6.0)
     servers.add_argument(ap)
+    ap.add_argument("--no-curve", action="store_true", help="skip the CURVE runs")
     args = ap.parse_args()
     chosen = servers.chosen(args)
     figures = {server.label: measure(server, args) for server in chosen}
@@ -277,7 +300,9 @@ def measure(server: servers.Server, args) -> dict[str, str]:
     servers.heading(server, f"{args.events} events, {args.clients} clients, "
                     f"{args.event_servers} event server(s), ceiling batches of {args.batch}, "
                     f"{args.runs} runs, {os.cpu_count()} cores")
-    ceilings, runs, paced = [], [], []
+    key_dir = tempfile.mkdtemp(prefix="zbench-keys-")
+    keys = None if args.no_curve else make_keys(key_dir)
+    ceilings, runs, paced, curve, curve_paced = [], [], [], [], []
     for i in range(args.runs):
         c = ceiling(client, args.events, args.batch)
         r = logger_run(client, uri, args.events, args.clients, args.event_servers)
@@ -292,6 +317,17 @@ def measure(server: servers.Server, args) -> dict[str, str]:
               f"burst latency median {r['lat_median']:.2f} s; at {rate:,.0f}/s latency "
               f"median {p['lat_median'] * 1000:.0f} ms, p99 {p['lat_p99'] * 1000:.0f} ms",
               flush=True)
+        if keys:
+            rc = logger_run(client, uri, args.events, args.clients, args.event_servers,
+                            keys=keys)
+            pc = logger_run(client, uri, int(rate * args.paced_seconds), args.clients,
+                            args.event_servers, rate, keys=keys)
+            curve.append(rc)
+            curve_paced.append(pc)
+            print(f"run {i + 1} CURVE: logger {rc['rate']:,.0f}/s end to end, "
+                  f"{rc['steady']:,.0f}/s steady; CURVE / plain {rc['rate'] / r['rate']:.2f}; "
+                  f"at {rate:,.0f}/s latency median {pc['lat_median'] * 1000:.0f} ms, "
+                  f"p99 {pc['lat_p99'] * 1000:.0f} ms", flush=True)
     med = {k: statistics.median(r[k] for r in runs) for k in ("rate", "steady")}
     lat = {k: statistics.median(p[k] for p in paced) for k in ("lat_median", "lat_p99")}
     ceil = statistics.median(ceilings)
@@ -302,12 +338,25 @@ def measure(server: servers.Server, args) -> dict[str, str]:
           f"steady {med['steady']:,.0f}/s = {med['steady'] / ceil:.2f}x; latency send->stored "
           f"at {args.load:g}x the ceiling: median {lat['lat_median'] * 1000:.0f} ms, "
           f"p99 {lat['lat_p99'] * 1000:.0f} ms")
+    figures = {"ceiling: insert_many batches": f"{ceil:,.0f} events/s",
+               "logger, end to end": f"{med['rate']:,.0f} events/s {med['rate'] / ceil:.2f}x",
+               "logger, steady (10% -> 90%)": f"{med['steady']:,.0f} events/s",
+               f"latency median at {args.load:g}x ceiling": f"{lat['lat_median'] * 1000:.0f} ms",
+               f"latency p99 at {args.load:g}x ceiling": f"{lat['lat_p99'] * 1000:.0f} ms"}
+    if curve:
+        cmed = statistics.median(r["rate"] for r in curve)
+        cratio = statistics.median(rc["rate"] / r["rate"] for rc, r in zip(curve, runs))
+        clat = {k: statistics.median(p[k] for p in curve_paced)
+                for k in ("lat_median", "lat_p99")}
+        print(f"median of {args.runs}: CURVE logger {cmed:,.0f} events/s end to end = "
+              f"{cmed / med['rate']:.2f}x plain (median of the runs' ratios {cratio:.2f}; "
+              f"target >= 0.8); latency median {clat['lat_median'] * 1000:.0f} ms, "
+              f"p99 {clat['lat_p99'] * 1000:.0f} ms")
+        figures["CURVE logger, end to end"] = f"{cmed:,.0f} events/s"
+        figures["CURVE / plain"] = f"{cratio:.2f}x"
+    shutil.rmtree(key_dir, ignore_errors=True)
     client.close()
-    return {"ceiling: insert_many batches": f"{ceil:,.0f} events/s",
-            "logger, end to end": f"{med['rate']:,.0f} events/s {med['rate'] / ceil:.2f}x",
-            "logger, steady (10% -> 90%)": f"{med['steady']:,.0f} events/s",
-            f"latency median at {args.load:g}x ceiling": f"{lat['lat_median'] * 1000:.0f} ms",
-            f"latency p99 at {args.load:g}x ceiling": f"{lat['lat_p99'] * 1000:.0f} ms"}
+    return figures
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ N event documents (the event logger's shape) are counted per (type, day) key:
 * baseline: one process, a pymongo cursor and a dict;
 * zmr with 1 worker process and with 2: a router and a pool started here (own
   ports, own job root), one ``mapreduce`` job each run, timed from submit to
-  completion, output checked against the baseline's counts.
+  completion, output checked against the baseline's counts;
+* the same with CURVE: a second router whose sockets are CURVE servers, its workers
+  and the bench's client authorised CURVE clients (keys made for the run), for the
+  ratio CURVE / plain (target >= 0.8); ``--no-curve`` skips it.
 
 Each is run ``--runs`` times; the median documents/s and the ratio to the
 baseline are printed, then the router's peak RSS (VmHWM).  The whole is done
@@ -43,7 +46,9 @@ import pymongo  # noqa: E402
 import yaml  # noqa: E402
 
 import servers  # noqa: E402  (bench/servers.py)
+from zarkov import keys as K  # noqa: E402
 from zarkov import wire  # noqa: E402
+from zarkov.security import ClientKeys  # noqa: E402
 from zarkov.zmr import client  # noqa: E402
 
 TYPES = ("login", "download", "create", "view", "upload", "comment")
@@ -133,26 +138,43 @@ def peak_rss_mb(pid: int) -> float:
 
 
 class Cluster:
-    """A router and (re)startable worker pools of the bench's own."""
+    """A router and (re)startable worker pools of the bench's own; with ``curve``,
+    every socket is CURVE (the workers and the bench's client use a client key)."""
 
-    def __init__(self, uri: str, database: str, tmp: str):
+    def __init__(self, uri: str, database: str, tmp: str, curve: bool = False):
+        os.makedirs(tmp, exist_ok=True)
         port = free_port()
+        self.label = "CURVE" if curve else "plain"
         self.req_uri = f"tcp://127.0.0.1:{port}"
         cfg = {"mongo_uri": uri, "mongo_database": database,
                "zmr": {"req_uri": self.req_uri, "req_bind": self.req_uri,
                        "worker_uri": "tcp://127.0.0.1", "job_root": os.path.join(tmp, "jobs")}}
+        self.keys = None
+        if curve:
+            server_public, server_secret = K.new_key_pair(tmp, "server")
+            client_public, client_secret = K.new_key_pair(tmp, "client")
+            K.authorize(client_public, os.path.join(tmp, "authorized"))
+            cfg["security"] = {"server_key": server_secret,
+                               "authorized_keys": os.path.join(tmp, "authorized")}
+            self.keys = ClientKeys.load(server_public, client_secret)
         self.path = os.path.join(tmp, "zarkov.yaml")
         with open(self.path, "w") as f:
             yaml.safe_dump(cfg, f)
+        self.worker_path = self.path
+        if curve:  # workers connect as a client host would, with their own key
+            self.worker_path = os.path.join(tmp, "worker.yaml")
+            with open(self.worker_path, "w") as f:
+                yaml.safe_dump({**cfg, "security": {"server_public_key": server_public,
+                                                    "client_key": client_secret}}, f)
         self.log = open(os.path.join(tmp, "cluster.log"), "ab")
         self.router = self._zcmd("zmr-router")
         self.pool = None
-        self.sock = wire.req_socket(self.req_uri)
+        self.sock = wire.req_socket(self.req_uri, keys=self.keys)
         self._wait(lambda: client.call(self.sock, {"$command": "echo"}, 2), "router")
 
-    def _zcmd(self, *args: str) -> subprocess.Popen:
+    def _zcmd(self, *args: str, path: str | None = None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "zcmd"),
-                                 "-y", self.path, *args], stdout=self.log,
+                                 "-y", path or self.path, *args], stdout=self.log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait(self, cond, what: str, timeout: float = 60) -> None:
@@ -163,13 +185,13 @@ class Cluster:
                     return
             except wire.WireError:
                 self.sock.close(0)
-                self.sock = wire.req_socket(self.req_uri)
+                self.sock = wire.req_socket(self.req_uri, keys=self.keys)
             time.sleep(0.1)
         raise SystemExit(f"bench: no {what} after {timeout} s; see the cluster log")
 
     def workers(self, n: int) -> None:
         self.stop_pool()
-        self.pool = self._zcmd("zmr-worker", "-n", str(n))
+        self.pool = self._zcmd("zmr-worker", "-n", str(n), path=self.worker_path)
         self._wait(lambda: client.call(self.sock, {"$command": "status"}, 2)["workers"] == n,
                    f"{n} workers")
 
@@ -204,9 +226,10 @@ def output_counts(db) -> dict:
     return {(d["_id"]["type"], d["_id"]["day"]): d["value"] for d in db["zagg.bench"].find()}
 
 
-def series(label: str, n: int, runs: int, db, cluster: Cluster, map_text: str,
+def series(label: str, n: int, runs: int, db, clusters: list[Cluster], map_text: str,
            figures: dict[str, str]) -> None:
-    """One map: the baseline, then zmr with 1 and 2 worker processes; into ``figures``."""
+    """One map: the baseline, then zmr with 1 and 2 worker processes on each cluster
+    (plain, then CURVE), runs alternating; into ``figures``."""
     print(f"{label} map, N={n}, median of {runs} runs:", flush=True)
     base = []
     for _ in range(runs):
@@ -217,16 +240,36 @@ def series(label: str, n: int, runs: int, db, cluster: Cluster, map_text: str,
     figures[f"{name} map: baseline, 1 process"] = f"{b:,.0f} docs/s"
     print(f"  baseline (1 process)  {b:10,.0f} docs/s", flush=True)
     for procs in (1, 2):
-        cluster.workers(procs)
-        times = [cluster.run(db.name, map_text) for _ in range(runs)]
-        if output_counts(db) != want:
-            raise SystemExit("bench: zmr output differs from the baseline's counts")
-        r = n / statistics.median(times)
-        figures[f"{name} map: zmr, {procs} worker process{'es' if procs > 1 else ''}"] = (
-            f"{r:,.0f} docs/s {r / b:.2f}x")
-        print(f"  zmr, {procs} worker process{'es' if procs > 1 else '  '} {r:10,.0f} docs/s"
-              f"   {r / b:5.2f}x baseline", flush=True)
-    rss = peak_rss_mb(cluster.router.pid)
+        for cluster in clusters:
+            cluster.workers(procs)
+        # Why alternate: on a shared machine the load drifts; runs of the two clusters
+        # taken in turn see the same drift, and the per-run ratios cancel it.
+        times: dict[str, list[float]] = {c.label: [] for c in clusters}
+        for _ in range(runs):
+            for cluster in clusters:
+                times[cluster.label].append(cluster.run(db.name, map_text))
+                if output_counts(db) != want:
+                    raise SystemExit("bench: zmr output differs from the baseline's counts")
+        for cluster in clusters:
+            cluster.stop_pool()
+        plain = times[clusters[0].label]
+        plain_rate = n / statistics.median(plain)
+        workers = f"{procs} worker process{'es' if procs > 1 else ''}"
+        for cluster in clusters:
+            mine = times[cluster.label]
+            r = n / statistics.median(mine)
+            vs_plain = ""
+            if cluster is clusters[0]:
+                figures[f"{name} map: zmr, {workers}"] = f"{r:,.0f} docs/s {r / b:.2f}x"
+            else:
+                ratio = statistics.median(p / m for p, m in zip(plain, mine))
+                figures[f"{name} map: zmr {cluster.label}, {workers}"] = (
+                    f"{r:,.0f} docs/s {r / plain_rate:.2f}x plain")
+                vs_plain = (f"   {r / plain_rate:5.2f}x plain (median of the runs' ratios "
+                            f"{ratio:.2f}; target >= 0.8)")
+            print(f"  zmr {cluster.label:5}, {procs} worker process{'es' if procs > 1 else '  '}"
+                  f" {r:10,.0f} docs/s   {r / b:5.2f}x baseline{vs_plain}", flush=True)
+    rss = peak_rss_mb(clusters[0].router.pid)
     figures["router peak RSS"] = f"{rss:.0f} MB"
     print(f"  router peak RSS so far: {rss:.0f} MB", flush=True)
 
@@ -238,7 +281,7 @@ def measure(server: servers.Server, args) -> dict[str, str]:
     name = "zbench_" + uuid.uuid4().hex[:8]
     db = mc[name]
     tmp = tempfile.mkdtemp(prefix="zmr-bench-")
-    cluster = None
+    clusters: list[Cluster] = []
     figures: dict[str, str] = {}
     try:
         t0 = time.perf_counter()
@@ -247,22 +290,24 @@ def measure(server: servers.Server, args) -> dict[str, str]:
         secs = time.perf_counter() - t0
         figures["insert_many, batches of 10,000"] = f"{args.n / secs:,.0f} docs/s"
         print(f"inserted {args.n} events in {secs:.1f} s (about {size} bytes each)", flush=True)
-        cluster = Cluster(server.uri, name, tmp)
-        series("cheap", args.n, args.runs, db, cluster, MAP, figures)
+        clusters.append(Cluster(server.uri, name, os.path.join(tmp, "plain")))
+        if not args.no_curve:
+            clusters.append(Cluster(server.uri, name, os.path.join(tmp, "curve"), curve=True))
+        series("cheap", args.n, args.runs, db, clusters, MAP, figures)
         if not args.cheap_only:
             series(f"costly (~20 us/doc, {args.spin} loop turns)", args.n, args.runs, db,
-                   cluster, COSTLY_MAP.replace("SPIN", str(args.spin)), figures)
+                   clusters, COSTLY_MAP.replace("SPIN", str(args.spin)), figures)
         if args.rss_n > args.n:
             fill(db.event, args.rss_n)
-            cluster.workers(2)
-            secs = cluster.run(name, MAP)
-            rss = peak_rss_mb(cluster.router.pid)
+            clusters[0].workers(2)
+            secs = clusters[0].run(name, MAP)
+            rss = peak_rss_mb(clusters[0].router.pid)
             figures[f"N={args.rss_n}: zmr, 2 worker processes"] = f"{args.rss_n / secs:,.0f} docs/s"
             figures[f"N={args.rss_n}: router peak RSS"] = f"{rss:.0f} MB"
             print(f"N={args.rss_n}: zmr 2 workers {args.rss_n / secs:,.0f} docs/s; "
                   f"router peak RSS {rss:.0f} MB", flush=True)
     finally:
-        if cluster is not None:
+        for cluster in clusters:
             cluster.close()
         mc.drop_database(name)
         mc.close()
@@ -278,6 +323,7 @@ def main() -> int:
     p.add_argument("--rss-n", type=int, default=0,
                    help="also one 2-worker run over this many documents for the router's RSS")
     p.add_argument("--cheap-only", action="store_true", help="skip the costly map")
+    p.add_argument("--no-curve", action="store_true", help="skip the CURVE cluster")
     args = p.parse_args()
     # A timeout's SIGTERM must still stop the router and workers started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

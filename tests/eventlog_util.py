@@ -44,11 +44,15 @@ def wait_accepted(procs: Processes, p: subprocess.Popen, journal: str, n: int,
                     what=f"{n} events accepted")
 
 
-def push(uri: str, messages: list, key: bytes | None = None) -> None:
-    """Push raw messages (bytes, or documents to encode as BSON) and wait for delivery."""
+def push(uri: str, messages: list, key: bytes | None = None, keys=None,
+         linger: float = 30.0) -> None:
+    """Push raw messages (bytes, or documents to encode as BSON) and wait for delivery
+    (at most ``linger`` seconds); ``keys`` (ClientKeys) for a CURVE logger."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 0)
+    if keys is not None:
+        keys.apply(sock)
     sock.connect(uri)
     for m in messages:
         data = m if isinstance(m, bytes) else bson.encode(m)
@@ -56,7 +60,7 @@ def push(uri: str, messages: list, key: bytes | None = None) -> None:
             sock.send(data)
         else:
             sock.send_multipart([key, data])
-    sock.close(linger=30000)
+    sock.close(linger=int(linger * 1000))
     ctx.term()
 
 

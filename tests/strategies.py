@@ -328,7 +328,11 @@ def yaml_texts(schema_keys: list[str]) -> st.SearchStrategy[bytes]:
         "e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nmongo_uri: *e\n",
         "mongo_uri: *nowhere\n", "? [1, 2]\n: x\n", "%YAML 9.9\n---\na: 1\n", "--- 1\n--- 2\n",
         "zmr: {" * 40 + "}" * 40 + "\n", "mongo_uri: " + "[" * 600 + "]" * 600 + "\n",
-        "\tmongo_uri: x\n", "mongo_uri: 'a\n", "!!map {? a : b}\n", "<<: {mongo_uri: x}\n"])
+        "\tmongo_uri: x\n", "mongo_uri: 'a\n", "!!map {? a : b}\n", "<<: {mongo_uri: x}\n",
+        "security: {server_key: /nowhere/server.key_secret}\n",
+        "security: {server_key: \"a\\0b\"}\n", "security: {client_key: .}\n",
+        "security: {authorized_keys: /dev/null}\n", "security: {allow_insecure: 1}\n",
+        "security: [server_key]\n"])
     text = st.one_of(mapping.map(dump), fragments,
                      st.lists(st.one_of(fragments, mapping.map(dump)), max_size=3).map("".join),
                      st.text(max_size=60))

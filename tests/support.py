@@ -129,14 +129,15 @@ def write_config(path: str, data: dict) -> str:
 class Cluster:
     """A map-reduce router and a pool of worker processes, started with ``zcmd``.
 
-    ``path`` is their config file.  ``start()`` returns once the router answers and
+    ``path`` is their config file; ``keys`` (ClientKeys) when the router uses CURVE.
+    ``start()`` returns once the router answers and
     ``workers`` worker processes report to it.  Either part may be killed and started again;
     ``router``/``workers`` are the current Popens, logged as ``router``/``worker``
     (then ``router2``, ``worker2``, … for later starts).
     """
 
-    def __init__(self, procs: Processes, path: str, workers: int = 2):
-        self.procs, self.path, self.n_workers = procs, path, workers
+    def __init__(self, procs: Processes, path: str, workers: int = 2, keys=None):
+        self.procs, self.path, self.n_workers, self.keys = procs, path, workers, keys
         with open(path) as f:
             self.uri = yaml.safe_load(f)["zmr"]["req_uri"]
         self.router: subprocess.Popen | None = None
@@ -150,13 +151,13 @@ class Cluster:
 
     def status(self, timeout: float = 5.0) -> dict:
         """The router's reply to ``status`` without a job id (workers, jobs counts)."""
-        return router_status(self.uri, timeout)
+        return router_status(self.uri, timeout, self.keys)
 
     def start_router(self) -> None:
         """Start ``zcmd zmr-router``; return once it answers ``echo``."""
         from zarkov import wire
         self.router = self.procs.zcmd(self._name("router"), self.path, "zmr-router")
-        wait_for(lambda: wire.request(self.uri, {"$command": "echo"}, timeout=1.0),
+        wait_for(lambda: wire.request(self.uri, {"$command": "echo"}, 1.0, self.keys),
                  timeout=30, what="the router to answer echo")
 
     def start_workers(self) -> None:
@@ -177,18 +178,18 @@ class Cluster:
 
     def wait_idle(self, timeout: float = 60) -> None:
         """Wait until no job runs in the router (e.g. one of a killed ``zcmd aggregate``)."""
-        wait_router_idle(self.uri, timeout)
+        wait_router_idle(self.uri, timeout, self.keys)
 
 
-def router_status(uri: str, timeout: float = 5.0) -> dict:
+def router_status(uri: str, timeout: float = 5.0, keys=None) -> dict:
     """The reply of the router at ``uri`` to ``status`` without a job id."""
     from zarkov import wire
-    return wire.request(uri, {"$command": "status"}, timeout=timeout)
+    return wire.request(uri, {"$command": "status"}, timeout, keys)
 
 
-def wait_router_idle(uri: str, timeout: float = 60) -> None:
+def wait_router_idle(uri: str, timeout: float = 60, keys=None) -> None:
     """Wait until the router at ``uri`` runs no job."""
-    wait_for(lambda: router_status(uri, 1.0)["jobs_running"] == 0, timeout=timeout,
+    wait_for(lambda: router_status(uri, 1.0, keys)["jobs_running"] == 0, timeout=timeout,
              what="the router's jobs to end")
 
 

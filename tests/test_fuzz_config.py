@@ -13,12 +13,15 @@ from zarkov import config as C
 
 pytestmark = pytest.mark.fuzz
 
-SCHEMA_KEYS = sorted(C.TOP_SCHEMA) + ["zmr"] + sorted(C.ZMR_SCHEMA)
+SCHEMA_KEYS = sorted(C.TOP_SCHEMA) + sorted(C.SECTIONS) + [
+    k for schema in C.SECTIONS.values() for k in sorted(schema)]
 
 
 def _assert_valid(cfg: C.Config) -> None:
     """What commands rely on: every key of its schema type, finite, within range."""
-    for schema, section, prefix in ((C.TOP_SCHEMA, cfg, ""), (C.ZMR_SCHEMA, cfg.zmr, "zmr.")):
+    sections = [(C.TOP_SCHEMA, cfg, "")] + [
+        (schema, getattr(cfg, name), f"{name}.") for name, schema in C.SECTIONS.items()]
+    for schema, section, prefix in sections:
         for key, (types, _) in schema.items():
             value = getattr(section, key)
             types = types if isinstance(types, tuple) else (types,)

@@ -1,10 +1,14 @@
 """The one configuration schema of Zarkov: defaults, YAML loading and validation.
 
 Every command builds a :class:`Config` with :func:`load` and reads its settings as
-attributes (``config.mongo_uri``, ``config.zmr.reduce_count``).  Errors name the
-file and the key, so that ``zcmd`` can print them on one line and exit with 2.
-Whatever the file holds, :func:`load` returns a valid Config or raises ConfigError:
-never another exception, never a message longer than a line.
+attributes (``config.mongo_uri``, ``config.zmr.reduce_count``,
+``config.security.server_key``).  Errors name the file and the key, so that ``zcmd``
+can print them on one line and exit with 2.  Whatever the file holds, :func:`load`
+returns a valid Config or raises ConfigError: never another exception, never a
+message longer than a line.
+
+Every bind address defaults to loopback; binding beyond it needs the CURVE keys of
+the ``security`` section (or ``security.allow_insecure``), see :mod:`zarkov.security`.
 """
 from __future__ import annotations
 
@@ -27,10 +31,10 @@ class ConfigError(Exception):
 TOP_SCHEMA: dict[str, tuple[Any, Any]] = {
     "mongo_uri": (str, "mongodb://localhost:27017"),
     "mongo_database": (str, "zarkov"),
-    "bson_bind_address": (str, "tcp://0.0.0.0:6543"),
-    "json_bind_address": (str, "tcp://0.0.0.0:6544"),
+    "bson_bind_address": (str, "tcp://127.0.0.1:6543"),
+    "json_bind_address": (str, "tcp://127.0.0.1:6544"),
     "bson_uri": (str, "tcp://127.0.0.1:6543"),
-    "publish_bind_address": (str, "tcp://0.0.0.0:6545"),
+    "publish_bind_address": (str, "tcp://127.0.0.1:6545"),
     # The web service (JSON API, dashboard, events over HTTP); 0 = not run by `serve`.
     "web_port": (int, 8081),
     # Address the web service listens on.  Beyond loopback it needs `web_token`.
@@ -50,7 +54,8 @@ TOP_SCHEMA: dict[str, tuple[Any, Any]] = {
     # Seconds a run's lease on an AggDef lasts without renewal (another host may
     # take a pending run over after that).
     "agg_lease_seconds": ((int, float), 60.0),
-    # Optional shared key that event senders put in a first frame.
+    # Optional shared password that event senders put in a first frame (compared in
+    # constant time; it travels in clear without CURVE: not authentication).
     "shared_key": ((str, type(None)), None),
     # Where `serve` logs; "-" is stderr.
     "log_file": (str, "-"),
@@ -58,8 +63,8 @@ TOP_SCHEMA: dict[str, tuple[Any, Any]] = {
 
 ZMR_SCHEMA: dict[str, tuple[Any, Any]] = {
     "req_uri": (str, "tcp://127.0.0.1:5555"),
-    "req_bind": (str, "tcp://0.0.0.0:5555"),
-    "worker_uri": (str, "tcp://0.0.0.0"),
+    "req_bind": (str, "tcp://127.0.0.1:5555"),
+    "worker_uri": (str, "tcp://127.0.0.1"),
     "src_port": (int, 0),
     "sink_port": (int, 0),
     "local_workers": (int, 2),
@@ -76,6 +81,29 @@ ZMR_SCHEMA: dict[str, tuple[Any, Any]] = {
     "requests_per_worker_process": (int, 256),
     "suicide_level": (int, 3145728),
 }
+
+_PATH = (str, type(None))
+# CURVE authentication and encryption of every ZeroMQ socket (see zarkov.security).
+# Relative paths are relative to the config file's directory.
+SECURITY_SCHEMA: dict[str, tuple[Any, Any]] = {
+    # The servers' key pair (a *.key_secret file): set on hosts that run the
+    # router, the event logger or serve.  Turns CURVE on for every socket they bind.
+    "server_key": (_PATH, None),
+    # Directory of the client public keys (*.key) allowed in; needed with server_key.
+    "authorized_keys": (_PATH, None),
+    # The servers' public key (a *.key file), on hosts that only connect; defaults to
+    # the public half of server_key.
+    "server_public_key": (_PATH, None),
+    # This host's client key pair (*.key_secret) for workers, zcmd aggregate,
+    # ZarkovClient and zsend; defaults to server_key.
+    "client_key": (_PATH, None),
+    # Bind beyond loopback without keys anyway (warned about at every start).
+    "allow_insecure": (bool, False),
+}
+SECURITY_PATHS = ("server_key", "authorized_keys", "server_public_key", "client_key")
+
+# Nested sections and their schemas.
+SECTIONS: dict[str, dict[str, tuple[Any, Any]]] = {"zmr": ZMR_SCHEMA, "security": SECURITY_SCHEMA}
 
 # Keys whose value must be > 0 (the others may be 0 where 0 means "automatic").
 POSITIVE = {
@@ -103,9 +131,10 @@ class Section:
 
 
 class Config(Section):
-    """The whole validated configuration: top-level keys and the ``zmr`` section."""
+    """The whole validated configuration: top-level keys, ``zmr`` and ``security``."""
 
     zmr: Section
+    security: Section
     source: str
 
     def validate(self) -> "Config":
@@ -119,7 +148,8 @@ class Config(Section):
 def defaults() -> dict[str, Any]:
     """The default value of every key, as a nested dict."""
     d = {k: copy.deepcopy(v[1]) for k, v in TOP_SCHEMA.items()}
-    d["zmr"] = {k: copy.deepcopy(v[1]) for k, v in ZMR_SCHEMA.items()}
+    for name, schema in SECTIONS.items():
+        d[name] = {k: copy.deepcopy(v[1]) for k, v in schema.items()}
     return d
 
 
@@ -185,14 +215,15 @@ def _validate(data: Mapping[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: the file must hold a mapping of keys, "
                           f"got {type(data).__name__}")
     for key, value in data.items():
-        if key == "zmr":
+        if key in SECTIONS:
+            schema = SECTIONS[key]
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: key 'zmr': expected a mapping, "
+                raise ConfigError(f"{source}: key '{key}': expected a mapping, "
                                   f"got {short_repr(value)}")
             for zkey, zvalue in value.items():
-                if zkey not in ZMR_SCHEMA:
-                    raise ConfigError(f"{source}: unknown key 'zmr.{_key_name(zkey)}'")
-                _check(f"zmr.{zkey}", zvalue, ZMR_SCHEMA[zkey][0], source)
+                if zkey not in schema:
+                    raise ConfigError(f"{source}: unknown key '{key}.{_key_name(zkey)}'")
+                _check(f"{key}.{zkey}", zvalue, schema[zkey][0], source)
         elif key not in TOP_SCHEMA:
             raise ConfigError(f"{source}: unknown key '{_key_name(key)}'")
         else:
@@ -207,14 +238,55 @@ def from_dict(data: Mapping[str, Any] | None = None, source: str = "<config>") -
     _validate(data, source)
     merged = defaults()
     for key, value in data.items():
-        if key == "zmr":
-            merged["zmr"].update(value)
+        if key in SECTIONS:
+            merged[key].update(value)
         else:
             merged[key] = value
-    cfg = Config({k: v for k, v in merged.items() if k != "zmr"})
-    cfg.zmr = Section(merged["zmr"])
+    _check_key_files(merged["security"], source)
+    cfg = Config({k: v for k, v in merged.items() if k not in SECTIONS})
+    for name in SECTIONS:
+        setattr(cfg, name, Section(merged[name]))
     cfg.source = source
     return cfg
+
+
+def _check_key_files(sec: dict[str, Any], source: str) -> None:
+    """The ``security`` keys name readable key files of the right kind, and go together."""
+    from zarkov import keys  # why here: keys imports zmq, which plain config users need not
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: key 'security.{key}': {why}")
+
+    for key, secret in (("server_key", True), ("server_public_key", False),
+                        ("client_key", True)):
+        if sec[key] is not None:
+            try:
+                keys.read_key_file(sec[key], secret=secret)
+            except keys.KeyFileError as e:
+                fail(key, f"{e}; make one with 'zcmd keys new <name>'")
+    if sec["server_key"] is not None and sec["authorized_keys"] is None:
+        fail("authorized_keys", "needed with security.server_key: the directory of the "
+             "client public keys allowed in (zcmd keys authorize <file>)")
+    if sec["authorized_keys"] is not None and not os.path.isdir(sec["authorized_keys"]):
+        fail("authorized_keys", f"{sec['authorized_keys']}: no such directory")
+    if sec["server_key"] is None:
+        pairs = (("client_key", "server_public_key"), ("server_public_key", "client_key"))
+        for have, need in pairs:
+            if sec[have] is not None and sec[need] is None:
+                fail(need, f"needed with security.{have} (a client needs the servers' "
+                     f"public key and a key pair of its own)")
+
+
+def _resolve_paths(data: dict[str, Any], path: str) -> None:
+    """Make the relative key paths of ``data['security']`` relative to ``path``'s directory."""
+    sec = data.get("security")
+    if not isinstance(sec, dict):
+        return
+    base = os.path.dirname(os.path.abspath(path))
+    for key in SECURITY_PATHS:
+        value = sec.get(key)
+        if isinstance(value, str) and value:
+            sec[key] = os.path.join(base, os.path.expanduser(value))
 
 
 def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -251,6 +323,7 @@ def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Config
                 raise ConfigError(f"{path}: the file must hold a mapping of keys, "
                                   f"got {type(loaded).__name__}")
             data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in loaded.items()}
+            _resolve_paths(data, path)
     for dotted, value in (overrides or {}).items():
         if "." in dotted:
             section, key = dotted.split(".", 1)

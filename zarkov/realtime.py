@@ -5,7 +5,8 @@ Every ``realtime_interval`` seconds it runs, incrementally, each AggDef whose
 with the exactly-once guarantees of :mod:`zarkov.aggregation` (a run that another
 process holds is skipped, not waited for).  When a run took documents, it publishes
 the BSON message ``{"$command": "agg_complete", "name": ..., "docs": n}`` on
-``publish_bind_address`` so that dashboards can refresh.
+``publish_bind_address`` so that dashboards can refresh (a CURVE server when keys
+are on: subscribers need an authorised key too).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import gevent
 import gevent.event
 
-from zarkov import aggregation, supervise, wire
+from zarkov import aggregation, security, supervise, wire
 from zarkov import model as M
 from zarkov.config import Config
 
@@ -35,9 +36,11 @@ class RealtimeLoop:
 
     def start(self) -> "RealtimeLoop":
         """Bind the publish socket and start the loop in a greenlet."""
+        security.check_binds(self.config, ("publish_bind_address",))
         z = wire.zmq_module()
         self._pub = wire.context().socket(z.PUB)
         self._pub.setsockopt(z.LINGER, 1000)
+        security.secure_server(self.config, self._pub, "publish")
         self._pub.bind(self.config.publish_bind_address)
         self._loop = supervise.spawn("real-time aggregation loop", self._run_loop)
         log.info("real-time aggregation every %g s; completions published on %s",

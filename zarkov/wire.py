@@ -4,9 +4,13 @@ Processes that run under gevent (``zcmd`` after ``monkey.patch_all()``) must use
 ``zmq.green``; plain processes (the map-reduce worker processes) use ``zmq``.
 :func:`zmq_module` picks the right one, so callers never import zmq directly for
 sockets that they block on.
+
+Where the router uses CURVE, pass ``keys`` (a :class:`zarkov.security.ClientKeys`,
+e.g. ``security.client_keys(config)``) to :func:`req_socket` and :func:`request`.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping
 
 import bson
@@ -55,11 +59,16 @@ def decode(data: bytes) -> dict:
         raise WireError(f"not a BSON document: {e}") from None
 
 
-def req_socket(uri: str, ctx=None):
-    """A REQ socket connected to ``uri`` that may send again after a lost reply."""
+def req_socket(uri: str, ctx=None, keys=None):
+    """A REQ socket connected to ``uri`` that may send again after a lost reply.
+
+    ``keys`` (:class:`zarkov.security.ClientKeys`) makes it a CURVE client.
+    """
     z = zmq_module()
     sock = (ctx or context()).socket(z.REQ)
     sock.setsockopt(z.LINGER, 0)
+    if keys is not None:
+        keys.apply(sock)
     # Relaxed + correlate: after a time-out the socket can send a new request, and a
     # late reply to the old one is dropped instead of being read as the new answer.
     sock.setsockopt(z.REQ_RELAXED, 1)
@@ -80,15 +89,38 @@ def call(sock, doc: Mapping[str, Any], timeout: float, uri: str | None = None) -
     """
     z = zmq_module()
     uri = uri or getattr(sock, "zarkov_uri", "the router")
-    sock.send(encode(doc))
-    if not sock.poll(timeout * 1000, z.POLLIN):
-        raise RouterTimeout(f"no answer from {uri} (zmr.req_uri) within {timeout:g} s")
+    deadline = time.monotonic() + timeout
+    data = encode(doc)
+    # Why poll and never block in send: a REQ socket with no connection (the router
+    # refused our key, or is not there) would block there for ever.
+    while True:
+        if not sock.poll(max(0.0, deadline - time.monotonic()) * 1000, z.POLLOUT):
+            raise RouterTimeout(f"no connection to {uri} (zmr.req_uri) within "
+                                f"{timeout:g} s{_REFUSED_HINT if _has_keys(sock) else ''}")
+        try:
+            sock.send(data, z.NOBLOCK)
+            break
+        except z.Again:  # the connection went away between poll and send
+            continue
+    if not sock.poll(max(0.0, deadline - time.monotonic()) * 1000, z.POLLIN):
+        raise RouterTimeout(f"no answer from {uri} (zmr.req_uri) within {timeout:g} s"
+                            f"{_REFUSED_HINT if _has_keys(sock) else ''}")
     return decode(sock.recv())
 
 
-def request(uri: str, doc: Mapping[str, Any], timeout: float = 10.0) -> dict:
-    """One request on a fresh REQ socket; see :func:`call`."""
-    sock = req_socket(uri)
+_REFUSED_HINT = " (or it refused this host's CURVE key: see security.client_key)"
+
+
+def _has_keys(sock) -> bool:
+    try:
+        return bool(sock.getsockopt(zmq.CURVE_SERVERKEY))
+    except zmq.ZMQError:
+        return False
+
+
+def request(uri: str, doc: Mapping[str, Any], timeout: float = 10.0, keys=None) -> dict:
+    """One request on a fresh REQ socket (a CURVE client with ``keys``); see :func:`call`."""
+    sock = req_socket(uri, keys=keys)
     try:
         return call(sock, doc, timeout, uri)
     finally:

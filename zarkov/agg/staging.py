@@ -15,6 +15,7 @@ from typing import Any
 from pymongo.errors import PyMongoError
 
 from zarkov import wire
+from zarkov.zmr import client
 from zarkov.agg import Scope, StepFailed
 from zarkov.lease import LeaseLost
 from zarkov.task import JobFailed, RunContext, TaskError
@@ -65,7 +66,7 @@ def run_jobs(scope: Scope, agg: Any, task_cls: type, record: dict, attempt: int)
                          on_started=lambda: scope.hook("running"),
                          progress=lambda s: scope.report(f"jobs: {s['phase']}", s["docs"]))
     task = task_cls(agg, scope.config, context)
-    sock = wire.req_socket(scope.config.zmr.req_uri)
+    sock = client.connect(scope.config)
     try:
         task.run(sock, record["full"])
     except (JobFailed, TaskError, wire.WireError, LeaseLost, PyMongoError):

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     try:
         code = int(_command_module(opts.command).run(config, args) or 0)
+    except C.ConfigError as e:  # found when starting: e.g. a bind beyond loopback
+        print(f"zcmd: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         code = 130
     # A loop that died makes the whole command fail, whatever it returned, so that

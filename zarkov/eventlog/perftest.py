@@ -15,6 +15,7 @@ import bson
 import gevent
 
 from zarkov.client import ZarkovClient
+from zarkov.security import ClientKeys
 
 TYPES = ("login", "create", "download", "view", "commit", "comment")
 TOOLS = ("wiki", "tickets", "git", "files", "discussion")
@@ -34,15 +35,16 @@ def synthetic_event(seq: int, rng: random.Random) -> dict:
 
 
 def run(uri: str, n: int, concurrency: int, rate: float, shared_key: str | None = None,
-        out: TextIO = sys.stdout) -> float:
-    """Send ``n`` events; return the achieved rate (events per second)."""
+        out: TextIO = sys.stdout, keys: ClientKeys | None = None) -> float:
+    """Send ``n`` events (CURVE with ``keys``); return the achieved rate (events/s)."""
     concurrency = max(1, min(concurrency, n or 1))
     sent = [0]
     started = time.monotonic()
 
     def sender(worker: int) -> None:
         rng = random.Random(worker)
-        client = ZarkovClient(uri, shared_key=shared_key, send_timeout=None, linger=-1)
+        client = ZarkovClient(uri, shared_key=shared_key, send_timeout=None, linger=-1,
+                              keys=keys)
         interval = concurrency / rate if rate > 0 else 0.0
         try:
             for k, seq in enumerate(range(worker, n, concurrency)):

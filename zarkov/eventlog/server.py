@@ -12,9 +12,16 @@ EventServer in the calling (gevent) process, bound to ``bson_bind_address`` and
 proxy in native threads binds the public addresses and deals messages round-robin
 to N child processes (``python -m zarkov.eventlog.child``), each with its own
 journal directory ``<journal>/server-<i>``, so validation and journaling use N cores.
+The proxy reaches its children over ``ipc://`` sockets in a private (0700) temporary
+directory: no other local user can connect to them and pull events.
+
+With ``security.server_key`` the public sockets are CURVE servers
+(:mod:`zarkov.security`); refused connections are counted in the stats files.
 
 Shared key: when ``shared_key`` is set, every message must have two frames, the key
-and then the event; otherwise a message's last frame is the event.
+and then the event; otherwise a message's last frame is the event.  It is a shared
+password (compared in constant time), not authentication: without CURVE it travels
+in clear.
 
 Every message received is accounted for: journaled (``accepted``) or set aside with a
 reason (``rejected``), whatever its bytes.  An unexpected exception while handling one
@@ -30,9 +37,11 @@ import hmac
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -45,16 +54,17 @@ import zmq as zmq_plain
 import zmq.green as zmq
 
 from zarkov import config as C
-from zarkov import faults, supervise
+from zarkov import faults, security, supervise
 from zarkov.children import child_env
 from zarkov.eventlog import journal as J
 from zarkov.eventlog.committer import Committer
 from zarkov.eventlog.rejects import RejectLog, rejects_path
 from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
-from zarkov.eventlog.stats import (Stats, read_stats, stats_path, total, write_loop,
-                                   write_stats)
+from zarkov.eventlog.stats import (PROXY_STATS, Stats, read_stats, stats_path, total,
+                                   write_loop, write_stats)
 from zarkov.oneline import first_line as clip
 
+SOCKET_NAMES = ("events-bson", "events-json")  # their names in zarkov.security
 BATCH = 100             # most messages taken from a socket before journaling them
 DRAIN_AT_STOP = 200000  # most messages still taken from the sockets when stopping
 STATS_INTERVAL = 0.1
@@ -129,6 +139,8 @@ class EventServer:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.RCVHWM, 100000)
                 self._sockets.append((sock, prepare, source))
+                if self.bind:
+                    security.secure_server(self.config, sock, f"events-{source}")
                 (sock.bind if self.bind else sock.connect)(endpoint)
         except zmq.ZMQError:
             for sock, _, _ in self._sockets:
@@ -242,7 +254,11 @@ class EventServer:
     # -- housekeeping ---------------------------------------------------------------
 
     def _write_stats_loop(self) -> None:
-        write_loop(stats_path(self.config.journal, self.index), self.stats, STATS_INTERVAL)
+        write_loop(stats_path(self.config.journal, self.index), self.stats, STATS_INTERVAL,
+                   self._count_refusals if self.bind else None)
+
+    def _count_refusals(self) -> None:
+        self.stats.refused = sum(security.refusals(SOCKET_NAMES).values())
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop intake, journal what the sockets still hold, commit within ``timeout``.
@@ -277,16 +293,22 @@ class EventServer:
 
 
 class _Proxy:
-    """A ZeroMQ PULL → PUSH proxy in a native thread (it never touches gevent)."""
+    """A ZeroMQ PULL → PUSH proxy in a native thread (it never touches gevent).
 
-    def __init__(self, ctx, frontend: str, name: str):
+    ``frontend`` is the public address; ``backend`` the ipc:// address its children
+    connect to.
+    """
+
+    def __init__(self, config: C.Config, ctx, frontend: str, backend: str, name: str,
+                 socket_name: str):
         self.ctx = ctx
         self.front = ctx.socket(zmq_plain.PULL)
         self.front.setsockopt(zmq_plain.LINGER, 0)
+        security.secure_server(config, self.front, socket_name)
         self.front.bind(frontend)
         self.back = ctx.socket(zmq_plain.PUSH)
-        self.back.bind("tcp://127.0.0.1:*")
-        self.backend = self.back.getsockopt(zmq_plain.LAST_ENDPOINT).decode()
+        self.back.bind(backend)
+        self.backend = backend
         self.control_uri = f"inproc://zarkov-eventlog-{name}"
         self.control = ctx.socket(zmq_plain.PAIR)
         self.control.bind(self.control_uri)
@@ -329,6 +351,27 @@ class _Proxy:
                 log.warning("event logger: proxy %s did not stop within 10 s", self.control_uri)
 
 
+PRIVATE_PREFIX = "zarkov-eventlog-"
+
+
+def _remove_stale_private_dirs() -> None:
+    """Remove the ipc directories of event loggers that died without cleaning up."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        pid = name[len(PRIVATE_PREFIX):].split("-", 1)[0]
+        if not (name.startswith(PRIVATE_PREFIX) and pid.isdigit()):
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 class EventLogger:
     """The event logger: start it in a gevent process, stop it to flush the journal.
 
@@ -344,14 +387,21 @@ class EventLogger:
         self._proxies: list[_Proxy] = []
         self._children: dict[int, subprocess.Popen] = {}
         self._watchers: list[Any] = []
+        self._private_dir: str | None = None
         self._stopping = False
         self.stats_errors = supervise.Errors(log)
         self.stopped = gevent.event.Event()
 
     def start(self) -> "EventLogger":
-        """Bind the sockets and start serving; raises zmq.ZMQError if a bind fails."""
+        """Bind the sockets and start serving; raises zmq.ZMQError if a bind fails,
+        ConfigError if an address is beyond loopback without keys."""
         cfg = self.config
+        security.check_binds(cfg, ("bson_bind_address", "json_bind_address"))
         os.makedirs(cfg.journal, exist_ok=True)
+        try:
+            os.unlink(os.path.join(cfg.journal, PROXY_STATS))  # a former run's
+        except FileNotFoundError:
+            pass
         if self.count == 1:
             self.server = EventServer(cfg).start()
         else:
@@ -368,10 +418,27 @@ class EventLogger:
                 os.unlink(os.path.join(cfg.journal, name))
         ctx = zmq_plain.Context()
         self._ctx = ctx
-        self._proxies = [_Proxy(ctx, cfg.bson_bind_address, f"bson-{os.getpid()}"),
-                         _Proxy(ctx, cfg.json_bind_address, f"json-{os.getpid()}")]
+        # Why ipc in a private directory: a loopback TCP port between the proxy and
+        # its children would let any local user connect and pull events.
+        _remove_stale_private_dirs()
+        self._private_dir = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-")
+        self._proxies = [
+            _Proxy(cfg, ctx, address, f"ipc://{self._private_dir}/{source}",
+                   f"{source}-{os.getpid()}", f"events-{source}")
+            for source, address in (("bson", cfg.bson_bind_address),
+                                    ("json", cfg.json_bind_address))]
         for p in self._proxies:
             p.start(lambda: self._stopping)
+        if security.curve_on(cfg):
+            # Why a file of its own: the proxy's refusals happen in this process, not
+            # in the servers that write stats-<i>.json.
+            proxy_stats = Stats(index=-1)
+
+            def count() -> None:
+                proxy_stats.refused = sum(security.refusals(SOCKET_NAMES).values())
+            self._watchers.append(supervise.spawn(
+                "event logger: proxy stats", write_loop,
+                os.path.join(cfg.journal, PROXY_STATS), proxy_stats, STATS_INTERVAL, count))
         for i in range(self.count):
             self._spawn(i)
             self._watchers.append(supervise.spawn(f"event logger: watcher of server {i}",
@@ -431,7 +498,9 @@ class EventLogger:
                     p.wait()
                     ok = False
             gevent.killall(self._watchers)
+            security.release(self._ctx)
             self._ctx.term()
+            shutil.rmtree(self._private_dir, ignore_errors=True)
             return ok
         finally:
             self.stopped.set()

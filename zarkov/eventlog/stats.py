@@ -3,7 +3,9 @@
 Each event-server process writes ``stats-<index>.json`` under the journal directory
 a few times a second (when something changed), replacing it atomically, so that
 operators, tests and ``zcmd serve`` can read what the logger has done without a
-socket of its own.
+socket of its own.  With CURVE and several server processes, the connections
+refused on the public sockets are counted by the parent process, in
+``stats-proxy.json`` (index -1).
 """
 from __future__ import annotations
 
@@ -12,18 +14,20 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import gevent
 
 from zarkov.supervise import Errors
 
-FIELDS = ("accepted", "rejected", "committed", "duplicates", "errors")
+FIELDS = ("accepted", "rejected", "committed", "duplicates", "refused", "errors")
+PROXY_STATS = "stats-proxy.json"
 
 
 class Stats:
     """Counters: events accepted (journaled), rejected, committed (confirmed stored),
-    duplicates (of the committed ones, already in the database: a replay), and
+    duplicates (of the committed ones, already in the database: a replay), refused
+    (connections without an authorised CURVE key: nothing they sent was read), and
     ``errors``: unexpected exceptions of the process's loops (a bug or a broken disk;
     each logged with its traceback, see :class:`zarkov.supervise.Errors`)."""
 
@@ -35,6 +39,7 @@ class Stats:
         self.rejected = 0
         self.committed = 0
         self.duplicates = 0
+        self.refused = 0
         self.backlog_files = 0
         self.db_ok = True
         self.last_db_error: str | None = None
@@ -47,6 +52,7 @@ class Stats:
         return {"index": self.index, "pid": self.pid, "started": self.started,
                 "accepted": self.accepted, "rejected": self.rejected,
                 "committed": self.committed, "duplicates": self.duplicates,
+                "refused": self.refused,
                 "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
                 "backlog_files": self.backlog_files, "db_ok": self.db_ok,
                 "last_db_error": self.last_db_error, "commits": list(self.commits)}
@@ -65,12 +71,16 @@ def write_stats(path: str, stats: Stats) -> None:
     os.replace(tmp, path)
 
 
-def write_loop(path: str, stats: Stats, interval: float) -> None:
-    """Rewrite ``path`` whenever the counters changed, every ``interval`` s (a greenlet's work)."""
+def write_loop(path: str, stats: Stats, interval: float,
+               refresh: Optional[Callable[[], None]] = None) -> None:
+    """Rewrite ``path`` whenever the counters changed, every ``interval`` s (a greenlet's
+    work); ``refresh()`` first updates counters kept elsewhere."""
     last = None
     while True:
         gevent.sleep(interval)
         try:
+            if refresh is not None:
+                refresh()
             snap = stats.as_dict()
             if snap != last:
                 write_stats(path, stats)
@@ -101,5 +111,5 @@ def total(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: sum(s.get(k, 0) for s in snapshots) for k in FIELDS}
     out["backlog_files"] = sum(s.get("backlog_files", 0) for s in snapshots)
     out["db_ok"] = all(s.get("db_ok", True) for s in snapshots)
-    out["processes"] = len(snapshots)
+    out["processes"] = sum(1 for s in snapshots if s.get("index", 0) >= 0)
     return out

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from zarkov import agg_status, wire
+from zarkov import agg_status, security, wire
 from zarkov.aggregation import STAGING
 from zarkov.config import Config
 from zarkov.lease import is_stale
@@ -59,7 +59,7 @@ def router_status(config: Config, recent: int = 20,
     """The router's ``status`` reply, or ``{"error": ...}`` when it does not answer."""
     try:
         reply = wire.request(config.zmr.req_uri, {"$command": "status", "recent": recent},
-                             timeout=timeout)
+                             timeout=timeout, keys=security.client_keys(config))
     except wire.WireError as e:
         return {"error": str(e)}
     return reply

@@ -1,12 +1,12 @@
 """For those who submit jobs: build requests, submit, ask status, wait.
 
 The requests are those of README "The map-reduce protocol" (their fields:
-:mod:`.jobspec`).  Every function takes a REQ socket from
-:func:`zarkov.wire.req_socket` connected to ``zmr.req_uri``; a router that does not
+:mod:`.jobspec`).  Every function takes a REQ socket from :func:`connect` (or
+:func:`zarkov.wire.req_socket`) connected to ``zmr.req_uri``; a router that does not
 answer makes them raise :class:`zarkov.wire.RouterTimeout` (its message names the
 URI) within ``request_timeout`` seconds.  Example::
 
-    sock = wire.req_socket(config.zmr.req_uri)
+    sock = client.connect(config)   # zmr.req_uri, with the CURVE keys of the config
     job_id = client.submit(sock, client.mapreduce_request(my_map, my_reduce,
                                                           output_name="zagg.x"))
     client.wait(sock, [job_id], timeout=600)
@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import bson
 
-from zarkov import functions, wire
+from zarkov import functions, security, wire
+from zarkov.config import Config
 
 FINAL_STATES = ("complete", "error")
 
@@ -77,6 +78,14 @@ def last_line(traceback: Optional[str]) -> str:
 
 
 # -- requests ------------------------------------------------------------------------
+def connect(where: "Config | str", keys: "security.ClientKeys | None" = None):
+    """A REQ socket to the router: ``where`` is a Config (its ``zmr.req_uri`` and
+    CURVE keys) or a URI (with ``keys`` when the router uses CURVE)."""
+    if isinstance(where, Config):
+        return wire.req_socket(where.zmr.req_uri, keys=keys or security.client_keys(where))
+    return wire.req_socket(where, keys=keys)
+
+
 def shipped(func: Optional[Shippable], what: str, name: Optional[str] = None) -> dict[str, str]:
     """``{<what>_text, <what>_name}`` of a function or of source text named ``name``."""
     if func is None:

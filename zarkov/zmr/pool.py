@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from zarkov import faults, supervise
+from zarkov import faults, security, supervise
 from zarkov.children import child_env
 from zarkov.config import Config, worker_processes
 
@@ -42,6 +42,9 @@ class WorkerPool:
         self.argv = [sys.executable, "-m", "zarkov.zmr.worker", "--req-uri", z.req_uri,
                      "--max-requests", str(z.requests_per_worker_process),
                      "--suicide-kib", str(z.suicide_level), "--parent-pid", str(os.getpid())]
+        files = security.client_key_files(config)
+        if files:  # CURVE: the files' paths, never the keys, on the command line
+            self.argv += ["--server-key", files[0], "--client-key", files[1]]
         if verbose or config.verbose:
             self.argv.append("--verbose")
         self.procs: list[subprocess.Popen | None] = [None] * self.count

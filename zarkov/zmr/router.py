@@ -16,6 +16,8 @@ Whatever arrives on its sockets, every request gets one reply (an ``error`` fiel
 when it is not one the router can act on) and the loops go on: an unexpected
 exception is logged with its traceback and counted (``errors`` in ``status``); should
 a loop die all the same, the process stops (:mod:`zarkov.supervise`).
+
+With ``security.server_key`` set all three are CURVE servers (:mod:`zarkov.security`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import gevent.lock
 import gevent.pool
 import pymongo
 
-from zarkov import faults, storage, supervise, wire
+from zarkov import faults, security, storage, supervise, wire
 from zarkov.config import Config
 from zarkov.oneline import first_line
 from zarkov.oneline import short_repr as _short
@@ -41,6 +43,10 @@ from zarkov.zmr.job import Job
 log = logging.getLogger("zarkov.zmr.router")
 
 TICK = 0.2                 # seconds between two looks at overdue tasks
+# ZMTP heartbeats on every socket: a peer whose host vanished (a cut link sends no
+# FIN) is dropped within HEARTBEAT_TIMEOUT instead of swallowing tasks for minutes.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
 KEEP_FINISHED = 3600.0     # seconds a finished job's status stays available
 MAX_FINISHED = 1000        # finished jobs remembered at most
 RECENT_JOBS = 20           # finished jobs listed by ``status`` without a job id
@@ -80,18 +86,18 @@ class Router:
     # -- life cycle ---------------------------------------------------------------
 
     def start(self) -> "Router":
-        """Bind the sockets and start serving in background greenlets."""
-        z = wire.zmq_module()
-        ctx = wire.context()
-        self.req = ctx.socket(z.ROUTER)
-        self.req.setsockopt(z.LINGER, 0)
+        """Bind the sockets and start serving in background greenlets.
+
+        Raises ConfigError when a bind address is beyond loopback without keys.
+        """
+        security.check_binds(self.config, ("zmr.req_bind", "zmr.worker_uri"))
+        self.req = self._socket("ROUTER", "requests")
         self.req.bind(self.zcfg.req_bind)
-        push = ctx.socket(z.PUSH)
-        push.setsockopt(z.SNDHWM, 1)  # tasks wait here, not in a dead worker's queue
-        push.setsockopt(z.LINGER, 0)
+        push = self._socket("PUSH", "tasks")
+        # Tasks wait here, not in a dead worker's queue.
+        push.setsockopt(wire.zmq_module().SNDHWM, 1)
         self.src_port = self._bind(push, self.zcfg.src_port)
-        self.sink = ctx.socket(z.PULL)
-        self.sink.setsockopt(z.LINGER, 0)
+        self.sink = self._socket("PULL", "results")
         self.sink_port = self._bind(self.sink, self.zcfg.sink_port)
         self._sockets = [self.req, push, self.sink]
         self.dispatcher = Dispatcher(push)
@@ -99,9 +105,19 @@ class Router:
                        supervise.spawn("router: sink loop", self._serve_sink),
                        supervise.spawn("router: tick loop", self._tick)]
         self._started = True
-        log.info("router: requests at %s, tasks on port %d, replies on port %d",
-                 self.zcfg.req_bind, self.src_port, self.sink_port)
+        log.info("router: requests at %s, tasks on port %d, replies on port %d%s",
+                 self.zcfg.req_bind, self.src_port, self.sink_port,
+                 ", CURVE on" if security.curve_on(self.config) else "")
         return self
+
+    def _socket(self, kind: str, name: str):
+        z = wire.zmq_module()
+        sock = wire.context().socket(getattr(z, kind))
+        sock.setsockopt(z.LINGER, 0)
+        sock.setsockopt(z.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(z.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        security.secure_server(self.config, sock, name)
+        return sock
 
     def _bind(self, sock, port: int) -> int:
         if port:
@@ -134,7 +150,10 @@ class Router:
     def _serve_requests(self) -> None:
         while True:
             try:
-                frames = self.req.recv_multipart()
+                frames = self.req.recv_multipart(copy=False)
+                if not security.admitted(frames[-1], "requests"):
+                    continue  # a client whose key was revoked while it was connected
+                frames = [f.bytes for f in frames]
             except Exception:  # noqa: BLE001 - count it, keep reading
                 self.errors.record("request loop")
                 gevent.sleep(0.1)  # why: no busy loop should the error persist
@@ -235,11 +254,14 @@ class Router:
         if "job_id" not in request:
             d = self.dispatcher
             workers = d.live_workers()
+            refused = security.refusals()
             return {"workers": len(workers), "worker_pids": [pid for _, pid in workers],
                     "jobs_running": sum(1 for j in self.jobs.values() if not j.finished),
                     "jobs_known": len(self.jobs), "jobs": self._recent_jobs(request),
                     "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
-                    "sink_dropped": d.dropped, "worker_errors": d.worker_errors()}
+                    "sink_dropped": d.dropped, "worker_errors": d.worker_errors(),
+                    "curve": security.curve_on(self.config),
+                    "refused": sum(refused.values()), "refused_by_socket": refused}
         job_id = request["job_id"]
         # Why type() and not isinstance: bson's Code is an unhashable str subclass.
         job = self.jobs.get(job_id) if type(job_id) is str else None

@@ -1,6 +1,7 @@
 """One map-reduce worker process: receive a task, run the shipped function, reply.
 
-Run as ``python -m zarkov.zmr.worker --req-uri URI``; :mod:`.pool` starts these.
+Run as ``python -m zarkov.zmr.worker --req-uri URI [--server-key FILE --client-key
+FILE]``; :mod:`.pool` starts these.  With keys, every socket is a CURVE client.
 The process is plain (no gevent) and single-threaded apart from a heartbeat thread.
 It asks the router for its ports with a ``config`` request, so only ``req_uri``
 needs to be known, then PULLs tasks from the router's source port and PUSHes
@@ -38,6 +39,7 @@ import bson
 import zmq
 
 from zarkov import faults, supervise, wire
+from zarkov.security import ClientKeys
 from zarkov.zmr import compute
 
 log = logging.getLogger("zarkov.zmr.worker")
@@ -101,8 +103,9 @@ class Worker:
     """The loop of one worker process; :meth:`run` returns the exit status."""
 
     def __init__(self, req_uri: str, max_requests: int = 256, suicide_kib: int = 3145728,
-                 parent_pid: int | None = None):
+                 parent_pid: int | None = None, keys: ClientKeys | None = None):
         self.req_uri = req_uri
+        self.keys = keys
         self.host = urlsplit(req_uri).hostname or "127.0.0.1"
         self.max_requests = max_requests
         self.suicide_kib = suicide_kib
@@ -119,22 +122,32 @@ class Worker:
 
     def _fetch_ports(self, timeout: float) -> tuple[int, int] | None:
         try:
-            reply = wire.request(self.req_uri, {"$command": "config"}, timeout)
+            reply = wire.request(self.req_uri, {"$command": "config"}, timeout, self.keys)
             return int(reply["src_port"]), int(reply["sink_port"])
         except (wire.WireError, KeyError, TypeError, ValueError):
             return None
+
+    def _socket(self, kind: int):
+        sock = self.ctx.socket(kind)
+        # Why heartbeats: after the router's host was cut off and came back, a silent
+        # PULL connection would never notice that the router dropped it.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        if self.keys is not None:
+            self.keys.apply(sock)
+        return sock
 
     def _connect(self, ports: tuple[int, int]) -> None:
         for s in (self.pull, self.push):
             if s is not None:
                 s.close(0)
         self.ports = ports
-        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull = self._socket(zmq.PULL)
         # One task at a time: what a busy process would queue, another may take.
         self.pull.setsockopt(zmq.RCVHWM, 1)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.connect(f"tcp://{self.host}:{ports[0]}")
-        self.push = self.ctx.socket(zmq.PUSH)
+        self.push = self._socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 5000)  # let the last reply out before exit
         self.sink_uri = f"tcp://{self.host}:{ports[1]}"
         self.push.connect(self.sink_uri)
@@ -150,7 +163,7 @@ class Worker:
                 if sock is not None:
                     sock.close(0)
                 uri = self.sink_uri
-                sock = self.ctx.socket(zmq.PUSH)
+                sock = self._socket(zmq.PUSH)
                 sock.setsockopt(zmq.SNDHWM, 2)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(uri)
@@ -213,13 +226,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=256)
     p.add_argument("--suicide-kib", type=int, default=3145728)
     p.add_argument("--parent-pid", type=int, default=None)
+    p.add_argument("--server-key", help="the router's public key file (CURVE)")
+    p.add_argument("--client-key", help="this worker's secret key file (CURVE)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     if args.parent_pid:
         _die_with_parent()
-    return Worker(args.req_uri, args.max_requests, args.suicide_kib, args.parent_pid).run()
+    keys = None
+    if args.server_key or args.client_key:
+        if not (args.server_key and args.client_key):
+            p.error("--server-key and --client-key go together")
+        try:
+            keys = ClientKeys.load(args.server_key, args.client_key)
+        except ValueError as e:
+            p.error(str(e))
+    return Worker(args.req_uri, args.max_requests, args.suicide_kib, args.parent_pid,
+                  keys).run()
 
 
 if __name__ == "__main__":

@@ -14,4 +14,5 @@ COMMANDS: dict[str, str] = {
     "perftest": "perftest",
     "rotate": "rotate",
     "web-server": "web_server",
+    "keys": "keys",
 }

@@ -16,10 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    """Send the events (with the configured shared key) and print the rates."""
+    """Send the events (with the configured shared key and keys) and print the rates."""
+    from zarkov import security
     from zarkov.eventlog import perftest
     if args.n < 0 or args.concurrency < 1 or args.rate < 0:
         print("zcmd perftest: n must be >= 0, concurrency >= 1 and rate >= 0", file=sys.stderr)
         return 2
-    perftest.run(args.uri, args.n, args.concurrency, args.rate, config.shared_key)
+    perftest.run(args.uri, args.n, args.concurrency, args.rate, config.shared_key,
+                 keys=security.client_keys(config))
     return 0

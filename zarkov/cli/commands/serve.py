@@ -5,7 +5,7 @@ import sys
 
 import gevent.event
 
-from zarkov import supervise
+from zarkov import security, supervise
 from zarkov.config import Config
 
 SUMMARY = ("run the whole service: event logger, map-reduce router, "
@@ -32,6 +32,13 @@ def run(config: Config, args: argparse.Namespace) -> int:
     from zarkov.zmr.router import Router
     from zarkov.zmr.signals import on_stop_signals
 
+    # Before anything starts: a bind beyond loopback without keys exits 2 (ConfigError).
+    binds = ["zmr.req_bind", "zmr.worker_uri"]
+    if not args.no_eventlog:
+        binds += ["bson_bind_address", "json_bind_address"]
+    if not args.no_realtime:
+        binds.append("publish_bind_address")
+    security.check_binds(config, binds)
     web = config.web_port > 0 and not args.no_web
     if web and bind_problem(config):
         print(f"zcmd: {bind_problem(config)}", file=sys.stderr)
