@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -65,7 +66,10 @@ func tick(ctx context.Context, every time.Duration, fn func()) {
 // lack it.  The file is opened afresh each time: a dropped database's file is
 // removed and may be created again under the same name.
 func indexFile(ctx context.Context, path string) error {
-	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(5000)&_pragma=journal_mode(wal)")
+	// mode=rw: never create the file.  A database dropped since the glob must stay
+	// gone: an empty file left in its place (no FerretDB metadata table) would make
+	// FerretDB refuse to start.
+	db, err := sql.Open("sqlite", "file:"+path+"?mode=rw&_pragma=busy_timeout(5000)&_pragma=journal_mode(wal)")
 	if err != nil {
 		return err
 	}
@@ -107,4 +111,46 @@ func indexFile(ctx context.Context, path string) error {
 // quote quotes an SQLite identifier.
 func quote(name string) string {
 	return `"` + strings.ReplaceAll(name, `"`, `""`) + `"`
+}
+
+// removeEmptyDatabases deletes, before FerretDB starts, the write-ahead files of
+// databases that are gone, and database files that hold no
+// table at all: files created but never given FerretDB's metadata table (the server
+// killed at that instant, or an older launcher's indexer recreating a dropped
+// database).  FerretDB refuses to start while one is there ("no such table:
+// _ferretdb_collections"); an empty file holds no data, so it can only go.
+func removeEmptyDatabases(dir string) {
+	files, _ := filepath.Glob(filepath.Join(dir, "*.sqlite"))
+	for _, path := range files {
+		n, err := countTables(path)
+		if err != nil || n > 0 {
+			continue
+		}
+		for _, suffix := range []string{"", "-wal", "-shm"} {
+			_ = os.Remove(path + suffix)
+		}
+		fmt.Fprintf(os.Stderr, "ferretdb: removed %s: an empty database file, which FerretDB cannot start with\n", path)
+	}
+	// Write-ahead logs of databases dropped while another connection had them open.
+	for _, pattern := range []string{"*.sqlite-wal", "*.sqlite-shm"} {
+		orphans, _ := filepath.Glob(filepath.Join(dir, pattern))
+		for _, path := range orphans {
+			if _, err := os.Stat(strings.TrimSuffix(strings.TrimSuffix(path, "-wal"), "-shm")); os.IsNotExist(err) {
+				_ = os.Remove(path)
+			}
+		}
+	}
+}
+
+// countTables is the number of tables in one SQLite file (which must exist).
+func countTables(path string) (int, error) {
+	db, err := sql.Open("sqlite", "file:"+path+"?mode=rw")
+	if err != nil {
+		return 0, err
+	}
+	defer db.Close()
+
+	var n int
+	err = db.QueryRow(`SELECT count(*) FROM sqlite_master WHERE type = 'table'`).Scan(&n)
+	return n, err
 }

@@ -38,6 +38,7 @@ func main() {
 	}
 
 	setVersion()
+	removeEmptyDatabases(dir)
 
 	if *synchronous != "normal" && *synchronous != "full" {
 		log.Fatalf("ferretdb: -synchronous %q: want normal or full", *synchronous)
