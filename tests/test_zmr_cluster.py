@@ -56,6 +56,17 @@ class Cluster:
         with open(f"/proc/{self.pool_proc.pid}/task/{self.pool_proc.pid}/children") as f:
             return [int(p) for p in f.read().split()]
 
+    def worker_in_map(self):
+        """The pid of a worker process sleeping in map_slow (Linux's wchan), or None."""
+        for pid in self.worker_pids():
+            try:
+                with open(f"/proc/{pid}/wchan") as f:
+                    if "nanosleep" in f.read():
+                        return pid
+            except OSError:
+                continue
+        return None
+
 
 @pytest.fixture(scope="module")
 def zmr(tmp_path_factory, mongo_uri, mongo_client):
@@ -143,7 +154,11 @@ def test_worker_killed_mid_job_output_exact(zmr):
     job_id = client.submit(zmr.sock, zmr.request((F.map_slow, F.reduce_sum), output_name="zagg.kill"))
     wait_for(lambda: client.status(zmr.sock, job_id)["chunks_done"] >= 2, timeout=120,
              what="two chunks done")
-    victim = zmr.worker_pids()[0]
+    # A process caught inside map_slow's sleep holds a chunk: its death must make the
+    # router send that chunk again.  (One merely waiting for work, as both may when
+    # the database reads slower than they map, holds nothing to resend.)
+    victim = wait_for(lambda: zmr.worker_in_map(), timeout=60,
+                      what="a worker process inside the map")
     os.kill(victim, signal.SIGKILL)
     st = client.wait(zmr.sock, [job_id], timeout=180)[job_id]
     assert st["state"] == "complete"
