@@ -78,6 +78,15 @@ def test_check_config_accepts_development_yaml():
     assert "development.yaml: valid" in out.stdout
 
 
+def test_check_config_masks_the_passwords(tmp_path):
+    path = tmp_path / "z.yaml"
+    path.write_text("shared_key: hunter2hunter2\nweb_token: correct-horse-battery\n")
+    out = run_zcmd(str(path), "check-config")
+    assert out.returncode == 0, out.stderr
+    assert "hunter2" not in out.stdout and "correct-horse" not in out.stdout
+    assert "shared_key: '***'" in out.stdout and "web_token: '***'" in out.stdout
+
+
 def test_command_line_overrides_reach_the_config():
     out = run_zcmd("development.yaml", "--mongo-database", "other", "check-config")
     assert "mongo_database: other" in out.stdout

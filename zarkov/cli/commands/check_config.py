@@ -5,7 +5,10 @@ import yaml
 
 from zarkov.config import Config
 
-SUMMARY = "load and validate the config, print it, and exit"
+SUMMARY = "load and validate the config, print it (secrets masked), and exit"
+
+# Values that are passwords: printed as "***" so that the output can be shared.
+SECRETS = ("shared_key", "web_token")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(config: Config, args: argparse.Namespace) -> int:
     if not args.quiet:
         data = config.as_dict()
+        for key in SECRETS:
+            if data.get(key) is not None:
+                data[key] = "***"
         print(f"# {data.pop('source')}: valid")
         print(yaml.safe_dump(data, sort_keys=True), end="")
     return 0
