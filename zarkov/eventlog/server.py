@@ -68,6 +68,7 @@ SOCKET_NAMES = ("events-bson", "events-json")  # their names in zarkov.security
 BATCH = 100             # most messages taken from a socket before journaling them
 DRAIN_AT_STOP = 200000  # most messages still taken from the sockets when stopping
 STATS_INTERVAL = 0.1
+PROXY_STOP = 2.0        # seconds a proxy may take to obey TERMINATE
 _plain_recv = zmq_plain.Socket.recv
 
 log = logging.getLogger("zarkov.eventlog")
@@ -335,20 +336,24 @@ class _Proxy:
             self.back.close(2000)
             self.control.close(0)
 
-    def stop(self) -> None:
-        """End the proxy and wait for its thread."""
+    def terminate(self) -> None:
+        """Ask the proxy to end: it stops taking messages from its public socket."""
         sock = self.ctx.socket(zmq_plain.PAIR)
         sock.connect(self.control_uri)
         sock.send(b"TERMINATE")
         sock.close(1000)
-        if self.result is not None:
-            try:
-                self.result.get(timeout=10)
-            except gevent.Timeout:
-                # Why not fail: a send blocked towards a server that is going away
-                # keeps the thread busy; the process ends anyway, and what the
-                # proxy still held was never journaled, so nothing accepted is lost.
-                log.warning("event logger: proxy %s did not stop within 10 s", self.control_uri)
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the proxy's thread to end; whether it did."""
+        if self.result is None:
+            return True
+        try:
+            self.result.get(timeout=timeout)
+        except gevent.Timeout:
+            return False
+        except Exception:  # noqa: BLE001 - it ended (with ETERM, say): that is all we ask
+            pass
+        return True
 
 
 PRIVATE_PREFIX = "zarkov-eventlog-"
@@ -484,7 +489,14 @@ class EventLogger:
             if self.server is not None:
                 return self.server.stop(timeout)
             for p in self._proxies:
-                p.stop()
+                p.terminate()
+            # libzmq 4.3.5's steerable proxy can miss TERMINATE when its servers
+            # disconnect at that moment (a SIGTERM to the whole process group stops
+            # them too); terminating the context below ends such a proxy.  What it
+            # still held was never journaled, so nothing accepted is lost.
+            until = time.monotonic() + PROXY_STOP
+            missed = [p for p in self._proxies
+                      if not p.join(max(0.0, until - time.monotonic()))]
             for p in self._children.values():
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
@@ -500,6 +512,9 @@ class EventLogger:
             gevent.killall(self._watchers)
             security.release(self._ctx)
             self._ctx.term()
+            for p in missed:
+                if not p.join(5.0):
+                    log.warning("event logger: proxy %s did not stop", p.control_uri)
             shutil.rmtree(self._private_dir, ignore_errors=True)
             return ok
         finally:
