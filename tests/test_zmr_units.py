@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 import bson
+from bson.raw_bson import RawBSONDocument
 import gevent
 import pytest
 
 from tests.support import ROOT, proc_env
-from zarkov.zmr import compute, dispatch, jobspec
+from zarkov.zmr import compute, dispatch, jobspec, reader
 from zarkov.zmr.partition import group_key, partition_of
 from zarkov.zmr.reader import cut_chunks
 from zarkov.zmr.spill import Spill
@@ -38,21 +39,50 @@ def test_group_key_follows_bson_equality():
     assert group_key({"a": 1}) == group_key({"a": 1})
     d = datetime.datetime(2024, 1, 1, 0, 0, 0, 1500)
     assert group_key(d) == group_key(d.replace(microsecond=1000))  # BSON keeps ms
+    assert group_key({"a": 1}) != group_key({"a": 1.0}) != group_key({"a": "1"})
+    assert group_key({"a": {"b": 1}}) != group_key({"a": {"b": True}})
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_group_key_is_the_same_for_a_decoded_and_a_raw_document(key):
+    """Merging compares keys read back raw with keys decoded: they must group alike."""
+    raw = RawBSONDocument(bson.encode({"_id": key}))["_id"]
+    decoded = bson.decode(bson.encode({"_id": key}))["_id"]
+    assert group_key(raw) == group_key(decoded)
 
 
 def docs_bytes(n, start=0):
     return [bson.encode({"_id": i, "pad": "x" * (i % 17)}) for i in range(start, start + n)]
 
 
+def array(docs: list[bytes]) -> bytes:
+    """The raw BSON array of documents a server's batch is."""
+    return bson.encode({str(i): bson.decode(d) for i, d in enumerate(docs)})
+
+
 def test_cut_chunks_keeps_documents_whole_and_under_the_size():
-    batches = [b"".join(docs_bytes(50, s)) for s in range(0, 500, 50)]
+    batches = [array(docs_bytes(50, s)) for s in range(0, 500, 50)]
     chunks = list(cut_chunks(batches, 1000))
     assert all(len(c) <= 1000 for c, _ in chunks)
     ids = [d["_id"] for c, _ in chunks for d in bson.decode_all(c)]
     assert ids == list(range(500))
     assert sum(n for _, n in chunks) == 500
     big = bson.encode({"x": "y" * 5000})
-    assert list(cut_chunks([big], 1000)) == [(big, 1)]  # too big: travels alone
+    assert list(cut_chunks([array([big])], 1000)) == [(big, 1)]  # too big: travels alone
+    assert list(cut_chunks([array([])], 1000)) == []
+
+
+def test_raw_arrays_read_every_document_in_server_batches(db):
+    db.event.insert_many([{"_id": i, "pad": "x" * (i % 17)} for i in range(450)])
+    arrays = list(reader.raw_arrays(db, ["event", "missing"], {"_id": {"$gte": 7}},
+                                    batch_size=100))
+    assert len(arrays) >= 5  # getMore after getMore, then an empty one for "missing"
+    ids = [d["_id"] for c, _ in cut_chunks(arrays, 1 << 20) for d in bson.decode_all(c)]
+    assert sorted(ids) == list(range(7, 450))
+    # A reader stopped early kills its cursor (the server keeps none open).
+    it = reader.raw_arrays(db, ["event"], {}, batch_size=10)
+    next(it)
+    it.close()
 
 
 def fns(**named):
