@@ -48,6 +48,7 @@ from zarkov import config as C
 from zarkov import faults, supervise
 from zarkov.children import child_env
 from zarkov.eventlog import journal as J
+from zarkov.eventlog import notify
 from zarkov.eventlog.committer import Committer
 from zarkov.eventlog.rejects import RejectLog, rejects_path
 from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
@@ -363,6 +364,8 @@ class EventLogger:
 
     def _start_processes(self) -> None:
         cfg = self.config
+        # Children report their commits here (for the real-time loop of this process).
+        self._news = notify.Receiver()
         for name in os.listdir(cfg.journal):  # stats of servers that will not run
             if name.startswith("stats-") and name[6:-5].isdigit() and int(name[6:-5]) >= self.count:
                 os.unlink(os.path.join(cfg.journal, name))
@@ -383,7 +386,8 @@ class EventLogger:
         env = child_env(ZARKOV_EVENTLOG_CONFIG=json.dumps(data))
         argv = [sys.executable, "-m", "zarkov.eventlog.child", "--index", str(index),
                 "--count", str(self.count), "--bson", self._proxies[0].backend,
-                "--json", self._proxies[1].backend, "--parent", str(os.getpid())]
+                "--json", self._proxies[1].backend, "--parent", str(os.getpid()),
+                "--notify", self._news.uri]
         self._children[index] = subprocess.Popen(argv, env=env)
 
     def _watch(self, index: int) -> None:
@@ -431,6 +435,7 @@ class EventLogger:
                     p.wait()
                     ok = False
             gevent.killall(self._watchers)
+            self._news.close()
             self._ctx.term()
             return ok
         finally:
@@ -462,6 +467,7 @@ def child_main(argv: list[str]) -> int:
     p.add_argument("--bson", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--notify", default=None, help="where to report commits (the parent)")
     args = p.parse_args(argv)
     config = C.from_dict(json.loads(os.environ["ZARKOV_EVENTLOG_CONFIG"]), "<event logger>")
     logging.basicConfig(
@@ -479,6 +485,8 @@ def child_main(argv: list[str]) -> int:
         stop.set()
 
     supervise.on_death(stop.set)
+    if args.notify:
+        notify.Forwarder(args.notify)
     server = EventServer(config, args.index, args.count, args.bson, args.json, bind=False)
     server.start()
     gevent.spawn(orphan_watch)
