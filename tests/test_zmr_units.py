@@ -6,6 +6,7 @@ import datetime
 import os
 import subprocess
 import sys
+import time
 
 import bson
 from bson.raw_bson import RawBSONDocument
@@ -70,6 +71,10 @@ def test_cut_chunks_keeps_documents_whole_and_under_the_size():
     big = bson.encode({"x": "y" * 5000})
     assert list(cut_chunks([array([big])], 1000)) == [(big, 1)]  # too big: travels alone
     assert list(cut_chunks([array([])], 1000)) == []
+    # The pure Python walk (used where bson lacks its C helper) agrees with it.
+    assert reader.concatenated(batches[1]) == b"".join(docs_bytes(50, 50))
+    with pytest.raises(reader.ReaderError):
+        reader.concatenated(bson.encode({"0": 1}))
 
 
 def test_raw_arrays_read_every_document_in_server_batches(db):
@@ -114,6 +119,18 @@ def test_reduce_rereduces_and_finalizes():
     assert sorted((d["_id"], d["n"]) for d in got) == [("a", 15), ("b", 1)]
 
 
+def test_map_reduce_of_a_whole_input_in_one_go():
+    chunk = b"".join(bson.encode({"k": k}) for k in ["a", "b", "a", {"x": 1}, "a"])
+    f = fns(map=MAP, reduce=RED,
+            finalize=("f", "(objs)", "return ({'_id': o['_id'], 'n': o['value']} for o in objs)"))
+    n, out = compute.run_map_reduce(f, chunk)
+    assert n == 5 and list(out) == [""]
+    got = {str(d["_id"]): d["n"] for d in bson.decode_all(out[""])}
+    assert got == {"a": 3, "b": 1, "{'x': 1}": 1}
+    n, out = compute.run_map_reduce(f, chunk, finalize=False)
+    assert {str(d["_id"]): d["value"] for d in bson.decode_all(out[""])}["a"] == 3
+
+
 def test_load_functions_reports_syntax_errors():
     from zarkov.functions import FunctionError
     with pytest.raises(FunctionError, match="does not compile"):
@@ -133,6 +150,16 @@ def test_jobspec_defaults_and_errors():
         jobspec.parse("mapreduce", {**req, "query": b"garbage"})
     with pytest.raises(jobspec.BadRequest, match="func_text"):
         jobspec.parse("basic", {})
+    assert jobspec.parse("mapreduce", {**req, "inline_max": 4096}).inline_max == 4096
+    for bad in (-1, "1", 1.5, True, jobspec.INLINE_LIMIT + 1):
+        with pytest.raises(jobspec.BadRequest, match="inline_max"):
+            jobspec.parse("mapreduce", {**req, "inline_max": bad})
+    with pytest.raises(jobspec.BadRequest, match="inline_max.*replace"):
+        jobspec.parse("mapreduce", {**req, "inline_max": 10, "output_type": "reduce"})
+    assert jobspec.status_wait({}) == 0 and jobspec.status_wait({"wait": 2}) == 2.0
+    for bad in (-1, "2", True, float("nan"), jobspec.STATUS_WAIT_LIMIT + 1):
+        with pytest.raises(jobspec.BadRequest, match="'wait'"):
+            jobspec.status_wait({"wait": bad})
 
 
 class FakeDispatcher(dispatch.Dispatcher):
@@ -170,6 +197,24 @@ def test_taskset_ignores_late_duplicates_and_resends_after_time_limit():
     assert results == [1, 2]
     reply(ts, 2)  # the first send of task 2 answers late: nobody listens any more
     assert d.unrouted == 1
+
+
+def test_a_worker_saying_goodbye_makes_the_tasks_out_be_sent_again_soon():
+    d = FakeDispatcher()
+    ts = dispatch.TaskSet(d, "job3", "map", lambda t, h, f: None, lambda: 10, cap=60)
+    ts.add(1, [b"a"], 100)
+    ts.add(2, [b"b"], 100)
+    sent_at = ts.pending[1].sent_at
+    ts.resend_expired(sent_at + 1.0)
+    assert ts.resent == 0  # within the time limit (the cap: nothing observed yet)
+    d.on_message([bson.encode({"bye": 4242, "host": "h"})])  # a recycling worker
+    ts.resend_expired(time.monotonic() + dispatch.BYE_GRACE + 0.05)
+    assert ts.resent == 2 and len(d.sent) == 4  # may have been queued there: again
+    ts.add(3, [b"c"], 100)  # sent after the goodbye: not suspect
+    ts.resend_expired(time.monotonic() + dispatch.BYE_GRACE + 0.05)
+    assert ts.resent == 2
+    d.on_message([bson.encode({"bye": "x"})])
+    assert d.dropped == 1
 
 
 def test_taskset_failure_carries_the_traceback_and_limits_in_flight():

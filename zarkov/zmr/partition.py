@@ -39,7 +39,11 @@ def group_key(key: Any) -> Hashable:
         # identity), a few times cheaper than encoding it.  The same for a dict and
         # a RawBSONDocument of the same document (merging compares the two); no
         # scalar's key starts with ``dict``.
-        return (dict, tuple([(k, group_key(v)) for k, v in key.items()]))
+        out: list = [dict]
+        for field, value in key.items():
+            out.append(field)
+            out.append(value if value.__class__ is str else group_key(value))
+        return tuple(out)
     # Arrays and rarer types: the encoding is the identity.
     return bson.encode({"k": key})
 

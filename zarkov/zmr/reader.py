@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import bson
 from bson import SON
 from bson.codec_options import CodecOptions
 from bson.int64 import Int64
@@ -123,6 +124,28 @@ def raw_arrays(db, names: Sequence[str], query: Mapping[str, Any],
                 session.end_session()
 
 
+def concatenated(array: bytes) -> bytes:
+    """The documents of a raw BSON array, concatenated (their element headers out)."""
+    out: list[memoryview] = []
+    view = memoryview(array)
+    find = array.index
+    unpack = _LEN.unpack_from
+    pos, end = 4, len(array) - 1
+    while pos < end:
+        if array[pos] != 0x03:
+            raise ReaderError(f"an element of type {array[pos]:#x} in a batch of documents")
+        pos = find(b"\x00", pos + 1) + 1  # past the element's key ("0", "1", ...)
+        (n,) = unpack(array, pos)
+        out.append(view[pos:pos + n])
+        pos += n
+    return b"".join(out)
+
+
+# bson's own (C) version of _concatenated, which pymongo uses for its raw batches:
+# the router's only per-document work then is to check chunk boundaries.
+_concatenated = getattr(bson, "_array_of_documents_to_buffer", concatenated)
+
+
 def cut_chunks(arrays: Iterable[bytes], chunk_size: int) -> Iterator[tuple[bytes, int]]:
     """Re-cut the documents of raw BSON arrays into (chunk, document count) of at most
     ``chunk_size`` bytes: the documents concatenated, as ``bson.decode_all`` reads."""
@@ -130,21 +153,20 @@ def cut_chunks(arrays: Iterable[bytes], chunk_size: int) -> Iterator[tuple[bytes
     size = count = 0
     unpack = _LEN.unpack_from
     for array in arrays:
-        view = memoryview(array)
-        find = array.index
-        pos, end = 4, len(array) - 1
+        docs = _concatenated(array)
+        view = memoryview(docs)
+        pos = start = 0
+        end = len(docs)
         while pos < end:
-            if array[pos] != 0x03:
-                raise ReaderError(f"an element of type {array[pos]:#x} in a batch of "
-                                  f"documents")
-            pos = find(b"\x00", pos + 1) + 1  # past the element's key ("0", "1", ...)
-            (n,) = unpack(array, pos)
+            (n,) = unpack(docs, pos)
             if size + n > chunk_size and size:
+                parts.append(view[start:pos])
                 yield b"".join(parts), count
-                parts, size, count = [], 0, 0
-            parts.append(view[pos:pos + n])
+                parts, size, count, start = [], 0, 0, pos
             size += n
             count += 1
             pos += n
+        if start < end:
+            parts.append(view[start:end])
     if size:
         yield b"".join(parts), count
