@@ -55,7 +55,8 @@ def _input_lock(scope: Scope) -> Iterator[None]:
         return
     lock = Lease(scope.db.agg_lease, {"object": scope.events.name},
                  scope.config.agg_lease_seconds)
-    lock.acquire(wait=True)
+    # Held for seconds at most: ask again often rather than sleep past its release.
+    lock.acquire(wait=True, poll=0.02, max_poll=0.1)
     lock.start_renewing()
     try:
         yield
