@@ -2,8 +2,8 @@
 """Benchmark freshness: how long from sending an event to seeing it counted in zagg.
 
 For each rate, on a database of its own: ``zcmd serve`` (event logger, router, its
-worker processes, the real-time loop; ``realtime_interval: 60``, so that only the
-logger's news of commits makes runs happen) with one real-time AggDef that counts
+worker processes, the real-time loop; ``realtime_interval: 60`` by default, so
+that only the logger's news of commits makes runs happen) with one real-time AggDef that counts
 events per 50 ms *slot* of their sending schedule; a sender process (a
 ``ZarkovClient``) pushes events at a steady rate for ``--duration`` seconds, each
 event carrying its slot, and notes when it sent each one; meanwhile this process
@@ -107,7 +107,7 @@ def percentile(values: list[float], p: float) -> float:
 class Serve:
     """``zcmd serve`` on a database and ports of its own, with the bench's AggDef."""
 
-    def __init__(self, uri: str, tmp: str, event_servers: int):
+    def __init__(self, uri: str, tmp: str, event_servers: int, interval: float):
         self.tmp = tmp
         self.database = "zb_rt_" + uuid.uuid4().hex[:8]
         bp, rp = free_port(), free_port()
@@ -117,7 +117,7 @@ class Serve:
                "json_bind_address": f"tcp://127.0.0.1:{free_port()}",
                "publish_bind_address": f"tcp://127.0.0.1:{free_port()}",
                "web_port": 0, "journal": os.path.join(tmp, "journal"),
-               "num_event_servers": event_servers, "realtime_interval": 60,
+               "num_event_servers": event_servers, "realtime_interval": interval,
                "zmr": {"req_uri": f"tcp://127.0.0.1:{rp}", "req_bind": f"tcp://127.0.0.1:{rp}",
                        "worker_uri": "tcp://127.0.0.1", "job_root": os.path.join(tmp, "jobs")}}
         with open(os.path.join(tmp, "zarkov.yaml"), "w") as f:
@@ -157,7 +157,7 @@ def measure_rate(uri: str, rate: float, args) -> dict:
     tmp = tempfile.mkdtemp(prefix="zrt-bench-")
     serve = None
     try:
-        serve = Serve(uri, tmp, args.event_servers)
+        serve = Serve(uri, tmp, args.event_servers, args.interval)
         n = int(rate * args.duration)
         expected: dict[int, int] = {}
         for i in range(n):
@@ -280,6 +280,8 @@ def main() -> int:
     p.add_argument("--max-rate", type=float, default=8000.0)
     p.add_argument("--event-servers", type=int, default=0,
                    help="num_event_servers of zcmd serve (default 0: one per core)")
+    p.add_argument("--interval", type=float, default=60.0,
+                   help="realtime_interval of zcmd serve (default 60: runs come from news)")
     p.add_argument("--poll", type=float, default=0.05, help="seconds between reads of zagg")
     p.add_argument("--drain", type=float, default=30.0,
                    help="seconds to wait for the last events to be counted")
