@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the aggregation service: incremental cost, late events, full-run speed.
+"""Benchmark the aggregation service: incremental cost, small runs, late events, full runs.
 
 The article's task (count events per ``foo``, ``my.tasks.MyTask``) runs on a router
 and a 2-process worker pool started here, through ``zarkov.aggregation.run`` — what
@@ -10,26 +10,32 @@ and a 2-process worker pool started here, through ``zarkov.aggregation.run`` —
    leaves) receives ``--new`` events; the incremental run over them is timed.
    Against: the first run over a collection holding only ``--new`` events.
    Target ratio: <= 1.5.  Each is done ``--runs`` times; medians are compared.
-2. Late events: ``--late`` events whose ObjectIds and timestamps predate the last
+2. Small runs: ``--small`` (10) new events, alone in a collection of their own and
+   among the ``--n``: the wall time of a run, broken down by phase (setup — the
+   AggDef, the lease, the pending run —, selecting and marking, the jobs, merging,
+   applying, flagging, finishing).  Target: <= 0.3 s.
+3. Late events: ``--late`` events whose ObjectIds and timestamps predate the last
    run (a journal replayed after an outage, another program's batch load) are added
    and a run is done: they are counted, where a selection restricted to documents
    inserted since ``last_run`` would take none of them.  Both selections are timed.
-3. Full run: events/s of a first ``full`` run over ``--full-n`` events (default
-   ``--n``), against one process counting the same with pymongo and a dict.
+4. Full re-run over the collection of part 1, every event already aggregated:
+   events/s against one process counting the same with pymongo and a dict (target
+   >= 0.5x), and the events it wrote (none).
+5. First full run: events/s of a ``full`` run over ``--full-n`` events (default
+   ``--n``) never aggregated, against pymongo + dict.
 
 Every output is checked against a Python count; each run's time is broken down by
-phase (mark, jobs, merge, apply, flag; seconds) and each run says how it wrote its
-target (``zarkov.storage``'s path).  All of it runs on each server (``--server``,
-see bench/servers.py: both bundled servers by default), then the figures are
-printed side by side, a column a server.  Usage::
+phase (seconds) and each run says how it wrote its target (``zarkov.storage``'s
+path; ``inline``-sized outputs are kept in the run record).  All of it runs on each
+server (``--server``, see bench/servers.py: both bundled servers by default), then
+the figures are printed side by side, a column a server.  Usage::
 
-    python bench/aggregate.py [--server both] [--n 1000000] [--new 10000] [--runs 3]
-                              [--full-n N]
+    python bench/aggregate.py [--server both] [--n 100000] [--new 1000] [--small 10]
+                              [--runs 3] [--full-n N] [--skip first-full]
 
 Databases of its own are created and dropped.  On the bundled FerretDB every filter
 but ``_id`` equality scans its whole collection (see docs/exactly-once.md), so
-marking and flagging cost grows with ``--n``: use e.g. ``--n 20000 --new 200``
-there; a full 1,000,000-event run is out of reach on it.
+selecting, a job's read and a full run's marking cost grows with ``--n``.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ TASKS = os.path.join(ROOT, "tests", "fixtures", "agg")
 sys.path[:0] = [ROOT, TASKS]
 
 import pymongo  # noqa: E402
+from pymongo import monitoring  # noqa: E402
 import yaml  # noqa: E402
 from bson import ObjectId  # noqa: E402
 
@@ -138,28 +145,32 @@ class Phases:
     """A progress callback that adds up the time spent in each phase of a run."""
 
     GROUPS = {"jobs:": "jobs", "merging": "merge", "applying": "apply", "copying": "apply",
-              "replaced": "apply", "marking": "mark", "flagging": "flag"}
+              "replaced": "apply", "marking": "mark", "flagging": "flag",
+              "finishing": "finish", "selecting": "select"}
+    ORDER = ("setup", "select", "mark", "jobs", "merge", "apply", "flag", "finish", "other")
 
     def __init__(self):
         self.spent: dict[str, float] = collections.defaultdict(float)
-        self.current, self.since = None, time.perf_counter()
+        self.current, self.since = "setup", time.perf_counter()
 
     def __call__(self, status: dict) -> None:
         group = self.GROUPS.get(status["phase"].split()[0], "other")
         now = time.perf_counter()
         if group != self.current:
-            if self.current:
-                self.spent[self.current] += now - self.since
+            self.spent[self.current] += now - self.since
             self.current, self.since = group, now
 
     def run(self, cfg, **kw):
         """aggregation.run with this callback; returns (seconds, result, breakdown)."""
         self.__init__()
         t, res = timed(lambda: aggregation.run(cfg, NAME, progress=self, **kw))
-        self.spent[self.current or "other"] += time.perf_counter() - self.since
-        parts = ", ".join(f"{k} {v:.1f}" for k, v in self.spent.items())
-        paths = ", ".join(sorted(set(res.write_paths.values())))
-        return t, res, f"{parts}; {paths}" if paths else parts
+        self.spent[self.current] += time.perf_counter() - self.since
+        return t, res, self.describe(res)
+
+    def describe(self, res=None) -> str:
+        parts = ", ".join(f"{k} {self.spent[k]:.3f}" for k in self.ORDER if k in self.spent)
+        paths = ", ".join(sorted(set(res.write_paths.values()))) if res else ""
+        return f"{parts}; {paths}" if paths else parts
 
 
 def fresh(client, label: str):
@@ -168,16 +179,28 @@ def fresh(client, label: str):
     return db
 
 
+def median_phases(all_phases: list[dict]) -> str:
+    """The median seconds of each phase over several runs."""
+    keys = [k for k in Phases.ORDER if any(k in p for p in all_phases)]
+    return ", ".join(f"{k} {statistics.median(p.get(k, 0.0) for p in all_phases):.3f}"
+                     for k in keys)
+
+
+def aggregated(client, n: int, rnd, label: str):
+    """A fresh collection of ``n`` events already aggregated, with the output."""
+    db = fresh(client, label)
+    t, _ = timed(lambda: insert(db, events(n, rnd, aggregates=[NAME], jobs=[])))
+    print(f"setup: inserted {n} aggregated events in {t:.1f} s ({n / t:,.0f}/s)")
+    counts = python_count(db)
+    if counts:
+        db[TARGET].insert_many([{"_id": k, "value": v} for k, v in counts.items()])
+    return db
+
+
 def incremental(client, cluster: Cluster, args, rnd, figures: dict) -> None:
     print(f"\n== incremental cost: {args.n} events aggregated + {args.new} new "
           f"(x{args.runs}), vs a first run over {args.new}")
-    big = fresh(client, "big")
-    t, _ = timed(lambda: insert(big, events(args.n, rnd, aggregates=[NAME], jobs=[])))
-    print(f"setup: inserted {args.n} aggregated events in {t:.1f} s "
-          f"({args.n / t:,.0f}/s)")
-    counts = python_count(big)
-    if counts:
-        big[TARGET].insert_many([{"_id": k, "value": v} for k, v in counts.items()])
+    big = aggregated(client, args.n, rnd, "big")
     cfg = cluster.config(big.name)
     inc = []
     try:
@@ -189,7 +212,11 @@ def incremental(client, cluster: Cluster, args, rnd, figures: dict) -> None:
             print(f"  incremental run over {args.new} new among "
                   f"{big.event.estimated_document_count()}: {t:.2f} s ({parts})")
         check(big)
+        if "small" not in args.skip:
+            small_runs(big, cfg, args, rnd, figures, f"among {args.n:,}")
         late(big, cfg, args, rnd, figures)
+        if "full" not in args.skip:
+            rerun(big, cfg, args, figures)
     finally:
         client.drop_database(big.name)
     first = []
@@ -210,6 +237,34 @@ def incremental(client, cluster: Cluster, args, rnd, figures: dict) -> None:
     figures["ratio incremental / first (target <= 1.5)"] = f"{ratio:.2f}"
     print(f"incremental {statistics.median(inc):.2f} s / first run {statistics.median(first):.2f} s"
           f" = ratio {ratio:.2f} (target <= 1.5)")
+
+
+def small_runs(db, cfg, args, rnd, figures: dict, where: str) -> None:
+    """Runs over ``--small`` new events: wall time and its phases (medians)."""
+    times, phases = [], []
+    for _ in range(max(args.runs, 5)):
+        insert(db, events(args.small, rnd))
+        p = Phases()
+        t, res, parts = p.run(cfg)
+        assert res.docs == args.small, res
+        times.append(t)
+        phases.append(dict(p.spent))
+    check(db)
+    print(f"  runs over {args.small} new events {where}: median {statistics.median(times):.3f} s"
+          f" ({median_phases(phases)})")
+    figures[f"run over {args.small} new events {where} (target <= 0.3 s)"] = (
+        f"{statistics.median(times):.3f} s")
+    figures[f"  its phases {where} (s)"] = median_phases(phases)
+
+
+def small_alone(client, cluster: Cluster, args, rnd, figures: dict) -> None:
+    print(f"\n== small runs: {args.small} new events in a collection of their own")
+    db = aggregated(client, 1000, rnd, "tiny")
+    try:
+        aggregation.run(cluster.config(db.name), NAME)  # a first run: the process warm
+        small_runs(db, cluster.config(db.name), args, rnd, figures, "alone")
+    finally:
+        client.drop_database(db.name)
 
 
 def late(db, cfg, args, rnd, figures: dict) -> None:
@@ -236,6 +291,64 @@ def late(db, cfg, args, rnd, figures: dict) -> None:
           f" ({t_ours:.2f} s)")
 
 
+class EventWrites(monitoring.CommandListener):
+    """Documents of ``event`` that update commands of one database modified."""
+
+    def __init__(self):
+        self.database, self.modified, self._ours = None, 0, set()
+
+    def started(self, event):
+        if event.database_name == self.database and event.command_name == "update" \
+                and event.command.get("update") == "event":
+            self._ours.add(event.request_id)
+
+    def succeeded(self, event):
+        if event.request_id in self._ours:
+            self._ours.discard(event.request_id)
+            self.modified += int(event.reply.get("nModified", 0))
+
+    def failed(self, event):
+        self._ours.discard(event.request_id)
+
+
+WRITES = EventWrites()
+monitoring.register(WRITES)  # before any client is made
+
+
+def full_against_count(db, cfg, n: int, what: str, rates: list, base: list) -> None:
+    """One full run over the ``n`` events of ``db``, then the pymongo + dict count of
+    them: events/s of each appended to ``rates`` and ``base``."""
+    t, res, parts = Phases().run(cfg, full=True)
+    assert res.docs == n, res
+    check(db)
+    rates.append(n / t)
+    tb, _ = timed(lambda: python_count(db))
+    base.append(n / tb)
+    print(f"  {what} {t:.2f} s ({n / t:,.0f} events/s; {parts}); "
+          f"pymongo + dict {tb:.2f} s ({n / tb:,.0f} events/s)")
+
+
+def rerun(db, cfg, args, figures: dict) -> None:
+    """A full run over a collection whose every event is already aggregated."""
+    n = db.event.estimated_document_count()
+    print(f"\n== full re-run over {n} events already aggregated (x{args.runs}) "
+          f"vs pymongo + dict")
+    rates, base = [], []
+    WRITES.database, WRITES.modified = db.name, 0
+    for _ in range(args.runs):
+        full_against_count(db, cfg, n, "full re-run", rates, base)
+    written, WRITES.database = WRITES.modified, None
+    ratio = statistics.median(rates) / statistics.median(base)
+    figures[f"full re-run over {n:,} aggregated"] = (
+        f"{statistics.median(rates):,.0f} events/s")
+    figures["pymongo + dict, same events"] = f"{statistics.median(base):,.0f} events/s"
+    figures["ratio full re-run / pymongo + dict (target >= 0.5)"] = f"{ratio:.2f}"
+    figures["events written by the full re-runs"] = f"{written}"
+    print(f"full re-run {statistics.median(rates):,.0f} events/s vs pymongo + dict "
+          f"{statistics.median(base):,.0f} events/s: ratio {ratio:.2f} (target >= 0.5); "
+          f"events written: {written}")
+
+
 def full(client, cluster: Cluster, args, rnd, figures: dict) -> None:
     n = args.full_n
     print(f"\n== first full run over {n} events (x{args.runs}) vs pymongo + dict")
@@ -244,22 +357,15 @@ def full(client, cluster: Cluster, args, rnd, figures: dict) -> None:
         db = fresh(client, "full")
         try:
             insert(db, events(n, rnd))
-            t, res, parts = Phases().run(cluster.config(db.name), full=True)
-            check(db)
-            rates.append(n / t)
-            tb, _ = timed(lambda: python_count(db))
-            base.append(n / tb)
-            print(f"  full run {t:.2f} s ({n / t:,.0f} events/s; {parts}); "
-                  f"pymongo + dict {tb:.2f} s ({n / tb:,.0f} events/s)")
+            full_against_count(db, cluster.config(db.name), n, "full run", rates, base)
         finally:
             client.drop_database(db.name)
-    figures[f"full run over {n}"] = f"{statistics.median(rates):,.0f} events/s"
-    figures["pymongo + dict, same events"] = f"{statistics.median(base):,.0f} events/s"
-    figures["ratio full run / pymongo + dict"] = (
-        f"{statistics.median(rates) / statistics.median(base):.3g}")
-    print(f"full run {statistics.median(rates):,.0f} events/s vs pymongo + dict "
+    figures[f"first full run over {n:,}"] = f"{statistics.median(rates):,.0f} events/s"
+    figures["ratio first full run / pymongo + dict"] = (
+        f"{statistics.median(rates) / statistics.median(base):.2f}")
+    print(f"first full run {statistics.median(rates):,.0f} events/s vs pymongo + dict "
           f"{statistics.median(base):,.0f} events/s: ratio "
-          f"{statistics.median(rates) / statistics.median(base):.3g}")
+          f"{statistics.median(rates) / statistics.median(base):.2f}")
 
 
 def measure(server: servers.Server, args) -> dict[str, str]:
@@ -271,9 +377,11 @@ def measure(server: servers.Server, args) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(server.uri, tmp)
         try:
+            if "small" not in args.skip:
+                small_alone(client, cluster, args, rnd, figures)
             if "incremental" not in args.skip:
                 incremental(client, cluster, args, rnd, figures)
-            if "full" not in args.skip:
+            if "first-full" not in args.skip:
                 full(client, cluster, args, rnd, figures)
         finally:
             cluster.stop()
@@ -284,13 +392,17 @@ def measure(server: servers.Server, args) -> dict[str, str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     servers.add_argument(p)
-    p.add_argument("--n", type=int, default=1_000_000, help="events already aggregated")
-    p.add_argument("--new", type=int, default=10_000, help="new events per incremental run")
+    p.add_argument("--n", type=int, default=100_000, help="events already aggregated")
+    p.add_argument("--new", type=int, default=1_000, help="new events per incremental run")
+    p.add_argument("--small", type=int, default=10, help="new events of a small run")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--late", type=int, default=100, help="late events (part 2)")
-    p.add_argument("--full-n", type=int, default=None, help="events of the full run "
+    p.add_argument("--late", type=int, default=100, help="late events (part 3)")
+    p.add_argument("--full-n", type=int, default=None, help="events of the first full run "
                    "(default --n)")
-    p.add_argument("--skip", choices=["incremental", "full"], action="append", default=[])
+    p.add_argument("--skip", choices=["incremental", "small", "full", "first-full"],
+                   action="append", default=[],
+                   help="leave a part out (full: the re-run; incremental: it and the "
+                        "re-run and late events)")
     args = p.parse_args()
     args.full_n = args.full_n or args.n
     chosen = servers.chosen(args)

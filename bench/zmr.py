@@ -226,6 +226,10 @@ def output_counts(db) -> dict:
     return {(d["_id"]["type"], d["_id"]["day"]): d["value"] for d in db["zagg.bench"].find()}
 
 
+#: The issue's targets for 2 worker processes, as a ratio to the baseline.
+TARGETS = {"cheap": 1.0, "costly": 1.5}
+
+
 def series(label: str, n: int, runs: int, db, clusters: list[Cluster], map_text: str,
            figures: dict[str, str]) -> None:
     """One map: the baseline, then zmr with 1 and 2 worker processes on each cluster
@@ -259,8 +263,10 @@ def series(label: str, n: int, runs: int, db, clusters: list[Cluster], map_text:
             mine = times[cluster.label]
             r = n / statistics.median(mine)
             vs_plain = ""
+            target = (f" (target >= {TARGETS[name]:g}x)"
+                      if procs == 2 and name in TARGETS and cluster is clusters[0] else "")
             if cluster is clusters[0]:
-                figures[f"{name} map: zmr, {workers}"] = f"{r:,.0f} docs/s {r / b:.2f}x"
+                figures[f"{name} map: zmr, {workers}{target}"] = f"{r:,.0f} docs/s {r / b:.2f}x"
             else:
                 ratio = statistics.median(p / m for p, m in zip(plain, mine))
                 figures[f"{name} map: zmr {cluster.label}, {workers}"] = (
@@ -268,7 +274,7 @@ def series(label: str, n: int, runs: int, db, clusters: list[Cluster], map_text:
                 vs_plain = (f"   {r / plain_rate:5.2f}x plain (median of the runs' ratios "
                             f"{ratio:.2f}; target >= 0.8)")
             print(f"  zmr {cluster.label:5}, {procs} worker process{'es' if procs > 1 else '  '}"
-                  f" {r:10,.0f} docs/s   {r / b:5.2f}x baseline{vs_plain}", flush=True)
+                  f" {r:10,.0f} docs/s   {r / b:5.2f}x baseline{target}{vs_plain}", flush=True)
     rss = peak_rss_mb(clusters[0].router.pid)
     figures["router peak RSS"] = f"{rss:.0f} MB"
     print(f"  router peak RSS so far: {rss:.0f} MB", flush=True)

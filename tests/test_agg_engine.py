@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pymongo import monitoring
 
 from tests import aggtools as A
 from tests.support import run_zcmd, wait_for
@@ -168,6 +169,83 @@ def test_write_paths_follow_the_server(db, config, monkeypatch, expect_path):
     res = aggregation.run(cfg, A.NAME)
     expect_path("overwrite", res.write_paths[A.TARGET])
     assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+# -- what a run writes to the events --------------------------------------------------
+class EventWrites(monitoring.CommandListener):
+    """Counts what update commands on one database's ``event`` collection did."""
+
+    def __init__(self, database: str):
+        self.database = database
+        self.requests: dict[int, bool] = {}
+        self.statements = self.matched = self.modified = 0
+
+    def started(self, event):
+        if (event.database_name == self.database and event.command_name == "update"
+                and event.command.get("update") == "event"):
+            self.requests[event.request_id] = True
+            self.statements += len(event.command.get("updates", ()))
+
+    def succeeded(self, event):
+        if self.requests.pop(event.request_id, False):
+            self.matched += int(event.reply.get("n", 0))
+            self.modified += int(event.reply.get("nModified", 0))
+
+    def failed(self, event):
+        self.requests.pop(event.request_id, None)
+
+
+@pytest.fixture
+def event_writes(db):
+    """Update commands on this test's events, from clients created from now on."""
+    listener = EventWrites(db.name)
+    monitoring.register(listener)  # global: it only counts this test's database
+    return listener
+
+
+def test_full_rerun_over_counted_events_writes_nothing_per_event(db, config, monkeypatch,
+                                                                event_writes):
+    """A full run marks only the events not yet counted and reads the others by their
+    flag: over a collection already aggregated it updates no event at all."""
+    monkeypatch.syspath_prepend(A.TASKS_DIR)
+    cfg = C.load(config)
+    A.register(db)
+    A.add_events(db, 300, seed=31)
+    assert aggregation.run(cfg, A.NAME).docs == 300
+    assert event_writes.modified == 600  # marked, then flagged: once each
+    before = list(db.event.find())
+
+    for _ in range(2):
+        event_writes.modified = event_writes.matched = 0
+        res = aggregation.run(cfg, A.NAME, full=True)
+        assert res.docs == 300
+        assert A.output(db) == A.python_count(db)
+        assert (event_writes.matched, event_writes.modified) == (0, 0)
+    assert list(db.event.find()) == before
+    A.assert_clean(db)
+
+    # New events among them: a full run writes those (mark, flag), and only those.
+    A.add_events(db, 40, keys="az", seed=32)
+    event_writes.modified = 0
+    res = aggregation.run(cfg, A.NAME, full=True)
+    assert res.docs == 340
+    assert event_writes.modified == 80
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)
+
+
+def test_incremental_run_with_nothing_new_writes_no_run_record(db, config, monkeypatch,
+                                                                event_writes):
+    monkeypatch.syspath_prepend(A.TASKS_DIR)
+    cfg = C.load(config)
+    A.register(db)
+    A.add_events(db, 50, seed=33)
+    aggregation.run(cfg, A.NAME)
+    event_writes.statements = 0
+    res = aggregation.run(cfg, A.NAME)
+    assert (res.docs, res.run_id, event_writes.statements) == (0, None, 0)
+    assert db.agg_def.find_one({"name": A.NAME})["last_run"].year > 1970
     A.assert_clean(db)
 
 

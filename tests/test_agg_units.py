@@ -182,6 +182,31 @@ def test_task_under_engine_filters_on_lock_and_stages(db, router_config):
     sock.close(0)
 
 
+class ArticleFilter(Task):
+    """Filters on {"jobs": self._lock_id} itself, as the article's text suggests."""
+
+    def _start_jobs(self, socket, full):
+        self.start_mr(socket, "zagg.t", full, filter={"jobs": self._lock_id},
+                      map=count_foo, reduce=add)
+
+
+def test_full_run_selection_reads_the_flagged_and_the_pinned(db, router_config):
+    """A full run's jobs read the events already counted and those its run pinned; the
+    article's own lock filter means the same (it is the run's selection already)."""
+    cfg = router_config
+    db.event.insert_many([{"foo": "a", "aggregates": ["x"]}, {"foo": "a", "jobs": ["L2"]},
+                          {"foo": "b", "aggregates": ["other"]}, {"foo": "c"}])
+    selection = {"$or": [{"jobs": "L2"}, {"aggregates": "x"}]}
+    sock = wire.req_socket(cfg.zmr.req_uri)
+    for task_cls in (Counting, ArticleFilter):
+        ctx = RunContext("L2", 1, "zstage.L2.1.", selection=selection)
+        task = task_cls(None, cfg, ctx)
+        assert task.selection == selection
+        task.run(sock, full=True)
+        assert {d["_id"]: d["value"] for d in db["zstage.L2.1.0"].find()} == {"a": 2}
+    sock.close(0)
+
+
 def test_task_argument_errors(router_config):
     t = Task(None, router_config)
     with pytest.raises(TaskError, match="named module-level"):

@@ -70,3 +70,36 @@ def test_a_failing_realtime_task_is_logged_and_serve_keeps_serving(served, zconf
     wait_for(lambda: db.event.count_documents({}) == 1, timeout=30, what="the event stored")
     assert wire.request(zconfig["zmr"]["req_uri"], {"$command": "echo", "x": 1}, 5.0)["message"]["x"] == 1
     assert proc.poll() is None
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+def test_an_event_is_counted_within_seconds_however_long_the_interval(
+        procs, config_file, zconfig, db, servers):
+    """The event logger tells the real-time loop when it has committed events: with
+    realtime_interval 60, an event sent to serve is counted in a few seconds, the
+    event servers being in this process or in child processes."""
+    path = config_file(realtime_interval=60, num_event_servers=servers)
+    db.agg_def.insert_one({"name": "per_type", "object": "event", "realtime": True,
+                           "task_name": "zarkov.examples.EventsPerTypePerDay"})
+    proc = procs.zcmd("serve", path, "serve", "--no-web")
+    wait_for(lambda: wire.request(zconfig["zmr"]["req_uri"], {"$command": "echo"}, 1.0),
+             timeout=60, what="the router of zcmd serve")
+    # The loop's first run (nothing to take) is over once the status says so.
+    wait_for(lambda: db.agg_status.find_one({"_id": "per_type", "last": {"$ne": None}}),
+             timeout=60, what="the first real-time run")
+
+    def counted() -> int:
+        return sum(d["value"] for d in db["zagg.events_per_day"].find())
+
+    client = ZarkovClient(zconfig["bson_uri"])
+    try:
+        for round_ in range(1, 4):  # each event alone: every one is news
+            client.event("login", {"user": f"u{round_}"})
+            # Well under the 60 s a loop on its interval would take, with room for a
+            # loaded machine.
+            wait_for(lambda: counted() == round_, timeout=15,
+                     what=f"event {round_} counted in zagg.events_per_day")
+    finally:
+        client.close()
+    procs.kill(proc, signal.SIGTERM)
+    assert proc.returncode == 0, procs.log("serve")[-2000:]

@@ -57,8 +57,10 @@ def test_capabilities_of_each_bundled_server(server):
         # commands that wedge it past ~100 statements.
         assert (caps.renames_dotted, caps.renames_over, caps.bulk_updates) == (False, False, False)
         assert caps.update_batch < 100
+        assert not caps.atomic_updates  # read-modify-write: runs lock marks and flags
     else:
         assert (caps.renames_dotted, caps.renames_over, caps.bulk_updates) == (True, True, True)
+        assert caps.atomic_updates
     if server.kind == "java":
         assert (caps.mongodb_version, caps.wire_version) == ("5.0.0", 13)
 

@@ -298,6 +298,47 @@ def test_wait_true_replies_when_the_job_ends(zmr):
     assert zmr.output("zagg.w") == SMALL
 
 
+def test_a_job_over_one_chunk_is_one_task(zmr):
+    st = zmr.run(zmr.request((F.map_by_s, F.reduce_sum), input_name="small",
+                             output_name="zagg.one"))
+    assert st["state"] == "complete", st.get("traceback")
+    assert (st["chunks_total"], st["chunks_done"], st["partitions_total"]) == (1, 1, 0)
+    assert st["docs_read"] == N_SMALL and zmr.output("zagg.one") == SMALL
+
+
+def test_inline_output_comes_back_in_the_status_and_nothing_is_written(zmr):
+    st = zmr.run(zmr.request((F.map_by_s, F.reduce_sum), input_name="small",
+                             output_name="zagg.inl", inline_max=1 << 20))
+    assert st["state"] == "complete", st.get("traceback")
+    assert st["write_path"] == "inline" and "zagg.inl" not in zmr.db.list_collection_names()
+    [out] = st["inline"]
+    assert (out["name"], out["coll"]) == ("zagg.inl", "")
+    assert {d["_id"]: d["value"] for d in bson.decode_all(out["docs"])} == SMALL
+    # An xmapreduce job: one entry per collection its map named.
+    st = zmr.run(zmr.request((F.xmap_two, F.xreduce_sum), xmr=True, input_name="small",
+                             output_prefix="zagg.xi_", inline_max=1 << 20))
+    assert st["write_path"] == "inline"
+    by = {o["coll"]: (o["name"], bson.decode_all(o["docs"])) for o in st["inline"]}
+    assert sorted(by) == ["by_i", "by_s"] and by["by_s"][0] == "zagg.xi_by_s"
+    assert {d["_id"]: d["value"] for d in by["by_s"][1]} == SMALL
+    # Larger than inline_max: written as any replace job.
+    st = zmr.run(zmr.request((F.map_by_s, F.reduce_sum), input_name="small",
+                             output_name="zagg.inl", inline_max=100))
+    assert st["write_path"] != "inline" and "inline" not in st
+    assert zmr.output("zagg.inl") == SMALL
+
+
+def test_status_with_wait_answers_when_the_job_ends(zmr):
+    job_id = client.submit(zmr.sock, zmr.request((F.map_slow, F.reduce_sum),
+                                                 input_name="small", output_name="zagg.lp"))
+    t0 = time.monotonic()
+    st = client.status(zmr.sock, job_id, wait=50)  # the job maps for 0.8 s
+    assert st["state"] == "complete"  # the reply waited for the end of the job ...
+    assert time.monotonic() - t0 < 40  # ... and came then, not after the 50 s
+    r = wire.call(zmr.sock, {"$command": "status", "job_id": job_id, "wait": "soon"}, 10)
+    assert "'wait'" in r["error"] and r["status"]["state"] == "complete"
+
+
 def test_bad_requests_get_error_replies(zmr):
     raw = zmq.Context.instance().socket(zmq.REQ)
     raw.setsockopt(zmq.LINGER, 0)

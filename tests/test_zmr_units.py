@@ -6,13 +6,15 @@ import datetime
 import os
 import subprocess
 import sys
+import time
 
 import bson
+from bson.raw_bson import RawBSONDocument
 import gevent
 import pytest
 
 from tests.support import ROOT, proc_env
-from zarkov.zmr import compute, dispatch, jobspec
+from zarkov.zmr import compute, dispatch, jobspec, reader
 from zarkov.zmr.partition import group_key, partition_of
 from zarkov.zmr.reader import cut_chunks
 from zarkov.zmr.spill import Spill
@@ -38,21 +40,54 @@ def test_group_key_follows_bson_equality():
     assert group_key({"a": 1}) == group_key({"a": 1})
     d = datetime.datetime(2024, 1, 1, 0, 0, 0, 1500)
     assert group_key(d) == group_key(d.replace(microsecond=1000))  # BSON keeps ms
+    assert group_key({"a": 1}) != group_key({"a": 1.0}) != group_key({"a": "1"})
+    assert group_key({"a": {"b": 1}}) != group_key({"a": {"b": True}})
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_group_key_is_the_same_for_a_decoded_and_a_raw_document(key):
+    """Merging compares keys read back raw with keys decoded: they must group alike."""
+    raw = RawBSONDocument(bson.encode({"_id": key}))["_id"]
+    decoded = bson.decode(bson.encode({"_id": key}))["_id"]
+    assert group_key(raw) == group_key(decoded)
 
 
 def docs_bytes(n, start=0):
     return [bson.encode({"_id": i, "pad": "x" * (i % 17)}) for i in range(start, start + n)]
 
 
+def array(docs: list[bytes]) -> bytes:
+    """The raw BSON array of documents a server's batch is."""
+    return bson.encode({str(i): bson.decode(d) for i, d in enumerate(docs)})
+
+
 def test_cut_chunks_keeps_documents_whole_and_under_the_size():
-    batches = [b"".join(docs_bytes(50, s)) for s in range(0, 500, 50)]
+    batches = [array(docs_bytes(50, s)) for s in range(0, 500, 50)]
     chunks = list(cut_chunks(batches, 1000))
     assert all(len(c) <= 1000 for c, _ in chunks)
     ids = [d["_id"] for c, _ in chunks for d in bson.decode_all(c)]
     assert ids == list(range(500))
     assert sum(n for _, n in chunks) == 500
     big = bson.encode({"x": "y" * 5000})
-    assert list(cut_chunks([big], 1000)) == [(big, 1)]  # too big: travels alone
+    assert list(cut_chunks([array([big])], 1000)) == [(big, 1)]  # too big: travels alone
+    assert list(cut_chunks([array([])], 1000)) == []
+    # The pure Python walk (used where bson lacks its C helper) agrees with it.
+    assert reader.concatenated(batches[1]) == b"".join(docs_bytes(50, 50))
+    with pytest.raises(reader.ReaderError):
+        reader.concatenated(bson.encode({"0": 1}))
+
+
+def test_raw_arrays_read_every_document_in_server_batches(db):
+    db.event.insert_many([{"_id": i, "pad": "x" * (i % 17)} for i in range(450)])
+    arrays = list(reader.raw_arrays(db, ["event", "missing"], {"_id": {"$gte": 7}},
+                                    batch_size=100))
+    assert len(arrays) >= 5  # getMore after getMore, then an empty one for "missing"
+    ids = [d["_id"] for c, _ in cut_chunks(arrays, 1 << 20) for d in bson.decode_all(c)]
+    assert sorted(ids) == list(range(7, 450))
+    # A reader stopped early kills its cursor (the server keeps none open).
+    it = reader.raw_arrays(db, ["event"], {}, batch_size=10)
+    next(it)
+    it.close()
 
 
 def fns(**named):
@@ -84,6 +119,18 @@ def test_reduce_rereduces_and_finalizes():
     assert sorted((d["_id"], d["n"]) for d in got) == [("a", 15), ("b", 1)]
 
 
+def test_map_reduce_of_a_whole_input_in_one_go():
+    chunk = b"".join(bson.encode({"k": k}) for k in ["a", "b", "a", {"x": 1}, "a"])
+    f = fns(map=MAP, reduce=RED,
+            finalize=("f", "(objs)", "return ({'_id': o['_id'], 'n': o['value']} for o in objs)"))
+    n, out = compute.run_map_reduce(f, chunk)
+    assert n == 5 and list(out) == [""]
+    got = {str(d["_id"]): d["n"] for d in bson.decode_all(out[""])}
+    assert got == {"a": 3, "b": 1, "{'x': 1}": 1}
+    n, out = compute.run_map_reduce(f, chunk, finalize=False)
+    assert {str(d["_id"]): d["value"] for d in bson.decode_all(out[""])}["a"] == 3
+
+
 def test_load_functions_reports_syntax_errors():
     from zarkov.functions import FunctionError
     with pytest.raises(FunctionError, match="does not compile"):
@@ -103,6 +150,16 @@ def test_jobspec_defaults_and_errors():
         jobspec.parse("mapreduce", {**req, "query": b"garbage"})
     with pytest.raises(jobspec.BadRequest, match="func_text"):
         jobspec.parse("basic", {})
+    assert jobspec.parse("mapreduce", {**req, "inline_max": 4096}).inline_max == 4096
+    for bad in (-1, "1", 1.5, True, jobspec.INLINE_LIMIT + 1):
+        with pytest.raises(jobspec.BadRequest, match="inline_max"):
+            jobspec.parse("mapreduce", {**req, "inline_max": bad})
+    with pytest.raises(jobspec.BadRequest, match="inline_max.*replace"):
+        jobspec.parse("mapreduce", {**req, "inline_max": 10, "output_type": "reduce"})
+    assert jobspec.status_wait({}) == 0 and jobspec.status_wait({"wait": 2}) == 2.0
+    for bad in (-1, "2", True, float("nan"), jobspec.STATUS_WAIT_LIMIT + 1):
+        with pytest.raises(jobspec.BadRequest, match="'wait'"):
+            jobspec.status_wait({"wait": bad})
 
 
 class FakeDispatcher(dispatch.Dispatcher):
@@ -140,6 +197,24 @@ def test_taskset_ignores_late_duplicates_and_resends_after_time_limit():
     assert results == [1, 2]
     reply(ts, 2)  # the first send of task 2 answers late: nobody listens any more
     assert d.unrouted == 1
+
+
+def test_a_worker_saying_goodbye_makes_the_tasks_out_be_sent_again_soon():
+    d = FakeDispatcher()
+    ts = dispatch.TaskSet(d, "job3", "map", lambda t, h, f: None, lambda: 10, cap=60)
+    ts.add(1, [b"a"], 100)
+    ts.add(2, [b"b"], 100)
+    sent_at = ts.pending[1].sent_at
+    ts.resend_expired(sent_at + 1.0)
+    assert ts.resent == 0  # within the time limit (the cap: nothing observed yet)
+    d.on_message([bson.encode({"bye": 4242, "host": "h"})])  # a recycling worker
+    ts.resend_expired(time.monotonic() + dispatch.BYE_GRACE + 0.05)
+    assert ts.resent == 2 and len(d.sent) == 4  # may have been queued there: again
+    ts.add(3, [b"c"], 100)  # sent after the goodbye: not suspect
+    ts.resend_expired(time.monotonic() + dispatch.BYE_GRACE + 0.05)
+    assert ts.resent == 2
+    d.on_message([bson.encode({"bye": "x"})])
+    assert d.dropped == 1
 
 
 def test_taskset_failure_carries_the_traceback_and_limits_in_flight():

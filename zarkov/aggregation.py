@@ -40,7 +40,7 @@ from pymongo.errors import PyMongoError
 from zarkov import agg_status, model as M, wire
 from zarkov.agg import PAUSE_POINTS, Hook, Scope, StepFailed, marks, merge, pause_from_env
 from zarkov.agg import records, staging
-from zarkov.lease import Lease, LeaseBusy, LeaseLost
+from zarkov.lease import Lease, LeaseBusy, LeaseLost, utcnow
 from zarkov.task import JobFailed, Task, TaskError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ class RunResult:
     #: Documents the run took (marked, processed, flagged).
     docs: int
     seconds: float
-    run_id: str
+    #: The run's id (the last one's, when it took several batches); None when an
+    #: incremental run found nothing new (it creates no run record).
+    run_id: Optional[str]
     #: State of a pending (killed) run that was finished first, if there was one.
     resumed: Optional[str] = None
     #: Target collection -> how it was written (a path of :mod:`zarkov.storage`,
@@ -156,66 +158,119 @@ class _Run:
         self.s = scope
         self.agg = agg
         self.task_cls = task_cls
+        #: (run id, ids) of the documents this process marked, all of them, for the
+        #: run being finished: flagging them needs no search.
+        self.marked: tuple[str, list] = ("", [])
 
-    def finish(self, record: dict) -> int:
-        """Take a run record from its state to the end; return the documents it took."""
+    def _marked_ids(self, record: dict) -> Optional[list]:
+        run_id, ids = self.marked
+        return ids if run_id == record["run_id"] else None
+
+    def finish(self, record: dict, ids: Optional[list] = None, fresh: bool = False,
+               resumed: bool = False) -> int:
+        """Take a run record from its state to the end; return the documents it took.
+
+        ``fresh``: the record was just created by this process (``ids``: the documents
+        an incremental run takes); ``resumed``: it was left by a killed run.
+        """
         if record["state"] in ("marking", "running"):
             try:
+                marked = None
                 if record["state"] == "marking":
-                    marks.mark(self.s, record)
-                    records.update(self.s, record, {"state": "running"})
-                if not record["full"] and record["marked"] == 0:
-                    return self.done(record)  # nothing new: no job, nothing to apply
-                self.run_jobs(record)
+                    marked, done_ids = marks.mark(self.s, record, ids, fresh)
+                    if done_ids is not None:
+                        self.marked = (record["run_id"], done_ids)
+                    if not record["full"] and marked == 0:
+                        record["marked"] = 0
+                        return self.done(record, resumed)  # nothing new: no job
+                elif not record["full"] and record["marked"] == 0:
+                    return self.done(record, resumed)
+                self.run_jobs(record, marked)
             except _ROLLBACK as e:
                 self.abort(record)
                 raise _error(self.s.name, e, rolled_back=True) from None
             # Anything else (the lease lost, the database away, a bug) leaves the
             # record for the next run, which finishes or rolls back this one.
         if record["state"] == "staged":
+            changes: dict = {"state": "applying"}
             if not record["full"]:
                 for out in record["outputs"]:
-                    merge.after_images(self.s, out)
-            records.update(self.s, record, {"state": "applying"})
+                    after = merge.after_images(self.s, out, _room(record))
+                    out.pop("after", None)
+                    if after is not None:
+                        out["after"] = after
+                changes["outputs"] = record["outputs"]
+            records.update(self.s, record, changes)
         if record["state"] == "applying":
-            for i, out in enumerate(record["outputs"]):
+            outputs = record["outputs"]
+            for i, out in enumerate(outputs):
                 if not out.get("applied"):
                     merge.apply(self.s, out, record["full"])
-                    records.update(self.s, record, {f"outputs.{i}.applied": True})
+                    if i < len(outputs) - 1:  # the last one: the state says it
+                        records.update(self.s, record, {f"outputs.{i}.applied": True})
             records.update(self.s, record, {"state": "flagging"})
         if record["state"] == "flagging":
-            marks.flag(self.s, record)
-        return self.done(record)
+            marks.flag(self.s, record, self._marked_ids(record))
+        return self.done(record, resumed)
 
-    def run_jobs(self, record: dict) -> None:
-        """A new attempt of the Task's jobs into fresh staging; state ``staged``."""
+    def run_jobs(self, record: dict, marked: Optional[int] = None) -> None:
+        """A new attempt of the Task's jobs into fresh staging; state ``staged``.
+
+        ``marked``: the count of marks, when marking just ended (recorded with the
+        state ``running``, in the same write).
+        """
         attempt = record["attempt"] + 1
         self.s.report("jobs: starting", 0)
-        staging.drop(self.s, record["run_id"])
-        records.update(self.s, record, {"state": "running", "attempt": attempt, "outputs": []})
-        outputs = staging.run_jobs(self.s, self.agg, self.task_cls, record, attempt)
-        records.update(self.s, record, {"state": "staged", "outputs": outputs})
+        if attempt > 1:  # what the killed attempts left
+            staging.drop(self.s, record["run_id"])
+        changes = {"state": "running", "attempt": attempt, "outputs": []}
+        if marked is not None:
+            changes["marked"] = marked
+        records.update(self.s, record, changes)
+        outputs, read = staging.run_jobs(self.s, self.agg, self.task_cls, record, attempt)
+        records.update(self.s, record, {"state": "staged", "outputs": outputs,
+                                        "docs_read": read})
         self.s.hook("staged")
 
-    def done(self, record: dict) -> int:
-        """Record last_run, delete the run record, drop the staging collections."""
+    def done(self, record: dict, resumed: bool = False) -> int:
+        """Record last_run, delete the run record, drop the staging collections (if
+        the run made any); return the documents the run took."""
+        self.s.report("finishing", int(record["marked"]))
         self.s.lease.check()
         self.s.db[M.agg_def.m.collection_name].update_one(
             {"name": self.s.name}, {"$set": {"last_run": record["started"]}})
         records.delete(self.s, record)
-        staging.drop(self.s, record["run_id"])
+        if resumed or _made_collections(record):
+            staging.drop(self.s, record["run_id"])
+        if record["full"]:
+            # What the jobs read: the marked documents and those counted before.
+            return int(record.get("docs_read") or record["marked"])
         return int(record["marked"])
 
     def abort(self, record: dict) -> None:
         """Roll back a run that has not staged its results: unmark, drop, forget."""
         try:
             self.s.lease.check()
-            marks.unmark(self.s, record)
+            marks.unmark(self.s, record, self._marked_ids(record))
             staging.drop(self.s, record["run_id"])
             records.delete(self.s, record)
         except (PyMongoError, LeaseLost) as e:
             # The record stays: the next run finishes or rolls back this one.
             log.error("%s: could not roll back run %s: %s", self.s.name, record["run_id"], e)
+
+
+def _room(record: dict) -> int:
+    """Bytes of after-images the record may still take in."""
+    used = sum(len(o.get("inline") or b"") + len(o.get("after") or b"")
+               for o in record["outputs"])
+    return max(0, min(staging.INLINE_MAX, staging.RECORD_BUDGET - used))
+
+
+def _made_collections(record: dict) -> bool:
+    """Whether the run may have created staging collections (else none to drop)."""
+    if record["full"] or record["attempt"] > 1:
+        return True
+    return any("inline" not in o or "after" not in o for o in record["outputs"])
 
 
 def _reporter(progress: Optional[Progress], t0: float) -> Callable[[str, int], None]:
@@ -281,17 +336,34 @@ def _run(config: Any, name: str, full: bool, wait: bool, progress: Optional[Prog
         if pending is not None:
             resumed = pending["state"]
             log.info("%s: finishing run %s left in state %s", name, pending["run_id"], resumed)
-            r.finish(pending)
+            r.finish(pending, resumed=True)
         docs = 0
+        run_id = None
         while True:
-            record = records.begin(scope, full)
-            taken = r.finish(record)
+            if full:
+                record = records.begin(scope, True)
+                taken = r.finish(record, fresh=True)
+            else:
+                # The documents to take are chosen before the run record exists, so
+                # that a run with nothing new writes nothing but last_run.
+                started = utcnow()
+                scope.report("selecting", 0)
+                ids = marks.candidates(scope)
+                if not ids:
+                    if run_id is None:
+                        lease.check()
+                        db[M.agg_def.m.collection_name].update_one(
+                            {"name": name}, {"$set": {"last_run": started}})
+                    break
+                record = records.begin(scope, False, marked=len(ids))
+                taken = r.finish(record, ids, fresh=True)
+            run_id = record["run_id"]
             docs += taken
             # An incremental run takes at most zmr.event_limit documents at a time;
             # go on while a batch was full, so one run leaves nothing behind.
             if full or taken < config.zmr.event_limit:
                 break
-        return RunResult(name, bool(full), docs, time.monotonic() - t0, record["run_id"],
+        return RunResult(name, bool(full), docs, time.monotonic() - t0, run_id,
                          resumed, dict(scope.write_paths))
     except (AggregationError, LeaseLost, PyMongoError, StepFailed) as e:
         raise _error(name, e) from None

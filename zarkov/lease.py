@@ -118,8 +118,12 @@ class Lease:
         return holder
 
     def acquire(self, wait: bool = False, timeout: Optional[float] = None,
-                poll: float = 0.2) -> None:
-        """Take the lease; raise LeaseBusy if held and not ``wait`` (or after ``timeout``)."""
+                poll: float = 0.2, max_poll: float = 2.0) -> None:
+        """Take the lease; raise LeaseBusy if held and not ``wait`` (or after ``timeout``).
+
+        Waiting, it tries again after ``poll`` seconds, then half as long again each
+        time, up to ``max_poll``.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = poll
         while True:
@@ -129,7 +133,7 @@ class Lease:
             if not wait or (deadline is not None and time.monotonic() >= deadline):
                 raise LeaseBusy(self.key, holder)
             time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+            delay = min(delay * 1.5, max_poll)
 
     def renew(self) -> None:
         """Push ``expires`` forward; raise LeaseLost if the lease is no longer ours."""

@@ -94,6 +94,8 @@ orm_session.mapper(AggDef, agg_def)
 # (uri, database) currently bound; configure() is cheap when nothing changes, so the
 # real-time loop can call it before every run.
 _bound: Optional[tuple[str, str]] = None
+# (uri, database) whose agg_def index this process has made sure of.
+_indexed: set = set()
 
 
 def configure(config: Any, ensure_indexes: bool = True) -> None:
@@ -114,8 +116,9 @@ def configure(config: Any, ensure_indexes: bool = True) -> None:
         doc_session.bind = DataStore(engine, config.mongo_database)
         orm_session.close()  # forget objects loaded from another database
         _bound = key
-    if ensure_indexes:
+    if ensure_indexes and key not in _indexed:
         doc_session.db[agg_def.m.collection_name].create_index("name", unique=True)
+        _indexed.add(key)
 
 
 def db():

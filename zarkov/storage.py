@@ -102,6 +102,10 @@ class Capabilities(Identity):
     #: Update commands of hundreds of statements are cheap and safe.  By name: false on
     #: FerretDB, where probing it could wedge the server.
     bulk_updates: bool = False
+    #: A single-document update is atomic: two concurrent ``$addToSet`` on one
+    #: document both take effect.  By name: false on FerretDB (read-modify-write
+    #: without a lock), which no probe could show reliably.
+    atomic_updates: bool = False
 
     @property
     def update_batch(self) -> int:
@@ -164,7 +168,8 @@ def capabilities(client: MongoClient, database: str) -> Capabilities:
             renames_dotted, renames_over = _probe_renames(client[database])
             known[database] = Capabilities(**vars(who), renames_dotted=renames_dotted,
                                            renames_over=renames_over,
-                                           bulk_updates=who.server != "FerretDB")
+                                           bulk_updates=who.server != "FerretDB",
+                                           atomic_updates=who.server != "FerretDB")
             log.debug("%s, database %s: %s", known[database].label, database, known[database])
         return known[database]
 

@@ -11,11 +11,13 @@ every job it started::
             self.start_mr(socket, db.zagg.my_agg, full, map=map, reduce=reduce)
 
 Run by ``zcmd aggregate`` (:mod:`zarkov.aggregation`), a Task gets a
-:class:`RunContext`: its jobs read only the events marked with the run's lock id
-(``self._lock_id``) and write into staging collections that the engine later applies
-to the real targets exactly once.  Without a context (a Task run by hand) jobs write
-straight to their targets, as in the article: ``replace`` when ``full``, else
-``reduce``.
+:class:`RunContext`: its jobs read only the run's events (:attr:`Task.selection`:
+in an incremental run those marked with the run's lock id ``self._lock_id``, in a
+full run those too and every event already counted) and write into staging
+collections (or, when small, hand their output back in memory) that the engine
+later applies to the real targets exactly once.  Without a context (a Task run by
+hand) jobs write straight to their targets, as in the article: ``replace`` when
+``full``, else ``reduce``.
 """
 from __future__ import annotations
 
@@ -53,13 +55,18 @@ class RunContext:
 
     def __init__(self, lock_id: str, attempt: int, staging_prefix: str,
                  on_started: Optional[Callable[[], None]] = None,
-                 progress: Optional[Callable[[dict], None]] = None):
+                 progress: Optional[Callable[[dict], None]] = None,
+                 selection: Optional[dict] = None, inline_max: int = 0):
         self.lock_id = lock_id
         self.attempt = attempt
         self.staging_prefix = staging_prefix
         self.outputs: list[dict] = []
         self.on_started = on_started
         self.progress = progress
+        #: The filter of the run's documents (default: those marked with ``lock_id``).
+        self.selection = selection if selection is not None else {"jobs": lock_id}
+        #: Outputs up to this many bytes come back in the job's status (0: never).
+        self.inline_max = inline_max
 
     def stage(self, kind: str, target: str, reduce_text: str, reduce_name: str,
               finalize: bool) -> str:
@@ -76,6 +83,10 @@ class RunContext:
                              "reduce_text": reduce_text, "reduce_name": reduce_name,
                              "finalize": finalize})
         return staging
+
+    def started(self, job_id: Any) -> None:
+        """The job of the output staged last was accepted as ``job_id``."""
+        self.outputs[-1]["job_id"] = job_id
 
 
 def _collection_name(collection: Union[Collection, str]) -> str:
@@ -103,7 +114,8 @@ class Task:
         self.agg_def = agg_def
         self.config = config
         self._context = context
-        #: Lock id marking the documents of this run: filter on {"jobs": self._lock_id}.
+        #: Lock id marking the run's documents not yet counted: ``{"jobs": self._lock_id}``
+        #: selects exactly the documents of an incremental run (see :attr:`selection`).
         self._lock_id: Optional[str] = context.lock_id if context else None
         self._jobs: list[dict] = []
         #: Results of basic jobs, by job id, once :meth:`run` has returned.
@@ -120,13 +132,32 @@ class Task:
         """The input collection: the AggDef's ``object`` (``event`` by default)."""
         return getattr(self.agg_def, "object", None) or "event"
 
+    @property
+    def selection(self) -> Optional[dict]:
+        """The filter of this run's documents (None without a run context).
+
+        Incremental: ``{"jobs": self._lock_id}``.  Full: those and the documents that
+        already carry the AggDef's name in ``aggregates`` (a full run marks only the
+        documents not yet counted: the others do not change while it runs).
+        """
+        return self._context.selection if self._context is not None else None
+
     def _query(self, filter: Optional[dict]) -> bytes:
-        """The job's filter as BSON: the lock filter ANDed with the user's one."""
+        """The job's filter as BSON: the run's selection ANDed with the user's filter.
+
+        A ``{"jobs": self._lock_id}`` in the user's filter (the article's way of
+        selecting a run's documents) is the selection already: it is left out, so
+        that it also means every document of a full run.
+        """
         clauses = []
-        if self._lock_id is not None:
-            clauses.append({"jobs": self._lock_id})
+        if self.selection is not None:
+            clauses.append(self.selection)
         if filter:
-            clauses.append(dict(filter))
+            user = dict(filter)
+            if self._lock_id is not None and user.get("jobs") == self._lock_id:
+                del user["jobs"]
+            if user:
+                clauses.append(user)
         query = {} if not clauses else clauses[0] if len(clauses) == 1 else {"$and": clauses}
         return bson.encode(query)
 
@@ -180,14 +211,19 @@ class Task:
             raise TaskError(str(e)) from None
         out_field = "output_name" if kind == "mr" else "output_prefix"
         if self._context is not None:
-            # Always fresh collections of their own; the engine applies them later.
+            # Always fresh collections of their own (or the output in memory, when
+            # small); the engine applies them later.
             request[out_field] = self._context.stage(
                 kind, target, request["reduce_text"], request["reduce_name"],
                 finalize is not None)
             request["output_type"] = "replace"
-        else:
-            request[out_field] = target
-            request["output_type"] = "replace" if full else "reduce"
+            if self._context.inline_max:
+                request["inline_max"] = self._context.inline_max
+            job_id = self._submit(socket, request, request["$command"], target)
+            self._context.started(job_id)
+            return job_id
+        request[out_field] = target
+        request["output_type"] = "replace" if full else "reduce"
         return self._submit(socket, request, request["$command"], target)
 
     def start_basic_job(self, socket: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -242,6 +278,10 @@ class Task:
             if by_id[job_id]["kind"] == "basic":
                 self.results[job_id] = st.get("result")
         return self.docs_read()
+
+    def job_statuses(self) -> dict[Any, dict]:
+        """The latest status of each job started so far, by job id."""
+        return {j["job_id"]: j["status"] for j in self._jobs}
 
     def docs_read(self) -> int:
         """Documents read by the map-reduce jobs started so far."""

@@ -80,11 +80,13 @@ def req_socket(uri: str, ctx=None, keys=None):
     return sock
 
 
-def call(sock, doc: Mapping[str, Any], timeout: float, uri: str | None = None) -> dict:
+def call(sock, doc: Mapping[str, Any], timeout: float, uri: str | None = None,
+         held: float = 0.0) -> dict:
     """Send ``doc`` on a REQ socket and return the decoded reply.
 
     Raises RouterTimeout (naming the URI) when no reply comes within ``timeout``
-    seconds, and WireError when the reply is not BSON.  A reply that carries
+    seconds (plus ``held``: how long the peer may hold the reply on purpose, as a
+    long poll does), and WireError when the reply is not BSON.  A reply that carries
     ``error`` is returned as it is: what to do with it is the caller's business.
     """
     z = zmq_module()
@@ -102,7 +104,7 @@ def call(sock, doc: Mapping[str, Any], timeout: float, uri: str | None = None) -
             break
         except z.Again:  # the connection went away between poll and send
             continue
-    if not sock.poll(max(0.0, deadline - time.monotonic()) * 1000, z.POLLIN):
+    if not sock.poll((max(0.0, deadline - time.monotonic()) + held) * 1000, z.POLLIN):
         raise RouterTimeout(f"no answer from {uri} (zmr.req_uri) within {timeout:g} s"
                             f"{_REFUSED_HINT if _has_keys(sock) else ''}")
     return decode(sock.recv())

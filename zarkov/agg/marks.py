@@ -1,13 +1,17 @@
 """Marks and flags on the input documents (docs/exactly-once.md).
 
-A run *marks* the documents it takes by adding its run id to their ``jobs``; the
-Task's jobs read only ``{jobs: run_id}``.  Once every output holds their
-contribution it *flags* them: the AggDef's name goes into ``aggregates`` and the run
-id leaves ``jobs``.  A rolled-back run only takes its marks off.  Every step is
-idempotent, so a killed run's successor simply does it again.
+A run *marks* the documents it takes that are not yet counted by adding its run id
+to their ``jobs``; an incremental run's jobs read only ``{jobs: run_id}``, a full
+run's read those and the documents already flagged.  Once every output holds their
+contribution the run *flags* the marked documents: the AggDef's name goes into
+``aggregates`` and the run id leaves ``jobs``.  Documents already flagged are never
+written again, so a full run over a collection already counted writes nothing per
+document.  A rolled-back run only takes its marks off.  Every step is idempotent, so
+a killed run's successor simply does it again.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -16,25 +20,43 @@ from pymongo import UpdateOne
 from zarkov.agg import Scope, batches, records
 from zarkov.lease import Lease
 
+#: Seconds between two checks of the indexes of one input collection by one process
+#: (``zcmd rotate`` gives ``event`` a fresh collection without them).
+INDEX_CHECK_EVERY = 300.0
+
+#: (client, database, collection) -> when this process last made sure of its indexes.
+_indexed: dict = {}
+
 
 def ensure_indexes(scope: Scope) -> None:
-    """Indexes that let runs select new and marked documents without a scan."""
+    """Indexes that let runs select new and marked documents without a scan (checked
+    at a process's first run and every INDEX_CHECK_EVERY seconds, not at every run)."""
+    key = (id(scope.db.client), scope.db.name, scope.events.name)
+    now = time.monotonic()
+    if now - _indexed.get(key, -INDEX_CHECK_EVERY) < INDEX_CHECK_EVERY:
+        return
     scope.events.create_index("aggregates")
     scope.events.create_index("jobs")
+    _indexed[key] = now
 
 
 @contextmanager
 def _input_lock(scope: Scope) -> Iterator[None]:
-    """A lease on the input collection while writing marks or flags.
+    """A lease on the input collection while writing marks or flags, where needed.
 
     FerretDB updates documents by read-modify-write without a lock, so two runs of
     different AggDefs updating ``jobs``/``aggregates`` of the same documents at once
     could lose one's change.  Serialising those short phases per input collection
-    avoids it everywhere (on MongoDB it only costs a little waiting).
+    avoids it; where single-document updates are atomic (MongoDB, mongo-java-server:
+    ``storage``) there is nothing to avoid and no lease is taken.
     """
+    if scope.writes.caps.atomic_updates:
+        yield
+        return
     lock = Lease(scope.db.agg_lease, {"object": scope.events.name},
                  scope.config.agg_lease_seconds)
-    lock.acquire(wait=True)
+    # Held for seconds at most: ask again often rather than sleep past its release.
+    lock.acquire(wait=True, poll=0.02, max_poll=0.1)
     lock.start_renewing()
     try:
         yield
@@ -42,75 +64,110 @@ def _input_lock(scope: Scope) -> Iterator[None]:
         lock.release()
 
 
-def mark(scope: Scope, record: dict) -> None:
+def candidates(scope: Scope) -> list:
+    """Ids of the documents an incremental run would take now: not yet counted, at
+    most ``zmr.event_limit``.  Read before any write (on FerretDB a multi-document
+    write waits for open cursors on the same collection)."""
+    return [d["_id"] for d in scope.events.find(
+        {"aggregates": {"$ne": scope.name}}, {"_id": 1}).limit(scope.config.zmr.event_limit)]
+
+
+def mark(scope: Scope, record: dict, ids: Optional[list] = None,
+         fresh: bool = False) -> tuple[int, Optional[list]]:
     """Add the run id to the ``jobs`` of the documents this run takes.
 
-    Incremental: documents whose ``aggregates`` lacks the name, at most
-    ``zmr.event_limit``, marked by ``_id`` in batches; ``marked`` is raised before
-    each batch is written, so it never undercounts (0 means nothing was ever marked).
-    Full: every document, in one statement.  Both resume: documents already marked
-    are skipped, marking twice changes nothing.
+    Returns ``(marked, ids)``: how many documents carry the run id, and their ids
+    when they are exactly ``ids`` (so that flagging needs no search), else None.
+
+    ``fresh``: the record was just created (nothing can be marked yet).
+    Incremental: ``ids`` (from :func:`candidates`, the record created with ``marked``
+    already counting them), marked by ``_id`` in batches; or, resuming a killed
+    run, more documents not yet counted, up to ``zmr.event_limit`` with those already
+    marked, ``marked`` being raised before each batch is written so that it never
+    undercounts (0 means nothing was ever marked).  Full: every document not yet
+    counted, in one statement (those already counted are read by their flag).  Both
+    resume: documents already marked are skipped, marking twice changes nothing.
     """
     run_id = record["run_id"]
     scope.report("marking", record["marked"])
     with _input_lock(scope):
         if record["full"]:
-            scope.events.update_many({"jobs": {"$ne": run_id}},
-                                     {"$addToSet": {"jobs": run_id}})
-            records.update(scope, record,
-                           {"marked": scope.events.count_documents({"jobs": run_id})})
-            scope.report("marking", record["marked"])
+            res = scope.events.update_many(
+                {"aggregates": {"$ne": scope.name}, "jobs": {"$ne": run_id}},
+                {"$addToSet": {"jobs": run_id}})
+            scope.report("marking", res.modified_count)
             scope.hook("marking")
-            return
+            if fresh:  # nothing was marked before this statement
+                return res.modified_count, None
+            return scope.events.count_documents({"jobs": run_id}), None
+        if ids is not None:
+            matched = _write_by_id(scope, ids, {"$addToSet": {"jobs": run_id}}, "marking")
+            if matched == len(ids):
+                return matched, ids
+            # Some vanished before they were marked: count what was.
+            return scope.events.count_documents({"jobs": run_id}), None
         remaining = scope.config.zmr.event_limit - record["marked"]
         if remaining > 0:
-            # Every id read before writing: on FerretDB a multi-document write waits
-            # for open cursors on the same collection.
-            ids = [d["_id"] for d in scope.events.find(
+            more = [d["_id"] for d in scope.events.find(
                 {"aggregates": {"$ne": scope.name}, "jobs": {"$ne": run_id}},
                 {"_id": 1}).limit(remaining)]
-            _write_by_id(scope, ids, {"$addToSet": {"jobs": run_id}}, "marking", record)
+            _write_by_id(scope, more, {"$addToSet": {"jobs": run_id}}, "marking", record)
+        return scope.events.count_documents({"jobs": run_id}), None
 
 
-def flag(scope: Scope, record: dict) -> None:
-    """Give the run's documents the AggDef name and take the run id off them."""
+def flag(scope: Scope, record: dict, ids: Optional[list] = None) -> None:
+    """Give the run's marked documents the AggDef name and take the run id off them.
+
+    ``ids``: the marked documents, when this process marked them all (no search).
+    """
     _unmark(scope, record, {"$addToSet": {"aggregates": scope.name},
-                            "$pull": {"jobs": record["run_id"]}}, "flagging")
+                            "$pull": {"jobs": record["run_id"]}}, "flagging", ids)
 
 
-def unmark(scope: Scope, record: dict) -> None:
+def unmark(scope: Scope, record: dict, ids: Optional[list] = None) -> None:
     """Take the run id off its documents (rolling the run back)."""
-    _unmark(scope, record, {"$pull": {"jobs": record["run_id"]}}, "rollback")
+    _unmark(scope, record, {"$pull": {"jobs": record["run_id"]}}, "rollback", ids)
 
 
-def _unmark(scope: Scope, record: dict, update: dict, phase: str) -> None:
+def _unmark(scope: Scope, record: dict, update: dict, phase: str,
+            ids: Optional[list]) -> None:
     """Apply ``update`` to every document marked with the run id (idempotent)."""
     run_id = record["run_id"]
     scope.report(phase, 0)
+    if record["marked"] == 0 and not (record["full"] and record["state"] == "marking"):
+        # Nothing was ever marked (a full run counts its marks once they are all
+        # written, an incremental one before writing them): nothing to search for.
+        scope.hook(phase)
+        return
     with _input_lock(scope):
         if record["full"]:
             scope.events.update_many({"jobs": run_id}, update)
             scope.report(phase, int(record["marked"]))
             scope.hook(phase)
-        else:
+            return
+        if ids is None:
             ids = [d["_id"] for d in scope.events.find({"jobs": run_id}, {"_id": 1})]
-            _write_by_id(scope, ids, update, phase)
+        _write_by_id(scope, ids, update, phase)
 
 
 def _write_by_id(scope: Scope, ids: list, update: dict, phase: str,
-                 record: Optional[dict] = None) -> None:
-    """Apply ``update`` to documents ``ids``, in batches of single-document updates.
+                 record: Optional[dict] = None) -> int:
+    """Apply ``update`` to documents ``ids``, in batches of single-document updates;
+    return how many documents matched.
 
     By ``_id`` because FerretDB pushes only ``_id`` equality down to its storage;
     batches no larger than the server takes in one command (``storage``).  With
     ``record``, its ``marked`` count is raised before each batch is written.
     """
-    n = 0
+    n = matched = 0
     for batch in batches(ids, scope.writes.caps.update_batch):
         scope.lease.check()
         if record is not None:
             records.update(scope, record, {"marked": record["marked"] + len(batch)})
-        scope.events.bulk_write([UpdateOne({"_id": i}, update) for i in batch], ordered=False)
+        res = scope.events.bulk_write([UpdateOne({"_id": i}, update) for i in batch],
+                                      ordered=False)
+        matched += res.matched_count
         n += len(batch)
         scope.report(phase, n)
         scope.hook(phase)
+    return matched

@@ -25,10 +25,14 @@ def live_run_ids(scope: Scope) -> set:
     return {r["run_id"] for r in scope.db.agg_run.find({}, {"run_id": 1})}
 
 
-def begin(scope: Scope, full: bool) -> dict:
-    """Create the record of a new run, in state ``marking``."""
+def begin(scope: Scope, full: bool, marked: int = 0) -> dict:
+    """Create the record of a new run, in state ``marking``.
+
+    ``marked``: documents the run is about to mark (an incremental run counts them
+    before writing, so that the record never undercounts its marks).
+    """
     record = {"_id": scope.name, "run_id": uuid.uuid4().hex, "full": bool(full),
-              "attempt": 0, "state": "marking", "started": utcnow(), "marked": 0,
+              "attempt": 0, "state": "marking", "started": utcnow(), "marked": marked,
               "host": HOST, "pid": os.getpid(), "outputs": []}
     scope.lease.check()
     scope.db.agg_run.insert_one(record)
@@ -42,7 +46,13 @@ def update(scope: Scope, record: dict, changes: dict) -> None:
                                       {"$set": changes})
     if res.matched_count != 1:
         raise LeaseLost(f"run record of '{scope.name}' changed under us")
-    record.update(changes)
+    for key, value in changes.items():
+        # Dotted keys (``outputs.0.applied``) as the database applied them.
+        *path, last = key.split(".")
+        target = record
+        for part in path:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        target[last] = value
 
 
 def delete(scope: Scope, record: dict) -> None:

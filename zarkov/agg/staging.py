@@ -5,16 +5,30 @@ Names are ``zstage.<run_id>.<attempt>.<n>`` (an xmapreduce job: the prefix
 ``zstage.<run_id>.<attempt>.x<n>.``).  A resumed run starts a new attempt, so jobs
 of a killed attempt still running in the router write only into collections that
 nobody reads and that the run drops.
+
+An incremental run's output is usually small (the keys of a few new events): up to
+:data:`INLINE_MAX` bytes, the router hands it back in the job's status instead of
+writing it (``inline_max``), and the run keeps it in its record — no collection is
+created or dropped.  Larger outputs go to the staging collections as above.
+
+REQ sockets to the router are kept between runs of one process (:func:`socket`).
 """
 from __future__ import annotations
 
 import logging
+import time
 import traceback
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import bson
+from bson.binary import Binary
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
 
 from pymongo.errors import PyMongoError
 
-from zarkov import wire
+from zarkov import security, wire
 from zarkov.zmr import client
 from zarkov.agg import Scope, StepFailed
 from zarkov.lease import LeaseLost
@@ -24,6 +38,16 @@ log = logging.getLogger(__name__)
 
 #: Prefix of the staging collections of every run.
 PREFIX = "zstage."
+#: Bytes of output (all of a run's jobs together, and again of after-images) kept
+#: in the run record rather than in collections; well below MongoDB's 16 MB.
+INLINE_MAX = 256 * 1024
+#: Bytes a run record may hold of inline outputs and after-images together.
+RECORD_BUDGET = 4 << 20
+#: Seconds between two sweeps of leftover staging collections in one process.
+SWEEP_EVERY = 300.0
+
+_idle_sockets: dict[tuple, list] = {}
+_swept: dict[tuple, float] = {}
 
 
 def names(scope: Scope, run_id: str) -> list[str]:
@@ -38,13 +62,21 @@ def drop(scope: Scope, run_id: str) -> None:
         scope.db.drop_collection(c)
 
 
-def sweep(scope: Scope, live_run_ids) -> None:
+def sweep(scope: Scope, live_run_ids, force: bool = False) -> None:
     """Drop staging collections that belong to no run record (left by a crash).
 
+    Done at a process's first run in a database, then every :data:`SWEEP_EVERY`
+    seconds (or when ``force``): a run drops its own staging collections, so only a
+    crash at the wrong moment or a job of a killed attempt ending late leaves any.
     ``live_run_ids`` is called AFTER the names are listed: a staging collection is
     created only after its run record, so one listed with no record found
     afterwards belongs to a run that is over.
     """
+    key = (id(scope.db.client), scope.db.name)
+    now = time.monotonic()
+    if not force and key in _swept and now - _swept[key] < SWEEP_EVERY:
+        return
+    _swept[key] = now
     found = [c for c in scope.db.list_collection_names() if c.startswith(PREFIX)]
     if not found:
         return
@@ -55,20 +87,50 @@ def sweep(scope: Scope, live_run_ids) -> None:
             scope.db.drop_collection(c)
 
 
-def run_jobs(scope: Scope, agg: Any, task_cls: type, record: dict, attempt: int) -> list[dict]:
-    """Run the Task's jobs of one attempt into fresh staging collections; its outputs.
+@contextmanager
+def socket(config: Any) -> Iterator[Any]:
+    """A REQ socket to the router of ``config`` (``zmr.req_uri``, CURVE keys), kept
+    for the next run of this process.
+
+    A socket whose request failed is closed rather than kept (its reply may still
+    come).  Under gevent each greenlet takes its own from the idle ones.
+    """
+    keys = security.client_keys(config)
+    key = (config.zmr.req_uri, wire.zmq_module().__name__, keys)
+    idle = _idle_sockets.setdefault(key, [])
+    sock = idle.pop() if idle else client.connect(config, keys=keys)
+    ok = False
+    try:
+        yield sock
+        ok = True
+    finally:
+        if ok:
+            idle.append(sock)
+        else:
+            sock.close(0)
+
+
+def run_jobs(scope: Scope, agg: Any, task_cls: type, record: dict,
+             attempt: int) -> tuple[list[dict], int]:
+    """Run the Task's jobs of one attempt into fresh staging; return its outputs and
+    the most documents one of its map-reduce jobs read.
 
     Each output is ``{kind, target, staging, reduce_text, reduce_name, finalize,
-    applied: False}`` (an xmapreduce job gives one per collection it wrote).
+    applied: False}`` plus ``inline`` (the documents, concatenated BSON) when the
+    router handed them back; an xmapreduce job gives one per collection it wrote.
     """
     run_id = record["run_id"]
+    full = record["full"]
+    selection = ({"$or": [{"jobs": run_id}, {"aggregates": scope.name}]} if full
+                 else {"jobs": run_id})
     context = RunContext(run_id, attempt, f"{PREFIX}{run_id}.{attempt}.",
                          on_started=lambda: scope.hook("running"),
-                         progress=lambda s: scope.report(f"jobs: {s['phase']}", s["docs"]))
+                         progress=lambda s: scope.report(f"jobs: {s['phase']}", s["docs"]),
+                         selection=selection, inline_max=0 if full else INLINE_MAX)
     task = task_cls(agg, scope.config, context)
-    sock = client.connect(scope.config)
     try:
-        task.run(sock, record["full"])
+        with socket(scope.config) as sock:
+            task.run(sock, full)
     except (JobFailed, TaskError, wire.WireError, LeaseLost, PyMongoError):
         raise
     except NotImplementedError:
@@ -77,16 +139,54 @@ def run_jobs(scope: Scope, agg: Any, task_cls: type, record: dict, attempt: int)
     except Exception as e:  # noqa: BLE001 - the user's _start_jobs raised
         raise StepFailed(f"{type(task).__name__}._start_jobs raised {type(e).__name__}: {e}",
                          traceback.format_exc()) from None
-    finally:
-        sock.close(0)
-    return _outputs(scope, context.outputs)
+    statuses = task.job_statuses()
+    read = max((int(st.get("docs_read") or 0) for st in statuses.values()), default=0)
+    return _outputs(scope, context.outputs, statuses), read
 
 
-def _outputs(scope: Scope, started: list[dict]) -> list[dict]:
-    """One output per (target, staging) pair; every staging collection exists."""
-    existing = set(scope.db.list_collection_names())
+def _materialize(scope: Scope, name: str, docs: bytes) -> None:
+    """Write an inline output into its staging collection (from scratch)."""
+    scope.db.drop_collection(name)
+    scope.db.create_collection(name)
+    raw = bson.decode_all(docs, CodecOptions(document_class=RawBSONDocument))
+    for i in range(0, len(raw), 1000):
+        scope.db[name].insert_many(raw[i:i + 1000], ordered=False)
+
+
+def _inline_of(job_id: Any, statuses: dict) -> Optional[list]:
+    """The inline output of job ``job_id`` (``[{name, coll, docs}]``), or None."""
+    st = statuses.get(job_id) or {}
+    if st.get("write_path") != "inline":
+        return None
+    if "inline" not in st:
+        raise StepFailed(f"the router no longer holds the output of job {job_id} "
+                         f"(fetched too late)")
+    return st["inline"]
+
+
+def _outputs(scope: Scope, started: list[dict], statuses: dict) -> list[dict]:
+    """One output per (target, staging) pair; every staging collection exists, or
+    the output is inline."""
+    existing: Optional[set] = None
     outputs: list[dict] = []
+    kept = 0
     for out in started:
+        inline = _inline_of(out.get("job_id"), statuses)
+        out = {k: v for k, v in out.items() if k != "job_id"}
+        if inline is not None:
+            for part in inline:
+                this = out if out["kind"] == "mr" else {
+                    **out, "target": out["target"] + part["coll"], "staging": part["name"],
+                    "c": part["coll"]}
+                kept += len(part["docs"])
+                if kept <= RECORD_BUDGET:
+                    outputs.append({**this, "inline": Binary(part["docs"]), "applied": False})
+                else:  # many jobs: the record would grow too large
+                    _materialize(scope, this["staging"], part["docs"])
+                    outputs.append({**this, "applied": False})
+            continue
+        if existing is None:
+            existing = set(scope.db.list_collection_names())
         if out["kind"] == "mr":
             if out["staging"] not in existing:  # a job with no result: still applies
                 scope.db.create_collection(out["staging"])

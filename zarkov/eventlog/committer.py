@@ -1,8 +1,12 @@
 """Journal → MongoDB: commit journaled events to the ``event`` collection in batches.
 
 A file is committed as soon as it is full (closed by the writer); the records of
-the open file are committed after one idle second (no new event), and at the latest
-when the oldest of them has waited ``MAX_DELAY`` (one) second under a steady trickle.  Events
+the open file are committed once the oldest of them has waited ``LINGER`` (20 ms),
+so that what arrives meanwhile joins the same insert: an event is stored a few tens
+of milliseconds after it was journaled when the logger keeps up, and inserts grow on
+their own when it falls behind (they wait for the previous one to end).  After each
+insert that stored events, :func:`zarkov.eventlog.notify.committed` tells the
+real-time loop, which aggregates them at once.  Events
 carry their ``_id`` from the journal, and ``insert_many(ordered=False)`` reports a
 duplicate key for one already stored, so committing a record twice (a replay after
 a crash, a retry after a lost reply) stores it once.  A file is deleted once all its
@@ -36,13 +40,14 @@ from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from zarkov import supervise
+from zarkov.eventlog import notify
 from zarkov.eventlog.journal import HEADER, MAGIC, Journal, read_records
 from zarkov.eventlog.rejects import RejectLog
 from zarkov.eventlog.stats import Stats
 from zarkov.oneline import first_line as clip
 
-IDLE = 1.0
-MAX_DELAY = 1.0
+#: Seconds the oldest record of the open file waits for others to join its insert.
+LINGER = 0.02
 CHUNK_BYTES = 4 << 20
 CHUNK_DOCS = 10000
 RETRY_MIN, RETRY_MAX = 0.5, 5.0
@@ -117,14 +122,13 @@ class Committer:
                     now = time.monotonic()
                     if self._pending_since is None:
                         self._pending_since = now
-                    wait = min(IDLE - (now - j.last_append),
-                               MAX_DELAY - (now - self._pending_since))
+                    wait = LINGER - (now - self._pending_since)
                     if wait <= 0:
                         self._commit_open_file()
                         self._pending_since = None
                         continue
                     j.changed.clear()
-                    gevent.sleep(min(wait, 0.25))  # wakes for a rotation soon enough
+                    gevent.sleep(wait)
                     continue
                 self._pending_since = None
                 j.changed.clear()
@@ -285,6 +289,8 @@ class Committer:
             log.info("the database is back; committing the journal")
         self.stats.db_ok = True
         self._retry = RETRY_MIN
+        if n > dups:
+            notify.committed(self.collection.name, n - dups)
 
     def _down(self, e: Exception) -> None:
         if self.stats.db_ok:

@@ -57,6 +57,7 @@ from zarkov import config as C
 from zarkov import faults, security, supervise
 from zarkov.children import child_env
 from zarkov.eventlog import journal as J
+from zarkov.eventlog import notify
 from zarkov.eventlog.committer import Committer
 from zarkov.eventlog.rejects import RejectLog, rejects_path
 from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
@@ -427,6 +428,8 @@ class EventLogger:
         # its children would let any local user connect and pull events.
         _remove_stale_private_dirs()
         self._private_dir = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-")
+        # Children report their commits here (for the real-time loop of this process).
+        self._news = notify.Receiver(f"ipc://{self._private_dir}/news")
         self._proxies = [
             _Proxy(cfg, ctx, address, f"ipc://{self._private_dir}/{source}",
                    f"{source}-{os.getpid()}", f"events-{source}")
@@ -455,7 +458,8 @@ class EventLogger:
         env = child_env(ZARKOV_EVENTLOG_CONFIG=json.dumps(data))
         argv = [sys.executable, "-m", "zarkov.eventlog.child", "--index", str(index),
                 "--count", str(self.count), "--bson", self._proxies[0].backend,
-                "--json", self._proxies[1].backend, "--parent", str(os.getpid())]
+                "--json", self._proxies[1].backend, "--parent", str(os.getpid()),
+                "--notify", self._news.uri]
         self._children[index] = subprocess.Popen(argv, env=env)
 
     def _watch(self, index: int) -> None:
@@ -510,6 +514,7 @@ class EventLogger:
                     p.wait()
                     ok = False
             gevent.killall(self._watchers)
+            self._news.close()
             security.release(self._ctx)
             self._ctx.term()
             for p in missed:
@@ -546,6 +551,7 @@ def child_main(argv: list[str]) -> int:
     p.add_argument("--bson", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--notify", default=None, help="where to report commits (the parent)")
     args = p.parse_args(argv)
     config = C.from_dict(json.loads(os.environ["ZARKOV_EVENTLOG_CONFIG"]), "<event logger>")
     logging.basicConfig(
@@ -563,6 +569,8 @@ def child_main(argv: list[str]) -> int:
         stop.set()
 
     supervise.on_death(stop.set)
+    if args.notify:
+        notify.Forwarder(args.notify)
     server = EventServer(config, args.index, args.count, args.bson, args.json, bind=False)
     server.start()
     gevent.spawn(orphan_watch)

@@ -9,6 +9,7 @@ query bound written as an ISO date or date-time.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from typing import Any, Optional
 
@@ -49,10 +50,16 @@ def key_millis(key: Any) -> Optional[int]:
     if isinstance(key, dt.datetime):
         return _to_millis(key)
     if isinstance(key, str) and len(key) >= 10:
-        m = _TAIL.search(key)
-        if m:
-            return _millis(m)
+        return _str_millis(key)
     return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _str_millis(key: str) -> Optional[int]:
+    # Why a cache: /q reads the same keys again and again (a dashboard refreshing its
+    # ranges), and parsing one cost more than reading it from the database.
+    m = _TAIL.search(key)
+    return _millis(m) if m else None
 
 
 def parse_bound(text: str) -> Optional[dt.datetime]:

@@ -26,10 +26,9 @@ from zarkov.config import Config
 
 FINAL_STATES = ("complete", "error")
 
-#: Polling of ``wait``: fast at first so that small jobs finish fast, then backing off
-#: so that long ones cost the router little.
-POLL_FIRST = 0.02
-POLL_MAX = 0.5
+#: Seconds one ``status`` request of ``wait`` may wait at the router for its job to
+#: end (a long poll: the router answers as soon as the job ends).
+LONG_POLL = 0.5
 
 #: A function to ship: a module-level function, or its source text (then its name
 #: must be given too).
@@ -145,12 +144,16 @@ def submit(sock, request: Mapping[str, Any], timeout: float = 10.0) -> str:
     return call(sock, request, timeout)["job_id"]
 
 
-def status(sock, job_id: str, timeout: float = 10.0) -> dict[str, Any]:
+def status(sock, job_id: str, timeout: float = 10.0, wait: float = 0.0) -> dict[str, Any]:
     """The job's status document: ``{state, phase, docs_read, ...}``.
 
-    A job the router does not know has state ``UNKNOWN``.
+    A job the router does not know has state ``UNKNOWN``.  With ``wait`` (seconds),
+    the router answers when the job ends, or after ``wait`` if it is still running.
     """
-    reply = wire.call(sock, {"$command": "status", "job_id": job_id}, timeout)
+    request = {"$command": "status", "job_id": job_id}
+    if wait:
+        request["wait"] = wait
+    reply = wire.call(sock, request, timeout, held=wait)
     st = reply.get("status")
     if not isinstance(st, dict):
         raise ZmrError(f"status: {reply.get('error', 'reply without a status')}")
@@ -175,17 +178,24 @@ def wait(sock, job_ids: Iterable[str], timeout: Optional[float] = None,
       of every job (the ended ones too);
     * a basic job's result is its final status's ``result``.
 
-    Polls start every 20 ms and back off to every 0.5 s.
+    Each round asks the router about the first pending job with a long poll (it
+    answers as soon as that job ends, or after :data:`LONG_POLL` seconds), then
+    about the others: no sleeping between rounds, no round trip wasted on a job
+    that has not moved.
     """
     ids = list(job_ids)
     latest: dict[str, dict[str, Any]] = {}
     pending = list(ids)
     deadline = None if timeout is None else time.monotonic() + timeout
     last_change, last_seen = time.monotonic(), None
-    delay = POLL_FIRST
     while True:
-        for job_id in list(pending):
-            st = status(sock, job_id, request_timeout)
+        for i, job_id in enumerate(list(pending)):
+            wait_here = 0.0
+            if i == 0:
+                wait_here = LONG_POLL
+                if deadline is not None:
+                    wait_here = max(0.0, min(wait_here, deadline - time.monotonic()))
+            st = status(sock, job_id, request_timeout, wait_here)
             latest[job_id] = st
             state = st.get("state")
             if state == "UNKNOWN" or state is None:
@@ -206,8 +216,6 @@ def wait(sock, job_ids: Iterable[str], timeout: Optional[float] = None,
             raise Stalled(f"no job progress for {stall:g} s: {', '.join(pending)}")
         if deadline is not None and now > deadline:
             raise WaitTimeout(f"jobs still running after {timeout:g} s: {', '.join(pending)}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, POLL_MAX)
 
 
 def run(sock, request: Mapping[str, Any], timeout: Optional[float] = None,

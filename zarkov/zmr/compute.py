@@ -109,6 +109,32 @@ def run_map(fns: Mapping[str, Callable[..., Any]], chunk: bytes, reduce_count: i
     return len(docs), len(groups), {p: b"".join(recs) for p, recs in parts.items()}
 
 
+def run_map_reduce(fns: Mapping[str, Callable[..., Any]], chunk: bytes, xmr: bool = False,
+                   finalize: bool = True) -> tuple[int, dict[str, bytes]]:
+    """Map, reduce (and finalize) a whole input that is one chunk, in one go.
+
+    Returns (documents read, {collection: documents}) as :func:`run_reduce` does.
+    """
+    docs = bson.decode_all(chunk, CODEC)
+    groups = _group(fns["map"](docs), xmr)
+    return len(docs), _reduce_groups(fns, groups, xmr, finalize)
+
+
+def _reduce_groups(fns: Mapping[str, Callable[..., Any]], groups: dict, xmr: bool,
+                   finalize: bool) -> dict[str, bytes]:
+    """Reduced (and finalized) ``{_id, value}`` documents of ``groups``, by collection."""
+    by_coll: dict[str, list[dict]] = {}
+    for entry in groups.values():
+        by_coll.setdefault(entry[0] or "", []).append(
+            {"_id": entry[1], "value": _reduced(entry, fns["reduce"], xmr)})
+    out = {}
+    for c, docs in by_coll.items():
+        if finalize:
+            docs = _finalized(fns, c if xmr else None, docs, xmr)
+        out[c] = b"".join(bson.encode(d) for d in docs)
+    return out
+
+
 def _finalized(fns: Mapping[str, Callable[..., Any]], c: str | None,
                docs: list[dict], xmr: bool) -> Iterable[Any]:
     finalize = fns.get("finalize")
@@ -122,16 +148,7 @@ def run_reduce(fns: Mapping[str, Callable[..., Any]], data: bytes, xmr: bool = F
     """Reduce one partition; finalize when asked.  Returns {collection: documents}."""
     groups = _group(((r["c"], r["k"], r["v"]) if xmr else (r["k"], r["v"])
                      for r in bson.decode_all(data, CODEC)), xmr)
-    by_coll: dict[str, list[dict]] = {}
-    for entry in groups.values():
-        by_coll.setdefault(entry[0] or "", []).append(
-            {"_id": entry[1], "value": _reduced(entry, fns["reduce"], xmr)})
-    out = {}
-    for c, docs in by_coll.items():
-        if finalize:
-            docs = _finalized(fns, c if xmr else None, docs, xmr)
-        out[c] = b"".join(bson.encode(d) for d in docs)
-    return out
+    return _reduce_groups(fns, groups, xmr, finalize)
 
 
 def run_rereduce(fns: Mapping[str, Callable[..., Any]], new: bytes, old: bytes,

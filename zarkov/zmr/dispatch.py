@@ -32,6 +32,8 @@ log = logging.getLogger("zarkov.zmr.dispatch")
 
 FLOOR = 2.0         # seconds added to every time limit: scheduling noise, queueing
 FACTOR = 3.0        # a task may take this many times the slowest recent one
+BYE_GRACE = 0.2     # seconds (plus FACTOR x the estimate) a task may stay unanswered
+                    # after a worker process said goodbye: it may have been queued there
 MAX_ATTEMPTS = 5    # sends of one task before the job is failed
 WORKER_SEEN = 3.5   # seconds since its last heartbeat after which a worker counts as gone
 
@@ -47,7 +49,7 @@ class TaskFailed(Exception):
 class Task:
     """One message in flight and when it was last sent."""
 
-    __slots__ = ("task_id", "frames", "size", "sent_at", "attempts")
+    __slots__ = ("task_id", "frames", "size", "sent_at", "attempts", "suspect_since")
 
     def __init__(self, task_id: int, frames: list[bytes], size: int):
         self.task_id = task_id
@@ -55,6 +57,8 @@ class Task:
         self.size = size
         self.sent_at = 0.0
         self.attempts = 0
+        #: When a worker process left while this task was out (it may be lost).
+        self.suspect_since = 0.0
 
 
 class Dispatcher:
@@ -94,6 +98,17 @@ class Dispatcher:
             self._drop("not BSON")
             return
         now = time.monotonic()
+        if "bye" in header:
+            # A worker process recycling itself: a task pushed to it after its last
+            # one is lost with it; send again soon what does not come back.
+            pid, host = header["bye"], header.get("host", "?")
+            if type(pid) is not int or pid <= 0 or type(host) is not str:
+                self._drop("a goodbye without a process id and a host name")
+                return
+            self.workers.pop((host, pid), None)
+            for ts in list(self.sets.values()):
+                ts.suspect(now)
+            return
         if "hb" in header:
             pid, host = header["hb"], header.get("host", "?")
             # Why type(): bson's Code is an unhashable str subclass, Int64 an int one.
@@ -233,19 +248,40 @@ class TaskSet:
         self._slot.set()
         self._check_finished()
 
-    def time_limit(self, task: Task) -> float:
-        """Seconds ``task`` may stay unanswered before it is sent again."""
+    def _estimate(self, task: Task) -> float | None:
+        """Seconds ``task`` should take, from the recent ones (None: no idea yet)."""
         if not self.recent:
-            return self.cap
+            return None
         slowest = max(d for d, _ in self.recent)
         per_byte = max(d / s for d, s in self.recent if s) if any(s for _, s in self.recent) else 0.0
-        estimate = max(slowest, per_byte * task.size)
+        return max(slowest, per_byte * task.size)
+
+    def time_limit(self, task: Task) -> float:
+        """Seconds ``task`` may stay unanswered before it is sent again."""
+        estimate = self._estimate(task)
+        if estimate is None:
+            return self.cap
         return min(self.cap, FLOOR + FACTOR * estimate)
+
+    def suspect(self, now: float) -> None:
+        """A worker process left: the tasks out since before ``now`` may be lost."""
+        for task in self.pending.values():
+            if task.sent_at and task.sent_at < now and not task.suspect_since:
+                task.suspect_since = now
+
+    def _expired(self, task: Task, now: float) -> bool:
+        if not task.sent_at:
+            return False
+        if task.suspect_since:
+            estimate = self._estimate(task) or 0.0
+            if now - task.suspect_since > BYE_GRACE + FACTOR * estimate:
+                return True
+        return now - task.sent_at > self.time_limit(task)
 
     def resend_expired(self, now: float) -> None:
         """Send again each task whose time limit has passed; fail after MAX_ATTEMPTS."""
         for task in list(self.pending.values()):
-            if task.sent_at and now - task.sent_at > self.time_limit(task):
+            if self._expired(task, now):
                 if task.attempts >= MAX_ATTEMPTS:
                     self.fail(f"{self.name} task {task.task_id} was not answered after "
                               f"{task.attempts} attempts of up to {self.time_limit(task):.1f} s; "
@@ -258,6 +294,7 @@ class TaskSet:
 
     def _send(self, task: Task) -> None:
         task.sent_at = 0.0  # not timed while the send waits for a worker
+        task.suspect_since = 0.0
         task.attempts += 1
         self.dispatcher.send(task.frames)
         task.sent_at = time.monotonic()

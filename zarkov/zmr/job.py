@@ -3,8 +3,10 @@
 A :class:`Job` runs in its own greenlet inside the router.  It reads the input
 (:mod:`.reader`), keeps chunks in flight through a :class:`~.dispatch.TaskSet`,
 appends the map output to partition files (:mod:`.spill`), has each partition
-reduced on a worker, then writes the outputs (:mod:`.commit`).  ``status()`` is
-the document that the ``status`` request returns.
+reduced on a worker, then writes the outputs (:mod:`.commit`).  An input that fits
+in one chunk is mapped, reduced and finalized by one task, and a ``replace`` output
+no larger than the request's ``inline_max`` is handed back in the status instead of
+written.  ``status()`` is the document that the ``status`` request returns.
 
 Any failure — shipped code raising, source that does not compile, the database
 refusing a write — ends the job in state ``error`` with a traceback.  Outputs
@@ -15,6 +17,7 @@ write: there is no transaction to roll back).
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -33,6 +36,7 @@ from zarkov.zmr.spill import Spill
 log = logging.getLogger("zarkov.zmr.job")
 
 READ_AHEAD = 2      # chunks read and waiting for a free slot
+INLINE = "inline"   # write_path of an output handed back in the status
 COMMIT_BATCH = 1000  # output documents per write / per re-reduce task
 
 _END = object()
@@ -103,8 +107,7 @@ class Job:
                 self._basic()
             else:
                 self._spill = Spill(self.zcfg.job_root, self.job_id)
-                self._map()
-                self._reduce()
+                self._map()  # and reduce
                 self._commit()
             self._phase("complete")
         except (JobFailed, TaskFailed) as e:
@@ -184,27 +187,57 @@ class Job:
         feeder = gevent.spawn(self._read_input, queue)
         header = self._header("map", rc=self.zcfg.reduce_count)
 
-        def chunks():
-            while True:
-                item = queue.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                chunk, count = item
+        def item():
+            got = queue.get()
+            if isinstance(got, BaseException):
+                raise got
+            return got
+
+        def chunks(read):
+            got = read.pop(0) if read else item()
+            while got is not _END:
+                chunk, count = got
                 self.info["docs_read"] += count
                 self.info["chunks_total"] += 1
                 yield header, [chunk], len(chunk)
+                got = read.pop(0) if read else item()
 
         try:
-            self._run_tasks(self._taskset("map", self._on_map_result), chunks())
+            read = [item()]
+            if read[0] is not _END:
+                read.append(item())
+                if read[1] is _END:
+                    self._map_reduce(read[0])  # one chunk: one task does it all
+                    return
+            self._run_tasks(self._taskset("map", self._on_map_result), chunks(read))
         finally:
             feeder.kill()
+        self._reduce()
+
+    def _map_reduce(self, first: tuple[bytes, int]) -> None:
+        """The whole input in one chunk: map, reduce (and finalize) it in one task.
+
+        The map's combining already reduces every key of the chunk, so partitions
+        and their reduce tasks would only cost round trips: a small job (a real-time
+        run's) is one task.
+        """
+        chunk, count = first
+        self.info["docs_read"] += count
+        self.info["chunks_total"] += 1
+        if self.spec.kind == "mapreduce":
+            self._out_index(self.spec.output_name, "")
+        header = self._header("mapreduce", finalize=self.spec.output_type != "reduce")
+
+        def on_result(tid: int, header: dict, frames: list[bytes]) -> None:
+            self._store_outputs(header, frames)
+            self.info["chunks_done"] += 1
+
+        self._run_tasks(self._taskset("map", on_result), [(header, [chunk], len(chunk))])
 
     def _read_input(self, queue: gevent.queue.Queue) -> None:
         try:
             db = self.router.mongo[self.spec.database]
-            batches = reader.raw_batches(db, self.spec.input_names, self.spec.query)
+            batches = reader.raw_arrays(db, self.spec.input_names, self.spec.query)
             for item in reader.cut_chunks(batches, self.zcfg.map_chunk_size):
                 queue.put(item)
             queue.put(_END)
@@ -225,9 +258,32 @@ class Job:
             self._out_index(self.spec.output_name, "")  # replace leaves it empty if no output
         # In reduce mode, finalize runs after folding in the stored values (commit).
         header = self._header("reduce", finalize=self.spec.output_type != "reduce")
-        tasks = ((header, [data], len(data))
-                 for data in (self._spill.read(n) for n in names))
-        self._run_tasks(self._taskset("reduce", self._on_reduce_result), tasks)
+        self._run_tasks(self._taskset("reduce", self._on_reduce_result),
+                        (({**header, "echo": {"parts": k}}, [data], len(data))
+                         for data, k in self._reduce_inputs(names)))
+
+    def _reduce_inputs(self, names: list[str]):
+        """(data, partitions in it) of each reduce task: several small partitions to a
+        task.
+
+        A partition's keys belong to it alone, so partitions concatenated reduce as
+        they would one by one; tasks of about the total over twice the live worker
+        processes (at most ``map_chunk_size`` each) keep every process busy without a
+        round trip per partition of a few keys.
+        """
+        sizes = [os.path.getsize(self._spill.path(n)) for n in names]
+        workers = max(1, len(self.router.dispatcher.live_workers()))
+        share = max(sum(sizes) // (2 * workers), 1)
+        budget = min(self.zcfg.map_chunk_size, share)
+        batch, size = [], 0
+        for name, n in zip(names, sizes):
+            if batch and size + n > budget:
+                yield b"".join(batch), len(batch)
+                batch, size = [], 0
+            batch.append(self._spill.read(name))
+            size += n
+        if batch:
+            yield b"".join(batch), len(batch)
 
     def _out_index(self, target: str, coll: str) -> int:
         if target not in self._outputs:
@@ -244,10 +300,15 @@ class Job:
         return self.spec.output_prefix + coll
 
     def _on_reduce_result(self, tid: int, header: dict, frames: list[bytes]) -> None:
+        self._store_outputs(header, frames)
+        echo = header.get("echo")
+        self.info["partitions_done"] += echo.get("parts", 1) if isinstance(echo, dict) else 1
+
+    def _store_outputs(self, header: dict, frames: list[bytes]) -> None:
+        """Reduced documents of a task, appended to their output's file."""
         for coll, data in zip(header["colls"], frames):
             idx = self._out_index(self._target(coll), coll)
             self._spill.append(f"out-{idx:03d}", data)
-        self.info["partitions_done"] += 1
 
     # -- commit ------------------------------------------------------------------
 
@@ -261,6 +322,8 @@ class Job:
 
     def _commit(self) -> None:
         self._phase("commit")
+        if self._inline():
+            return
         db = self.router.mongo[self.spec.database]
         prefix = "out-"
         if self.spec.output_type == "reduce":
@@ -272,6 +335,33 @@ class Job:
                             self._written)
         if path is not None:
             self.info["write_path"] = path
+
+    def _inline(self) -> bool:
+        """Hand a small output back in the status instead of writing it (``inline_max``).
+
+        ``inline``: ``[{name, coll, docs}]``, one per output collection — the
+        collection the job would have written, the name the map gave it (xmapreduce)
+        and its documents as concatenated BSON.  Nothing is written to the database.
+        """
+        if not self.spec.inline_max:
+            return False
+        files = {t: f"out-{i:03d}" for t, i in self._outputs.items()}
+        size = sum(os.path.getsize(self._spill.path(f)) for f in files.values()
+                   if self._spill.exists(f))
+        if size > self.spec.inline_max:
+            return False
+        self.info["inline"] = [
+            {"name": t, "coll": self._colls[t],
+             "docs": self._spill.read(f) if self._spill.exists(f) else b""}
+            for t, f in files.items()]
+        self.info["docs_written"] = 0
+        self.info["write_path"] = INLINE
+        return True
+
+    def drop_inline(self) -> None:
+        """Forget an inline output nobody fetched in time (the router's memory)."""
+        if self.info.pop("inline", None) is not None:
+            self.info["inline_dropped"] = True
 
     def _rereduce(self, db) -> None:
         """Reduce mode: fold the stored values in, on workers, before any write."""

@@ -17,6 +17,11 @@ from zarkov.wire import CODEC
 
 OUTPUT_TYPES = ("replace", "merge", "reduce")
 JOB_COMMANDS = ("mapreduce", "xmapreduce", "basic")
+#: Most bytes of output a job may hand back in its status instead of writing it
+#: (``inline_max``): what the router keeps in memory per finished job.
+INLINE_LIMIT = 1 << 20
+#: Most seconds a ``status`` request may wait for its job to end (``wait``).
+STATUS_WAIT_LIMIT = 60.0
 _DB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 
 
@@ -39,6 +44,9 @@ class JobSpec:
     args: list = dataclasses.field(default_factory=list)
     kwargs: dict = dataclasses.field(default_factory=dict)
     wait: bool = False
+    #: ``replace`` jobs: an output of at most this many bytes (all collections
+    #: together) is returned in the job's status (``inline``) instead of written.
+    inline_max: int = 0
 
 
 def _str(doc: Mapping[str, Any], field: str, default: Any = None) -> Any:
@@ -81,6 +89,30 @@ def _wait(doc: Mapping[str, Any]) -> bool:
     return bool(value)
 
 
+def _inline_max(doc: Mapping[str, Any], output_type: str) -> int:
+    value = doc.get("inline_max")
+    if value is None:
+        return 0
+    if type(value) is not int or not 0 <= value <= INLINE_LIMIT:
+        raise BadRequest(f"field 'inline_max' must be a number of bytes from 0 to "
+                         f"{INLINE_LIMIT}, got {short_repr(value)}")
+    if value and output_type != "replace":
+        raise BadRequest(f"field 'inline_max' needs output_type 'replace', got "
+                         f"{short_repr(output_type)}")
+    return value
+
+
+def status_wait(doc: Mapping[str, Any]) -> float:
+    """The ``wait`` of a ``status`` request: seconds to wait for the job to end (0: none)."""
+    value = doc.get("wait")
+    if value is None:
+        return 0.0
+    if type(value) not in (int, float) or not 0 <= value <= STATUS_WAIT_LIMIT:
+        raise BadRequest(f"field 'wait' must be a number of seconds from 0 to "
+                         f"{STATUS_WAIT_LIMIT:g}, got {short_repr(value)}")
+    return float(value)
+
+
 def parse(command: str, doc: Mapping[str, Any], default_database: str = "zarkov") -> JobSpec:
     """The JobSpec of a job request; raises BadRequest naming the faulty field."""
     wait = _wait(doc)
@@ -118,4 +150,5 @@ def parse(command: str, doc: Mapping[str, Any], default_database: str = "zarkov"
                    query=_query(doc.get("query")),
                    output_name=_str(doc, "output_name", "zagg.result"),
                    output_type=output_type,
-                   output_prefix=_str(doc, "output_prefix", ""), wait=wait)
+                   output_prefix=_str(doc, "output_prefix", ""), wait=wait,
+                   inline_max=_inline_max(doc, output_type))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import zlib
-from typing import Any, Hashable
+from typing import Any, Hashable, Mapping
 
 import bson
 from bson.objectid import ObjectId
@@ -33,8 +33,18 @@ def group_key(key: Any) -> Hashable:
         return (cls, key.replace(microsecond=key.microsecond // 1000 * 1000))
     if cls in _SCALARS:
         return (cls, key)
-    # Documents, arrays and rarer types: the encoding is the identity.  Field order
-    # is part of a BSON document's identity, and encode() keeps it.
+    if cls is dict or isinstance(key, Mapping):
+        # A document (the commonest compound key, {"type": ..., "day": ...}): its
+        # fields' own group keys in order (field order is part of a BSON document's
+        # identity), a few times cheaper than encoding it.  The same for a dict and
+        # a RawBSONDocument of the same document (merging compares the two); no
+        # scalar's key starts with ``dict``.
+        out: list = [dict]
+        for field, value in key.items():
+            out.append(field)
+            out.append(value if value.__class__ is str else group_key(value))
+        return tuple(out)
+    # Arrays and rarer types: the encoding is the identity.
     return bson.encode({"k": key})
 
 

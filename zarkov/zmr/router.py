@@ -50,6 +50,7 @@ HEARTBEAT_TIMEOUT_MS = 5000
 KEEP_FINISHED = 3600.0     # seconds a finished job's status stays available
 MAX_FINISHED = 1000        # finished jobs remembered at most
 RECENT_JOBS = 20           # finished jobs listed by ``status`` without a job id
+KEEP_INLINE = 60.0         # seconds a finished job's inline output stays available
 SUMMARY_COUNTS = ("docs_read", "chunks_done", "chunks_total", "partitions_done",
                   "partitions_total", "docs_written")
 
@@ -187,6 +188,8 @@ class Router:
         for i, job in enumerate(done):
             if now - job.ended > KEEP_FINISHED or len(done) - i > MAX_FINISHED:
                 del self.jobs[job.job_id]
+            elif now - job.ended > KEEP_INLINE:
+                job.drop_inline()
 
     # -- requests -----------------------------------------------------------------
 
@@ -216,17 +219,18 @@ class Router:
         except Exception as e:  # noqa: BLE001 - one request must never stop the router
             self.errors.record("request loop", f"on {_short(request.get('$command'))}")
             reply = {"error": f"internal error: {type(e).__name__}: {first_line(e)}"}
-        if isinstance(reply, Job):  # wait: answer when the job ends, off the pool
-            gevent.spawn(self._reply_when_done, envelope, reply)
+        if isinstance(reply, _Later):  # answer when the job ends, off the pool
+            gevent.spawn(self._reply_later, envelope, reply)
             return
         self._reply(envelope, reply)
 
-    def _reply_when_done(self, envelope: list[bytes], job: Job) -> None:
-        job.done.wait()
-        self._reply(envelope, {"job_id": job.job_id, "status": job.status()})
+    def _reply_later(self, envelope: list[bytes], later: "_Later") -> None:
+        later.job.done.wait(later.timeout)
+        self._reply(envelope, {"job_id": later.job.job_id, "status": later.job.status()})
 
-    def handle(self, request: dict) -> "dict | Job":
-        """The reply to one decoded request (a Job: reply when it ends)."""
+    def handle(self, request: dict) -> "dict | _Later":
+        """The reply to one decoded request (``_Later``: the job's status, once it has
+        ended or the time given has passed)."""
         command = request.get("$command")
         if command == "echo":
             return {"message": request}
@@ -240,7 +244,7 @@ class Router:
             job = Job(self, spec)
             self.jobs[job.job_id] = job
             job.start()
-            return job if spec.wait else {"job_id": job.job_id, "status": job.status()}
+            return _Later(job) if spec.wait else {"job_id": job.job_id, "status": job.status()}
         if command == "status":
             return self._status(request)
         if command == "terminate":
@@ -268,6 +272,14 @@ class Router:
         if job is None:
             return {"job_id": job_id, "status": {"state": "UNKNOWN"},
                     "error": f"unknown job id {_short(job_id)}"}
+        try:
+            wait = jobspec.status_wait(request)
+        except jobspec.BadRequest as e:
+            return {"job_id": job.job_id, "status": job.status(), "error": f"status: {e}"}
+        if wait and not job.finished:
+            # A long poll: the client learns that the job ended at once, not at its
+            # next poll, and asks less often while it runs.
+            return _Later(job, wait)
         return {"job_id": job.job_id, "status": job.status()}
 
     def _recent_jobs(self, request: dict) -> list[dict]:
@@ -279,6 +291,16 @@ class Router:
         running = [j for j in jobs if not j.finished]
         finished = [j for j in jobs if j.finished][:min(recent, MAX_FINISHED)]
         return [job_summary(j) for j in running + finished]
+
+
+class _Later:
+    """A reply deferred until ``job`` ends (or ``timeout`` seconds, if given)."""
+
+    __slots__ = ("job", "timeout")
+
+    def __init__(self, job: Job, timeout: float | None = None):
+        self.job = job
+        self.timeout = timeout
 
 
 def job_summary(job: Job) -> dict[str, Any]:

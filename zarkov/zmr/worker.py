@@ -10,7 +10,10 @@ replies to its sink port.
 Task: frames ``[header, payload...]``, header ``{j: job id, t: task id, kind,
 fns: {what: [text, name]}, ...}``.  Reply: ``[header, payload...]`` with
 ``{j, t, ok, pid, echo, ...}``, or ``{ok: false, traceback}`` when the function raised.
-Heartbeat: ``[{hb: pid, host}]`` every second, so the router knows who is there.
+Heartbeat: ``[{hb: pid, host}]`` every second, so the router knows who is there;
+``[{bye: pid, host}]`` when the process recycles itself (below), so that the router
+sends again soon a task that was queued here.  Kind ``mapreduce`` maps, reduces and
+finalizes a whole input that fits in one chunk.
 
 The process exits (and the pool replaces it) after ``--max-requests`` tasks or
 when its resident memory passes ``--suicide-kib``: shipped code may leak.
@@ -26,6 +29,7 @@ import argparse
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -80,6 +84,12 @@ def handle(frames: list[bytes]) -> list[bytes]:
             keys = sorted(parts)
             return [bson.encode({**base, "ok": True, "docs": n, "recs": m, "parts": keys}),
                     *(parts[p] for p in keys)]
+        if kind == "mapreduce":
+            n, out = compute.run_map_reduce(fns, frames[1], header.get("xmr", False),
+                                            header.get("finalize", True))
+            colls = list(out)
+            return [bson.encode({**base, "ok": True, "docs": n, "colls": colls}),
+                    *(out[c] for c in colls)]
         if kind == "reduce":
             out = compute.run_reduce(fns, frames[1], header.get("xmr", False),
                                      header.get("finalize", True))
@@ -107,7 +117,10 @@ class Worker:
         self.req_uri = req_uri
         self.keys = keys
         self.host = urlsplit(req_uri).hostname or "127.0.0.1"
-        self.max_requests = max_requests
+        # Why a random share of the limit: processes started together, fed round
+        # robin, would otherwise all recycle at once and leave the router without
+        # any for the second or so a new one takes to start.
+        self.max_requests = max(1, int(max_requests * random.uniform(0.75, 1.0)))
         self.suicide_kib = suicide_kib
         self.parent_pid = parent_pid
         self.ctx = zmq.Context()
@@ -174,6 +187,16 @@ class Worker:
         if sock is not None:
             sock.close(0)
 
+    def _goodbye(self) -> None:
+        """Tell the router this process leaves: a task it pushed here after the last
+        one is lost, and the router sends such tasks again soon instead of after
+        their time limit."""
+        try:
+            self.push.send(bson.encode({"bye": os.getpid(), "host": socket.gethostname()}),
+                           zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the time limits still apply
+
     def run(self) -> int:
         """Serve tasks until recycled, orphaned or interrupted."""
         while self.ports is None:
@@ -197,9 +220,11 @@ class Worker:
                     idle_since = time.monotonic()
                     if served >= self.max_requests:
                         log.info("worker %d: recycled after %d tasks", os.getpid(), served)
+                        self._goodbye()
                         return 0
                     if rss_kib() > self.suicide_kib:
                         log.info("worker %d: recycled at %d KiB RSS", os.getpid(), rss_kib())
+                        self._goodbye()
                         return 0
                     continue
                 if self._orphaned():
