@@ -210,8 +210,8 @@ def test_refusals_are_logged_at_most_once_a_second_per_peer(curve_router, curve,
     for s in socks:
         s.close(0)
     # these sockets and the intruders' pool, all from 127.0.0.1: at most a line a
-    # second, however many refusals
-    assert 1 <= new_lines <= seconds + 1, (new_lines, seconds)
+    # second per socket (requests, tasks, sink), however many refusals
+    assert 1 <= new_lines <= 3 * (seconds + 1), (new_lines, seconds)
 
 
 def test_a_revoked_key_is_refused_without_a_restart(curve_router, curve, zconfig, tmp_path,

@@ -9,7 +9,8 @@ it answers 200 for the servers' own key and the keys of ``security.authorized_ke
 all, or one that does not know the servers' public key, fails before ZAP is asked;
 a socket monitor per guarded socket sees those handshakes fail.  Both count the
 refusal under the socket's name and log it with the peer's address, at most once a
-second per peer.
+second per peer and socket (so that a refused worker does not hide a refused client
+of the same host).
 
 The authorised directory is looked at on every handshake and every second.  When a
 key disappears, the connections from every address that used it are closed (a
@@ -93,7 +94,7 @@ class Gatekeeper:
         self._next_look = 0.0
         self._seen: dict[bytes, set[str]] = collections.defaultdict(set)
         # peer -> (time of its last line, reasons of the refusals not logged since)
-        self._logged: dict[str, tuple[float, collections.Counter | None]] = {}
+        self._logged: dict[tuple[str, str], tuple[float, collections.Counter | None]] = {}
         self._handlers: dict[int, tuple[Any, Any, gevent.Greenlet]] = {}
         self._monitors: list[_Monitor] = []
         self._reloader: gevent.Greenlet | None = None
@@ -218,14 +219,14 @@ class Gatekeeper:
         return False
 
     def refuse(self, name: str, peer: str, why: str) -> None:
-        """Count one refusal and log it, at most once a second per peer."""
+        """Count one refusal and log it, at most once a second per peer and socket."""
         self.refused[name] += 1
         now = time.monotonic()
-        last, hidden = self._logged.get(peer, (-LOG_INTERVAL, None))
+        last, hidden = self._logged.get((peer, name), (-LOG_INTERVAL, None))
         if now - last < LOG_INTERVAL:
             hidden = hidden or collections.Counter()
             hidden[why] += 1
-            self._logged[peer] = (last, hidden)
+            self._logged[(peer, name)] = (last, hidden)
             return
         more = ""
         if hidden:
@@ -234,7 +235,7 @@ class Gatekeeper:
         from zarkov.security import SOCKETS
         log.warning("security: refused %s on %s: %s%s", peer, SOCKETS.get(name, name), why,
                     more)
-        self._logged[peer] = (now, None)
+        self._logged[(peer, name)] = (now, None)
         if len(self._logged) > 10000:  # a scan from many addresses: forget the old ones
             self._logged = {p: v for p, v in self._logged.items()
                             if now - v[0] < 60 * LOG_INTERVAL}
