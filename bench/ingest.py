@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ from bson import ObjectId  # noqa: E402
 from bson.raw_bson import RawBSONDocument  # noqa: E402
 
 import servers  # noqa: E402  (bench/servers.py)
+from tests.support import free_port  # noqa: E402
 from zarkov import keys as K  # noqa: E402
 from zarkov.security import ClientKeys  # noqa: E402
 
@@ -68,12 +68,6 @@ def event(seq: int) -> dict:
                         "neighborhood": "projects", "tool": "wiki", "mount_point": "wiki",
                         "is_project_member": seq % 3 == 0},
             "extra": {"seq": seq, "path": f"/p/project{seq % 101}/wiki/Page{seq % 53}/"}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- a client process ------------------------------------------------------------------

@@ -30,7 +30,6 @@ import datetime as dt
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import pymongo  # noqa: E402
 import yaml  # noqa: E402
 
 import servers  # noqa: E402  (bench/servers.py)
+from tests.support import free_port  # noqa: E402
 from zarkov import keys as K  # noqa: E402
 from zarkov import wire  # noqa: E402
 from zarkov.security import ClientKeys  # noqa: E402
@@ -121,12 +121,6 @@ def baseline(coll, map_text: str) -> tuple[float, dict]:
         k = (key["type"], key["day"])
         counts[k] = counts.get(k, 0) + v
     return time.perf_counter() - t0, counts
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_mb(pid: int) -> float:

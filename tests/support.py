@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,11 +17,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZCMD = [sys.executable, os.path.join(ROOT, "scripts", "zcmd")]
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and not handed out
+    before by this process.
+
+    Why not the port the kernel picks for a bind to port 0: that one is from the
+    ephemeral range, where any outgoing connection of the test's processes may take
+    it before the process meant to listen on it binds (seen as "Address already in
+    use").  Ports below that range are only ever taken by an explicit bind.
+    """
+    low, high = _ephemeral_range()
+    first, last = (20000, min(low, 32000) - 1) if low > 21000 else (high + 1, 65535)
+    for _ in range(200):
+        port = random.randint(first, last)
+        if port in _handed_out or 27000 <= port <= 27200:  # the bundled servers' ports
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port found in {first}-{last}")
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
