@@ -188,7 +188,11 @@ def test_the_router_serves_authorised_keys_and_refuses_the_others(curve_router, 
     assert st["refused_by_socket"]["requests"] >= 2 and st["refused"] >= 2
     log = procs.log("router")
     line = r"refused 127\.0\.0\.1 on the router's requests \(zmr\.req_bind\): [^\n]*"
-    assert re.search(line + "no CURVE key", log), log[-2000:]
+    # The key-less peer: its handshake fails (or it hangs up first) before the monitor
+    # may have learnt its address from the connection, which is gone by then.
+    keyless = (r"refused (127\.0\.0\.1|an unknown address) on the router's requests "
+               r"\(zmr\.req_bind\): [^\n]*no CURVE key")
+    assert re.search(keyless, log), log[-2000:]
     assert re.search(line + r"key \S+ is not authorised", log), log[-2000:]
 
 
