@@ -23,6 +23,8 @@ from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Rege
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from zarkov.zmr.jobspec import INLINE_LIMIT
+
 PROFILE = os.environ.get("ZARKOV_FUZZ_PROFILE", "ci")
 FUZZ_FACTOR = int(os.environ.get("ZARKOV_FUZZ_FACTOR", "50")) if PROFILE == "fuzz" else 1
 
@@ -247,10 +249,13 @@ WRONG = {
     "query": st.one_of(_not(bytes, dict), st.binary(min_size=1, max_size=12).filter(
         lambda b: not _is_bson(b))),
     "args": _not(list), "kwargs": _not(dict), "wait": _not(bool, int),
+    "inline_max": st.one_of(_not(int), st.integers(max_value=-1),
+                            st.integers(min_value=INLINE_LIMIT + 1)),
 }
 FIELDS_OF = {
     "mapreduce": ("map_text", "map_name", "reduce_text", "reduce_name", "finalize_name",
-                  "output_name", "database", "input_names", "output_type", "query", "wait"),
+                  "output_name", "database", "input_names", "output_type", "query", "wait",
+                  "inline_max"),
     "xmapreduce": ("map_text", "map_name", "reduce_text", "reduce_name", "output_prefix",
                    "database", "input_names", "output_type", "query", "wait"),
     "basic": ("func_text", "func_name", "args", "kwargs", "wait"),

@@ -21,6 +21,7 @@ from tests.strategies import (COMMANDS, bson_values, fuzz_settings, job_request,
                               random_requests, sink_messages, wrong_field_requests)
 from tests.support import Cluster, router_status, wait_for, write_config
 from zarkov import wire
+from zarkov.zmr.jobspec import STATUS_WAIT_LIMIT
 
 pytestmark = pytest.mark.fuzz
 
@@ -120,6 +121,26 @@ def test_fuzz_raw_frames_get_one_reply_each(router):
         send()
     finally:
         dealer.close(0)
+    still_serving(router)
+
+
+def test_fuzz_status_wait_of_any_value(router):
+    """``status`` with ``wait`` (a long poll): none or seconds from 0 to 60, or an error
+    naming the field; the job has ended, so a valid wait is answered at once."""
+    job = wire.call(router.sock, {**job_request("basic", router.db.name), "wait": True},
+                    TIMEOUT)
+    assert job["status"]["state"] == "complete", job
+
+    @fuzz_settings(40)
+    @given(bson_values(4))
+    def ask(wait):
+        reply = wire.call(router.sock, {"$command": "status", "job_id": job["job_id"],
+                                        "wait": wait}, TIMEOUT)
+        assert reply["status"]["state"] == "complete", reply
+        valid = wait is None or (type(wait) in (int, float)
+                                 and 0 <= wait <= STATUS_WAIT_LIMIT)
+        assert ("error" not in reply) if valid else ("'wait'" in reply["error"]), (wait, reply)
+    ask()
     still_serving(router)
 
 
