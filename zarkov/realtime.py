@@ -175,9 +175,6 @@ class RealtimeLoop:
         if self._loop is not None:
             self._loop.kill(timeout=5)
         runners = list(self.runners.values())
-        for runner in runners:
-            runner.stopping = True
-            runner.due.set()
         gevent.joinall([gevent.spawn(r.stop, timeout) for r in runners], timeout=timeout + 10)
         if self._pub is not None:
             self._pub.close()
