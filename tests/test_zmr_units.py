@@ -15,7 +15,7 @@ import pytest
 
 from tests.support import ROOT, proc_env
 from zarkov.zmr import compute, dispatch, jobspec, reader
-from zarkov.zmr.partition import group_key, partition_of
+from zarkov.bsonkeys import group_key, partition_of
 from zarkov.zmr.reader import cut_chunks
 from zarkov.zmr.spill import Spill
 
@@ -25,7 +25,7 @@ KEYS = ["abc", 7, 7.5, True, None, datetime.datetime(2024, 5, 1, 12, 30),
 
 def test_partition_is_the_same_in_every_process():
     # str hashing is salted per process; the partition must not be.
-    code = ("import datetime, sys; from zarkov.zmr.partition import partition_of;"
+    code = ("import datetime, sys; from zarkov.bsonkeys import partition_of;"
             f"keys = {KEYS!r}; print([partition_of(k, 256) for k in keys])")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                            env=proc_env({"PYTHONHASHSEED": seed}), check=True).stdout

@@ -22,7 +22,7 @@ from bson.raw_bson import RawBSONDocument
 
 from zarkov import functions, storage
 from zarkov.agg import Scope, StepFailed
-from zarkov.zmr.partition import group_key
+from zarkov.bsonkeys import group_key
 
 #: Documents merged per batch (one look-up of the old values per batch).
 BATCH = 1000

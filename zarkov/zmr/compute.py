@@ -22,7 +22,7 @@ import bson
 
 from zarkov import functions
 from zarkov.wire import CODEC
-from zarkov.zmr.partition import group_key, partition_of
+from zarkov.bsonkeys import group_key, partition_of
 
 _CACHE: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _CACHE_MAX = 64

@@ -1,4 +1,4 @@
-"""Keys: grouping within a process, and partitions that agree across processes.
+"""BSON keys: grouping within a process, and partitions that agree across processes.
 
 A key may be any BSON value.  Two questions are asked of it:
 
