@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from bson.raw_bson import RawBSONDocument
 
-from zarkov.storage import Batches, Writes
+from zarkov.storage.writes import Batches, Writes
 
 
 def temp_name(job_id: str, index: int) -> str:

@@ -1,50 +1,16 @@
-"""What the MongoDB server can do, and the one set of ways Zarkov writes with it.
-
-Zarkov is written to what MongoDB >= 4.4 does.  The servers bundled for development
-and tests (FerretDB 1.24 and mongo-java-server, see README "Servers") lack a few
-things; every difference between servers lives here and nowhere else:
-
-* :func:`capabilities` answers what a server and database can do, probed once per
-  client, server and database and then kept for the life of the client.  Probes are
-  harmless (two scratch collections and a rename); what no harmless probe can decide
-  (FerretDB wedges on large update commands) is known by the server's name.
-* :class:`Writes` holds the three write strategies built on those answers, used by
-  the map-reduce router's commit (:mod:`zarkov.zmr.job`), the aggregation's apply step
-  (:mod:`zarkov.agg.apply`) and rotate (:mod:`zarkov.eventlog.rotate`) alike:
-
-  - **replace a collection** (:meth:`Writes.replace`, :meth:`Writes.replace_from`):
-    build the new content aside and rename it over the target in one step; where the
-    server cannot rename over a collection, write every new document over the old
-    one and then delete the rest, so that readers never find the target empty;
-  - **overwrite documents** (:meth:`Writes.overwrite`): ``ReplaceOne`` upserts in
-    bulk, atomic per document; where update commands are costly and can wedge the
-    server, delete then insert each batch;
-  - **move documents** (:meth:`Writes.move`): rename the collection; where the server
-    refuses, insert the documents into the target and delete them from the source,
-    in batches, resumable after a crash.
-
-Each strategy returns the name of the path it took (``RENAMED`` …), which the router
-puts in a job's status and the aggregation in its result, so that tests can assert
-which path ran on which server.
-"""
+"""The one set of ways Zarkov writes with a server (see :mod:`zarkov.storage`)."""
 from __future__ import annotations
 
-import logging
-import threading
-import uuid
-import weakref
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
-from pymongo import MongoClient, ReplaceOne
+from pymongo import ReplaceOne
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import BulkWriteError
 
-from zarkov.zmr.partition import group_key
-
-log = logging.getLogger(__name__)
+from zarkov.bsonkeys import group_key
+from zarkov.storage.capabilities import BATCH, Capabilities, capabilities, log
 
 #: Paths the strategies take (see the module docstring).
 RENAMED = "renamed over"
@@ -54,124 +20,10 @@ DELETE_INSERT = "delete+insert"
 MOVED_BY_RENAME = "renamed"
 MOVED_DOCUMENTS = "moved documents"
 
-#: Documents per write command when the server takes large update commands.
-BATCH = 1000
-#: Statements per update command on FerretDB 1.24: each is a transaction holding one
-#: of its 100 pooled SQLite connections until the command ends, so 100 or more in one
-#: command never complete and wedge the whole server.
-FERRETDB_UPDATE_BATCH = 50
-#: Prefix of the probe's scratch collections.
-PROBE_PREFIX = "zarkov.probe."
-
 DUPLICATE_KEY = 11000
 
 Batches = Iterable[list[bytes]]
 OnWritten = Optional[Callable[[int], None]]
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Which server a client talks to."""
-
-    #: ``MongoDB``, ``FerretDB`` or ``mongo-java-server``.
-    server: str
-    #: The server's own version (FerretDB's or mongo-java-server's, else MongoDB's).
-    version: str
-    #: The MongoDB version it reports, and its wire version.
-    mongodb_version: str
-    wire_version: int
-
-    @property
-    def label(self) -> str:
-        """One line for people: ``FerretDB 1.24.2 (MongoDB 7.0.77, wire 21)``."""
-        if self.server == "MongoDB":
-            return f"MongoDB {self.version} (wire {self.wire_version})"
-        return (f"{self.server} {self.version} (MongoDB {self.mongodb_version}, "
-                f"wire {self.wire_version})")
-
-
-@dataclass(frozen=True)
-class Capabilities(Identity):
-    """What one server (and database on it) can do, as far as Zarkov cares."""
-
-    #: ``renameCollection`` of collections whose names contain a dot (``event.0``,
-    #: ``zagg.*``) works.  Probed.
-    renames_dotted: bool = False
-    #: ... and with ``dropTarget`` over an existing collection, in one step.  Probed.
-    renames_over: bool = False
-    #: Update commands of hundreds of statements are cheap and safe.  By name: false on
-    #: FerretDB, where probing it could wedge the server.
-    bulk_updates: bool = False
-    #: A single-document update is atomic: two concurrent ``$addToSet`` on one
-    #: document both take effect.  By name: false on FerretDB (read-modify-write
-    #: without a lock), which no probe could show reliably.
-    atomic_updates: bool = False
-
-    @property
-    def update_batch(self) -> int:
-        """Most statements to send in one update command."""
-        return BATCH if self.bulk_updates else FERRETDB_UPDATE_BATCH
-
-
-def identify(client: MongoClient) -> Identity:
-    """Which server ``client`` talks to (from ``buildInfo`` and the wire handshake)."""
-    info = client.admin.command("buildInfo")
-    wire = max((d.max_wire_version or 0
-                for d in client.topology_description.server_descriptions().values()),
-               default=0)
-    reported = str(info.get("version", "?"))
-    if "ferretdbVersion" in info:
-        return Identity("FerretDB", str(info["ferretdbVersion"]).lstrip("v"), reported, wire)
-    if "mongoJavaServerVersion" in info:  # added by tools/java-server
-        return Identity("mongo-java-server", str(info["mongoJavaServerVersion"]), reported,
-                        wire)
-    return Identity("MongoDB", reported, reported, wire)
-
-
-def _probe_renames(db: Database) -> tuple[bool, bool]:
-    """(renames dotted names, renames over an existing collection), on scratch names."""
-    tag = uuid.uuid4().hex
-    a, b, c = (f"{PROBE_PREFIX}{tag}.{x}" for x in "abc")
-    try:
-        db[a].insert_one({"_id": 1})
-        db[b].insert_one({"_id": 2})
-        try:
-            db[a].rename(c)
-        except OperationFailure as e:
-            log.debug("%s: the server does not rename %s (%s)", db.name, a, e)
-            return False, False
-        try:
-            db[b].rename(c, dropTarget=True)
-        except OperationFailure as e:
-            log.debug("%s: the server does not rename over a collection (%s)", db.name, e)
-            return True, False
-        return True, db[c].find_one({"_id": 2}) is not None
-    finally:
-        for name in (a, b, c):
-            try:
-                db.drop_collection(name)
-            except OperationFailure as e:  # pragma: no cover - a scratch name stays behind
-                log.warning("could not drop probe collection %s: %s", name, e)
-
-
-_cache: "weakref.WeakKeyDictionary[MongoClient, dict[str, Capabilities]]" = (
-    weakref.WeakKeyDictionary())
-_lock = threading.Lock()
-
-
-def capabilities(client: MongoClient, database: str) -> Capabilities:
-    """What the server behind ``client`` can do in ``database`` (probed once, then kept)."""
-    with _lock:
-        known = _cache.setdefault(client, {})
-        if database not in known:
-            who = identify(client)
-            renames_dotted, renames_over = _probe_renames(client[database])
-            known[database] = Capabilities(**vars(who), renames_dotted=renames_dotted,
-                                           renames_over=renames_over,
-                                           bulk_updates=who.server != "FerretDB",
-                                           atomic_updates=who.server != "FerretDB")
-            log.debug("%s, database %s: %s", known[database].label, database, known[database])
-        return known[database]
 
 
 def writes(db: Database) -> "Writes":

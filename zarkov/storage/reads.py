@@ -1,0 +1,268 @@
+"""How Zarkov reads documents from each server, as raw BSON arrays.
+
+:func:`find_arrays` runs ``find`` and ``getMore`` itself and hands over each batch of
+the server's reply as the raw BSON array it is: nothing is decoded (pymongo's
+``find_raw_batches`` wraps every document in a ``RawBSONDocument`` on the way,
+which cost the map-reduce router more than the rest of its work per document).
+MongoDB ties a cursor to the session of its ``find``; mongo-java-server has no
+sessions.
+
+:meth:`Reads.arrays` is what the router's jobs read with.  A run's selection names
+ranges of positions (``{_id: {$gt: …, $lte: …}}`` per stream,
+:mod:`zarkov.positions`), alone or among other clauses of an ``$or``, possibly
+ANDed with the Task's own filter.  How such a range costs what it holds depends on
+the server's ``_id`` index (:attr:`Capabilities.id_reads`):
+
+* MongoDB: the filter as it is; each range is an index scan;
+* mongo-java-server: the range's ids in ``$in`` lists of :data:`ID_BATCH` (its
+  ``_id`` index serves equality and ``$in``, not ranges);
+* FerretDB 1.24: one ``{_id: <ObjectId>}`` query per id, :data:`CONCURRENCY` at a
+  time (the only filter it does not answer by reading the whole collection);
+
+— when the ids cost less than reading the whole collection would (:data:`ID_COST`
+documents scanned per id, against :func:`approx_count`); otherwise, and when the
+Task has a filter of its own (checking it needs the server), the filter as it is.
+An id not found in the first collection is looked for in the next ones (older
+events are in the rotated collections, ``event.0`` …).  The selection's other
+clauses (events without a position, by their marks) are read with a filter of
+their own.
+"""
+from __future__ import annotations
+
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+from bson import SON
+from bson.codec_options import CodecOptions
+from bson.int64 import Int64
+from bson.raw_bson import RawBSONDocument
+from pymongo.database import Database
+from pymongo.errors import ConfigurationError, PyMongoError
+
+from zarkov import positions
+from zarkov.storage.capabilities import ID_IN, ID_ONE, ID_RANGE, Capabilities, capabilities
+
+_LEN = struct.Struct("<i")
+_RAW = CodecOptions(document_class=RawBSONDocument)
+
+# Documents per server batch: large enough to amortise round trips, small enough
+# that the first chunk goes out to workers early.
+BATCH_SIZE = 2000
+#: Ids per ``$in`` query, and per batch of ids read.
+ID_BATCH = 1000
+#: Queries of one id in flight at once (FerretDB).
+CONCURRENCY = 8
+#: About how many documents a scan reads in the time one id is read by id (measured
+#: here: FerretDB ~0.4 ms a query against ~40 us a document scanned; the java
+#: server ~50 us an id in ``$in`` against ~0.5 us a document scanned).
+ID_COST = {ID_IN: 100, ID_ONE: 10}
+
+# Size of the value of each BSON element type, when fixed (else computed below).
+_FIXED = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8,
+          0x12: 8, 0x13: 16, 0x7F: 0, 0xFF: 0}
+_PREFIXED = {0x02, 0x0D, 0x0E}   # int32 length + bytes
+_WHOLE = {0x03, 0x04, 0x0F}      # int32 length counts itself
+
+
+class ReaderError(Exception):
+    """A server reply that is not what a ``find`` cursor answers."""
+
+
+def _elements(doc: bytes) -> Iterator[tuple[int, str, int, int]]:
+    """(type, key, value start, value end) of each top-level element of ``doc``."""
+    pos, end = 4, len(doc) - 1
+    while pos < end:
+        kind = doc[pos]
+        key_end = doc.index(b"\x00", pos + 1)
+        key = doc[pos + 1:key_end].decode()
+        start = key_end + 1
+        if kind in _FIXED:
+            stop = start + _FIXED[kind]
+        elif kind in _PREFIXED:
+            stop = start + 4 + _LEN.unpack_from(doc, start)[0]
+        elif kind in _WHOLE:
+            stop = start + _LEN.unpack_from(doc, start)[0]
+        elif kind == 0x05:
+            stop = start + 5 + _LEN.unpack_from(doc, start)[0]
+        elif kind == 0x0B:
+            stop = doc.index(b"\x00", doc.index(b"\x00", start) + 1) + 1
+        elif kind == 0x0C:
+            stop = start + 4 + _LEN.unpack_from(doc, start)[0] + 12
+        else:
+            raise ReaderError(f"unknown BSON element type {kind:#x} in a cursor reply")
+        yield kind, key, start, stop
+        pos = stop
+
+
+def _cursor(reply: RawBSONDocument) -> tuple[int, bytes]:
+    """(cursor id, raw array of the batch) of a find or getMore reply."""
+    cursor = reply.get("cursor")
+    if not isinstance(cursor, RawBSONDocument):
+        raise ReaderError(f"a find reply without a cursor: {dict(reply)!r:.200}")
+    raw = bytes(cursor.raw)
+    cursor_id, batch = 0, b""
+    for kind, key, start, stop in _elements(raw):
+        if key == "id" and kind in (0x10, 0x12):
+            cursor_id = struct.unpack_from("<q" if kind == 0x12 else "<i", raw, start)[0]
+        elif key in ("firstBatch", "nextBatch") and kind == 0x04:
+            batch = raw[start:stop]
+    return cursor_id, batch
+
+
+def _find(db, name: str, query: Mapping[str, Any], batch_size: int):
+    """Run ``find``; return (its reply, the session its cursor belongs to or None).
+
+    MongoDB ties a cursor to the session of its ``find``, so every ``getMore`` must
+    come in the same session: an explicit one, where the server has sessions.
+    """
+    command = SON([("find", name), ("filter", dict(query)), ("batchSize", batch_size)])
+    session = db.client.start_session(causal_consistency=False)
+    try:
+        return db.command(command, codec_options=_RAW, session=session), session
+    except ConfigurationError:  # a server without sessions (mongo-java-server)
+        session.end_session()
+        return db.command(command, codec_options=_RAW), None
+    except BaseException:
+        session.end_session()
+        raise
+
+
+def find_arrays(db, names: Sequence[str], query: Mapping[str, Any],
+                batch_size: int = BATCH_SIZE) -> Iterator[bytes]:
+    """Every matching document of each named collection: the server's batches, each
+    a raw BSON array of documents."""
+    for name in names:
+        reply, session = _find(db, name, query, batch_size)
+        cursor_id = 0
+        try:
+            cursor_id, batch = _cursor(reply)
+            yield batch
+            while cursor_id:
+                reply = db.command(SON([("getMore", Int64(cursor_id)), ("collection", name),
+                                        ("batchSize", batch_size)]),
+                                   codec_options=_RAW, session=session)
+                cursor_id, batch = _cursor(reply)
+                yield batch
+        finally:
+            if cursor_id:  # the job stopped reading early: let the server forget it
+                try:
+                    db.command({"killCursors": name, "cursors": [Int64(cursor_id)]},
+                               session=session)
+                except PyMongoError:
+                    pass
+            if session is not None:
+                session.end_session()
+
+
+def reads(db: Database) -> "Reads":
+    """How to read from ``db`` (its server probed once)."""
+    return Reads(db, capabilities(db.client, db.name))
+
+
+def approx_count(db: Database, name: str, caps: Optional[Capabilities] = None) -> int:
+    """About how many documents collection ``name`` holds, without reading them.
+
+    FerretDB answers ``count`` by reading the collection; its ``collStats`` count
+    is an estimate from SQLite.  Others: the estimated document count (metadata).
+    """
+    caps = caps or capabilities(db.client, db.name)
+    try:
+        if caps.server == "FerretDB":
+            return int(db.command("collStats", name).get("count", 0))
+        return int(db[name].estimated_document_count())
+    except PyMongoError:  # no such collection, say
+        return 0
+
+
+def _array(docs: Sequence[bytes]) -> bytes:
+    """Raw documents as a BSON array (what a server batch is)."""
+    parts = [b"\x03" + str(i).encode() + b"\x00" + d for i, d in enumerate(docs)]
+    body = b"".join(parts)
+    return _LEN.pack(len(body) + 5) + body + b"\x00"
+
+
+def split(query: Mapping[str, Any]) -> Optional[tuple[list, Optional[dict], Optional[dict]]]:
+    """``(ranges, others, user)`` of a run's filter, or None when it names no range.
+
+    A run's filter is its selection (one clause, or ``{$or: [clause, …]}``), or
+    ``{$and: [selection, user's filter]}`` (:meth:`zarkov.task.Task._query`).
+    ``ranges`` are the :class:`~zarkov.positions.Range` clauses, ``others`` the
+    other clauses as one filter (or None), ``user`` the Task's own filter (or None).
+    """
+    user = None
+    selection: Any = query
+    if list(query) == ["$and"] and isinstance(query["$and"], list) and len(query["$and"]) == 2:
+        selection, user = query["$and"]
+    if not isinstance(selection, dict):
+        return None
+    clauses = selection["$or"] if list(selection) == ["$or"] else [selection]
+    if not isinstance(clauses, list):
+        return None
+    ranges, others = [], []
+    for clause in clauses:
+        r = positions.parse_clause(clause)
+        (ranges if r is not None else others).append(r if r is not None else clause)
+    if not ranges:
+        return None
+    rest = None if not others else others[0] if len(others) == 1 else {"$or": others}
+    return ranges, rest, user
+
+
+class Reads:
+    """The ways of reading one database (see the module docstring)."""
+
+    def __init__(self, db: Database, caps: Capabilities):
+        self.db = db
+        self.caps = caps
+
+    def arrays(self, names: Sequence[str], query: Mapping[str, Any],
+               batch_size: int = BATCH_SIZE) -> Iterator[bytes]:
+        """Every document of the named collections that matches ``query``, as raw
+        BSON arrays, read the cheapest way the server allows."""
+        plan = None if self.caps.id_reads == ID_RANGE else split(query)
+        if plan is None or plan[2] is not None or not self._by_id_pays(names, plan[0]):
+            yield from find_arrays(self.db, names, query, batch_size)
+            return
+        ranges, others, _ = plan
+        yield from self.by_id(names, (oid for r in ranges for oid in r.ids()))
+        if others is not None:
+            yield from find_arrays(self.db, names, others, batch_size)
+
+    def _by_id_pays(self, names: Sequence[str], ranges: list) -> bool:
+        ids = sum(len(r) for r in ranges)
+        return ids * ID_COST[self.caps.id_reads] < sum(
+            approx_count(self.db, n, self.caps) for n in names)
+
+    def by_id(self, names: Sequence[str], ids: Iterable[Any]) -> Iterator[bytes]:
+        """The documents with these ids (in their order), looked for in each named
+        collection in turn, as raw BSON arrays of at most :data:`ID_BATCH`."""
+        batch: list = []
+        for oid in ids:
+            batch.append(oid)
+            if len(batch) >= ID_BATCH:
+                yield from self._batch(names, batch)
+                batch = []
+        if batch:
+            yield from self._batch(names, batch)
+
+    def _batch(self, names: Sequence[str], ids: list) -> Iterator[bytes]:
+        found: dict = {}
+        missing = ids
+        for name in names:
+            if not missing:
+                break
+            found.update(self._fetch(name, missing))
+            missing = [i for i in missing if i not in found]
+        docs = [found[i] for i in ids if i in found]
+        if docs:
+            yield _array(docs)
+
+    def _fetch(self, name: str, ids: list) -> dict:
+        """``{_id: raw document}`` of those of ``ids`` that collection ``name`` holds."""
+        coll = self.db.get_collection(name, codec_options=_RAW)
+        if self.caps.id_reads == ID_IN:
+            return {d["_id"]: d.raw for d in coll.find({"_id": {"$in": ids}})}
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            got = pool.map(lambda i: coll.find_one({"_id": i}), ids)
+            return {d["_id"]: d.raw for d in got if d is not None}
