@@ -5,8 +5,11 @@ the open file are committed once the oldest of them has waited ``LINGER`` (20 ms
 so that what arrives meanwhile joins the same insert: an event is stored a few tens
 of milliseconds after it was journaled when the logger keeps up, and inserts grow on
 their own when it falls behind (they wait for the previous one to end).  After each
-insert that stored events, :func:`zarkov.eventlog.notify.committed` tells the
-real-time loop, which aggregates them at once.  Events
+insert the committer publishes how far each stream of the batch is now stored
+(:mod:`zarkov.streams`: the bound that runs read positions up to; a batch is
+inserted whole before its bound moves, and batches go in journal order), then
+:func:`zarkov.eventlog.notify.committed` tells the real-time loop, which aggregates
+them at once.  Events
 carry their ``_id`` from the journal, and ``insert_many(ordered=False)`` reports a
 duplicate key for one already stored, so committing a record twice (a replay after
 a crash, a retry after a lost reply) stores it once.  A file is deleted once all its
@@ -39,7 +42,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from zarkov import supervise
+from zarkov import faults, streams, supervise
 from zarkov.eventlog import notify
 from zarkov.eventlog.journal import HEADER, MAGIC, Journal, read_records
 from zarkov.eventlog.rejects import RejectLog
@@ -209,6 +212,9 @@ class Committer:
         if self._refused:
             docs = [d for d in docs if _digest(d) not in self._refused]
         started = time.monotonic()
+        before = self.stats.committed - self.stats.duplicates
+        if faults.armed("commit.insert"):
+            faults.hit("commit.insert", b"".join(docs))
         error = self._try_insert(docs) if docs else None
         if error is not None:
             self._check_up(error)
@@ -216,8 +222,26 @@ class Committer:
                         "(%s); splitting it to find what the database refuses",
                         len(docs), clip(error))
             self._split(docs)
+        if faults.armed("commit.publish"):
+            faults.hit("commit.publish", b"".join(docs))
+        self._publish(docs)
         self._refused.clear()
+        new = self.stats.committed - self.stats.duplicates - before
+        if new > 0:
+            notify.committed(self.collection.name, new)
         log.debug("committed %d events in %.3f s", len(docs), time.monotonic() - started)
+
+    def _publish(self, docs: list[bytes]) -> None:
+        """Tell the registry how far the streams of ``docs`` are stored (all of ``docs``
+        is: stored, already there, or set aside as refused)."""
+        bounds = streams.bounds_of(docs)
+        if not bounds:
+            return
+        try:
+            streams.publish(self.collection.database, self.collection.name, bounds,
+                            self.journal.directory)
+        except PyMongoError as e:
+            self._down(e)  # the caller inserts the same docs again (duplicates), then this
 
     def _try_insert(self, docs: list[bytes]) -> Exception | None:
         """One insert: None when done (refusals of single documents included), else the
@@ -289,8 +313,6 @@ class Committer:
             log.info("the database is back; committing the journal")
         self.stats.db_ok = True
         self._retry = RETRY_MIN
-        if n > dups:
-            notify.committed(self.collection.name, n - dups)
 
     def _down(self, e: Exception) -> None:
         if self.stats.db_ok:

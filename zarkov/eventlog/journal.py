@@ -7,6 +7,12 @@ records ``<u32 length><u32 crc32><BSON document>``.  The writer appends to one o
 file and moves on to a new one when the file reaches ``journal_file_size``; it never
 appends to a file left by an earlier run (whose tail might be torn).
 
+One process writes a journal directory at a time: :meth:`Journal.open` takes its
+lock and its stream (:mod:`zarkov.eventlog.stream`), which gives the events their
+positions.  Writers assign positions and append under :attr:`Journal.appending`, so
+the journal holds each stream's positions in order — what lets the committer say
+"stored up to here" after each insert.
+
 Durability: records are written with one ``write`` per batch, straight to the
 kernel, so a killed process loses nothing it wrote; ``fsync`` runs in gevent's
 thread pool when a file is closed and at most every second otherwise, so an
@@ -22,6 +28,9 @@ from typing import Iterable
 
 import gevent
 import gevent.event
+import gevent.lock
+
+from zarkov.eventlog.stream import Stream
 
 MAGIC = b"ZJNL\x00\x01\r\n"
 HEADER = struct.Struct("<II")
@@ -101,10 +110,18 @@ class Journal:
         self._dirty = False
         self._syncer = None
         self.changed = gevent.event.Event()  # set on append and rotation
+        #: The positions of this directory's events (set by :meth:`open`).
+        self.stream = Stream(directory)
+        #: Held from handing out positions to appending them (see the module docstring).
+        self.appending = gevent.lock.RLock()
 
     def open(self) -> None:
-        """Create the directory and a new file after those already there."""
-        os.makedirs(self.directory, exist_ok=True)
+        """Lock the directory, take its stream, open a new file after those there.
+
+        Raises :class:`~zarkov.eventlog.stream.JournalBusy` when another process
+        holds the directory.
+        """
+        self.stream.open()
         seqs = [int(os.path.basename(p)[:-len(SUFFIX)]) for p in list_files(self.directory)
                 if os.path.basename(p)[:-len(SUFFIX)].isdigit()]
         self._seq = max(seqs, default=0)
@@ -198,4 +215,5 @@ class Journal:
             self.closed.append(path)
         else:
             os.unlink(path)
+        self.stream.close()
         self.changed.set()

@@ -2,10 +2,13 @@
 
 An event (README) has ``timestamp`` (a datetime, filled with the receive time when
 missing), ``type`` (a string, required), ``context`` (a document, ``{}`` when missing)
-and ``extra`` (anything).  Its ``_id`` (an ObjectId) is given here, before the event
-is journaled, so that replaying the journal after a crash inserts nothing twice: the
-second insert of the same ``_id`` fails with a duplicate-key error, which the
-committer reads as "already stored".  An ``_id`` sent by the client is kept.
+and ``extra`` (anything).  Its position (:mod:`zarkov.positions`: the ``_id`` and
+``_seq`` fields, first in the document) is given here, before the event is
+journaled, from the stream of the journal it goes to, so that replaying the journal
+after a crash inserts nothing twice: the second insert of the same ``_id`` fails with
+a duplicate-key error, which the committer reads as "already stored".  An ``_id``
+sent by the client is kept, and the event then has no position (runs count it by
+marks); ``_seq`` is the logger's alone and refused in any message.
 
 A message with ``"$command": "event_noval"`` is stored as sent, minus that key (and
 plus an ``_id`` when it has none), unless a top-level field name holds a control
@@ -27,19 +30,18 @@ in one object.
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 import json
 import math
-import os
 import re
 import struct
-import time
 from typing import Any
 
 import bson
 from bson import ObjectId
 from bson.codec_options import CodecOptions
 
+from zarkov import positions
+from zarkov.eventlog.stream import Stream
 from zarkov.oneline import first_line as clip
 from zarkov.oneline import short_repr as _short
 
@@ -60,31 +62,21 @@ _CODEC = CodecOptions(tz_aware=False)
 _INT32 = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
 _ID_PREFIX = b"\x07_id\x00"
+_SEQ_PREFIX = b"\x12" + positions.SEQ_FIELD.encode() + b"\x00"
 _TS_PREFIX = b"\x09timestamp\x00"
 _EMPTY_CONTEXT = b"\x03context\x00\x05\x00\x00\x00\x00"
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
 
-_ID_TIME = struct.Struct(">I")
-_process_value = os.urandom(5)
-_id_counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
+#: Where positions come from when the caller gives none (tools and tests).
+_detached: "Stream | None" = None
 
 
-def _reseed() -> None:
-    global _process_value, _id_counter
-    _process_value = os.urandom(5)
-    _id_counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
-
-
-os.register_at_fork(after_in_child=_reseed)
-
-
-def new_id() -> bytes:
-    """The 12 bytes of a new ObjectId, laid out as MongoDB's: seconds, a per-process
-    random value, a counter.  Why not ``ObjectId()``: it takes a lock, which gevent
-    makes several times slower, and this runs once per event."""
-    count = next(_id_counter) & 0xFFFFFF
-    return _ID_TIME.pack(int(time.time())) + _process_value + count.to_bytes(3, "big")
+def _default_ids() -> "Stream":
+    global _detached
+    if _detached is None:
+        _detached = Stream.detached()
+    return _detached
 
 
 class Rejected(Exception):
@@ -143,14 +135,17 @@ def _command(doc: dict) -> Any:
     for key in doc:
         if isinstance(key, str) and _CONTROL.search(key):
             raise Rejected(f"field name {_short(key)} holds a control character")
+    if positions.SEQ_FIELD in doc:
+        raise Rejected(f"field {positions.SEQ_FIELD!r} is reserved for the event logger")
     return cmd
 
 
-def prepare_bson(msg: bytes, now_ms: int) -> bytes:
+def prepare_bson(msg: bytes, now_ms: int, ids: "Stream | None" = None) -> bytes:
     """Validate one BSON message and return the document to journal and store.
 
     ``now_ms`` is the receive time (milliseconds since the epoch) used when the event
-    has no timestamp.  Raises Rejected when the message is not a valid event.
+    has no timestamp; ``ids`` the stream its position comes from (the journal's).
+    Raises Rejected when the message is not a valid event.
     """
     size = len(msg)
     if size > MAX_EVENT_SIZE:
@@ -167,13 +162,14 @@ def prepare_bson(msg: bytes, now_ms: int) -> bytes:
         _command(doc)
         del doc["$command"]
         if "_id" not in doc:
-            doc = {"_id": ObjectId(new_id()), **doc}
+            doc = _positioned(doc, ids)
         return _encode(doc)
     _check_fields(doc)
     # Splice the missing fields in front of the received elements (why: no re-encoding).
     head = b""
     if "_id" not in doc:
-        head = _ID_PREFIX + new_id()
+        oid, seq = (ids or _default_ids()).take()
+        head = _ID_PREFIX + oid + _SEQ_PREFIX + _INT64.pack(seq)
     if "timestamp" not in doc:
         head += _TS_PREFIX + _INT64.pack(now_ms)
     if "context" not in doc:
@@ -259,21 +255,27 @@ def event_from_json(obj: Any) -> dict:
     return doc
 
 
-def prepare_json(msg: bytes, now_ms: int) -> bytes:
+def prepare_json(msg: bytes, now_ms: int, ids: "Stream | None" = None) -> bytes:
     """Validate one JSON message and return the BSON document to journal and store."""
     if len(msg) > MAX_EVENT_SIZE:
         raise Rejected(f"message of {len(msg)} bytes is over the 16 MB limit")
     doc = parse_json(msg)
-    return _prepare(doc, now_ms)  # json_to_doc checked the depth
+    return _prepare(doc, now_ms, ids)  # json_to_doc checked the depth
 
 
-def prepare_doc(doc: dict, now_ms: int) -> bytes:
+def prepare_doc(doc: dict, now_ms: int, ids: "Stream | None" = None) -> bytes:
     """Validate a decoded event document and return its BSON, ``_id`` first."""
     check_depth(doc)
-    return _prepare(doc, now_ms)
+    return _prepare(doc, now_ms, ids)
 
 
-def _prepare(doc: dict, now_ms: int) -> bytes:
+def _positioned(doc: dict, ids: "Stream | None") -> dict:
+    """``doc`` with a position from ``ids``: ``_id`` and ``_seq`` first."""
+    oid, seq = (ids or _default_ids()).take()
+    return {"_id": ObjectId(oid), positions.SEQ_FIELD: positions.seq_value(seq), **doc}
+
+
+def _prepare(doc: dict, now_ms: int, ids: "Stream | None") -> bytes:
     if "$command" in doc:
         _command(doc)
         out = dict(doc)
@@ -285,7 +287,7 @@ def _prepare(doc: dict, now_ms: int) -> bytes:
             out["timestamp"] = _EPOCH + _dt.timedelta(milliseconds=now_ms)
         out.setdefault("context", {})
     if "_id" not in out:
-        out = {"_id": ObjectId(new_id()), **out}
+        out = _positioned(out, ids)
     return _encode(out)
 
 

@@ -61,6 +61,7 @@ from zarkov.eventlog import notify
 from zarkov.eventlog.committer import Committer
 from zarkov.eventlog.rejects import RejectLog, rejects_path
 from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
+from zarkov.eventlog.stream import JournalBusy
 from zarkov.eventlog.stats import (PROXY_STATS, Stats, read_stats, stats_path, total,
                                    write_loop, write_stats)
 from zarkov.oneline import first_line as clip
@@ -132,7 +133,14 @@ class EventServer:
         self.committer: Committer | None = None
 
     def start(self) -> "EventServer":
-        """Bind or connect the sockets, replay the journal, start the greenlets."""
+        """Lock the journal, bind or connect the sockets, replay, start the greenlets.
+
+        Raises JournalBusy when another process holds the journal directory,
+        zmq.ZMQError when a socket cannot be bound.
+        """
+        replay = [p for d in _owned_dirs(self.config.journal, self.index, self.count)
+                  for p in J.list_files(d)]
+        self.journal.open()
         ctx = zmq.Context.instance()
         try:
             for endpoint, prepare, source in ((self.bson_endpoint, prepare_bson, "bson"),
@@ -148,10 +156,8 @@ class EventServer:
             for sock, _, _ in self._sockets:
                 sock.close(0)
             self._sockets = []
+            self.journal.close()
             raise
-        replay = [p for d in _owned_dirs(self.config.journal, self.index, self.count)
-                  for p in J.list_files(d)]
-        self.journal.open()
         self.client, coll = mongo_collection(self.config)
         gevent.spawn(self._connect)
         self.committer = Committer(coll, self.journal, replay, self.stats, self.rejects)
@@ -210,9 +216,18 @@ class EventServer:
             pass
 
     def _handle(self, batch: list[list[bytes]], prepare, source: str) -> None:
-        """Journal the valid messages of ``batch`` (one write), reject the others."""
+        """Journal the valid messages of ``batch`` (one write), reject the others.
+
+        Positions are handed out and journaled under the journal's lock: the other
+        socket's loop must not journal later positions of the stream first (while
+        this one waits for a full disk, say)."""
+        with self.journal.appending:
+            self._journal(batch, prepare, source)
+
+    def _journal(self, batch: list[list[bytes]], prepare, source: str) -> None:
         now = now_millis()
         key = self.key
+        ids = self.journal.stream
         records = []
         kept = []
         frame = J.frame
@@ -228,7 +243,7 @@ class EventServer:
                 continue
             try:
                 faults.hit("eventlog.message", msg)
-                records.append(frame(prepare(msg, now)))
+                records.append(frame(prepare(msg, now, ids)))
                 kept.append(msg)
             except Rejected as e:
                 self.rejects.add(source, msg, str(e))
@@ -536,6 +551,9 @@ def run_until_signal(config: C.Config) -> int:
     except zmq.ZMQError as e:
         log.error("cannot bind the event logger's sockets: %s", e)
         return 1
+    except JournalBusy as e:
+        log.error("cannot start the event logger: %s", e)
+        return 1
     stop.wait()
     for h in handlers:
         h.cancel()
@@ -572,7 +590,11 @@ def child_main(argv: list[str]) -> int:
     if args.notify:
         notify.Forwarder(args.notify)
     server = EventServer(config, args.index, args.count, args.bson, args.json, bind=False)
-    server.start()
+    try:
+        server.start()
+    except JournalBusy as e:
+        log.error("event server %d: %s", args.index, e)
+        return 1
     gevent.spawn(orphan_watch)
     stop.wait()
     return supervise.exit_status(0 if server.stop() else 3)

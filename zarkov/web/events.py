@@ -23,7 +23,7 @@ from typing import Optional
 
 from flask import Flask, Response, request
 
-from zarkov.eventlog.schema import Rejected, loads, now_millis, prepare_doc
+from zarkov.eventlog.schema import Rejected, loads
 from zarkov.web.app import State, error, json_response, read_body, trusted
 from zarkov.web.intake import BadEvent
 
@@ -97,16 +97,14 @@ def register(app: Flask, st: State) -> None:
             intake.reject(body, "empty list")
             return error(400, "body: an empty list holds no event", "body", CORS)
         try:
-            docs = intake.prepare(items, None if items is obj else body)
+            accepted = intake.accept(items, None if items is obj else body)
         except BadEvent as e:
             where = f"events[{e.index}]" if items is obj else "body"
             return error(400, f"{where}: {e.reason}", where, CORS)
-        try:
-            intake.add(docs)
         except OSError as e:
             log.error("cannot write the web intake's journal: %s", e)
             return error(503, "cannot journal the events right now; send them again", None, CORS)
-        return json_response({"accepted": len(docs)}, 202, CORS)
+        return json_response({"accepted": accepted}, 202, CORS)
 
     @app.get("/beacon.gif", endpoint="beacon")
     def beacon() -> Response:
@@ -124,7 +122,7 @@ def register(app: Flask, st: State) -> None:
         try:
             if st.intake is None:
                 raise OSError("no intake running")
-            st.intake.add([prepare_doc(event, now_millis())])
+            st.intake.accept([event])
         except (OSError, Rejected) as e:
             log.error("beacon not recorded: %s", e)
             status = 503

@@ -7,7 +7,7 @@ web-server``) as inside ``zcmd serve`` without a new socket: a write-ahead
 :class:`~zarkov.eventlog.committer.Committer` moving it into ``event`` (replaying
 what an earlier run left there on start), the stats file
 ``<journal>/web-<port>/stats-0.json`` and the event logger's rejects file.
-:meth:`WebIntake.add` returns once the events are written to the journal, so the
+:meth:`WebIntake.accept` returns once the events are written to the journal, so the
 202 that follows acknowledges nothing that a crash could lose.
 """
 from __future__ import annotations
@@ -66,15 +66,27 @@ class WebIntake:
                                                self.stats, STATS_INTERVAL)
         return self
 
-    def prepare(self, items: list, body: Optional[bytes] = None) -> list[bytes]:
-        """The BSON documents of parsed JSON events; BadEvent (with the index) on the first
-        bad one, after recording every bad one in the rejects file (as ``body`` when the
-        request held that one event, else as its JSON)."""
+    def accept(self, items: list, body: Optional[bytes] = None) -> int:
+        """Journal parsed JSON events, all or none; return how many.
+
+        Raises BadEvent (with the index) on the first bad one, after recording every
+        bad one in the rejects file (as ``body`` when the request held that one event,
+        else as its JSON), and OSError when the journal cannot be written.  Positions
+        are handed out and journaled under the journal's lock, so that the journal
+        holds them in order whatever other requests do meanwhile.
+        """
+        with self.journal.appending:
+            docs = self._prepare(items, body)
+            self.journal.append([J.frame(d) for d in docs], len(docs))
+        self.stats.accepted += len(docs)
+        return len(docs)
+
+    def _prepare(self, items: list, body: Optional[bytes]) -> list[bytes]:
         now = now_millis()
         docs, first = [], None
         for i, item in enumerate(items):
             try:
-                docs.append(prepare_doc(event_from_json(item), now))
+                docs.append(prepare_doc(event_from_json(item), now, self.journal.stream))
             except Rejected as e:
                 text = body if body is not None else json.dumps(item).encode()
                 self.rejects.add(SOURCE, text, str(e))
@@ -87,11 +99,6 @@ class WebIntake:
     def reject(self, data: bytes, reason: str) -> None:
         """Record a request body that holds no event at all (not JSON, empty ...)."""
         self.rejects.add(SOURCE, data, reason)
-
-    def add(self, docs: list[bytes]) -> None:
-        """Append prepared events to the journal; OSError when it cannot be written."""
-        self.journal.append([J.frame(d) for d in docs], len(docs))
-        self.stats.accepted += len(docs)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Close the journal and commit what it holds within ``timeout``; True if all was."""

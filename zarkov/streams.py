@@ -1,0 +1,68 @@
+"""The registry of event streams: how far each stream is durably stored.
+
+One document per stream (:mod:`zarkov.positions`) in ``event_stream``::
+
+    {_id: <stream, hex>, collection: "event", stored: <seq>, host, pid, journal,
+     started, updated}
+
+``stored`` is the stream's *bound*: every event of the stream at or below it is in
+the collection (or was refused by the database and set aside), so a run may take
+the positions up to it and no further.  Only the committer that holds the stream's
+journal directory writes it, after each insert (``$max``: it never goes back); a
+stream whose logger stopped or died keeps its last bound and holds no other stream
+back.  The events of a stream missing from the registry are simply not taken yet.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from bson.int64 import Int64
+from pymongo.collection import Collection
+from pymongo.database import Database
+
+from zarkov import positions
+from zarkov.lease import utcnow
+
+COLLECTION = "event_stream"
+
+
+def registry(db: Database) -> Collection:
+    """The ``event_stream`` collection of ``db``."""
+    return db[COLLECTION]
+
+
+def bounds_of(docs: list[bytes]) -> dict[bytes, int]:
+    """The highest position of each stream among raw events ``docs``."""
+    out: dict[bytes, int] = {}
+    of_record = positions.of_record
+    for doc in docs:
+        pos = of_record(doc)
+        if pos is not None and pos[1] > out.get(pos[0], 0):
+            out[pos[0]] = pos[1]
+    return out
+
+
+def publish(db: Database, collection: str, bounds: dict[bytes, int], journal: str) -> None:
+    """Record that each stream of ``bounds`` is stored in ``collection`` up to its value."""
+    now = utcnow()
+    for stream, seq in bounds.items():
+        registry(db).update_one(
+            {"_id": positions.key(stream)},
+            {"$max": {"stored": Int64(seq)},
+             "$set": {"collection": collection, "host": socket.gethostname(),
+                      "pid": os.getpid(), "journal": journal, "updated": now},
+             "$setOnInsert": {"started": now}},
+            upsert=True)
+
+
+def bounds(db: Database, collection: str) -> dict[str, int]:
+    """``{stream: stored}`` of every stream of ``collection``."""
+    return {d["_id"]: int(d["stored"])
+            for d in registry(db).find({"collection": collection}, {"stored": 1})}
+
+
+def listing(db: Database) -> list[dict[str, Any]]:
+    """Every stream's document, newest first (for people)."""
+    return list(registry(db).find().sort("updated", -1))
