@@ -39,7 +39,9 @@ from pymongo.errors import PyMongoError
 
 from zarkov import agg_status, model as M, wire
 from zarkov.agg import PAUSE_POINTS, Hook, Scope, StepFailed, marks, merge, pause_from_env
+from zarkov.agg import positions as agg_positions
 from zarkov.agg import records, staging
+from zarkov.eventlog.rotate import chain
 from zarkov.lease import Lease, LeaseBusy, LeaseLost, utcnow
 from zarkov.task import JobFailed, Task, TaskError
 
@@ -160,30 +162,36 @@ class _Run:
         self.task_cls = task_cls
         #: (run id, ids) of the documents this process marked, all of them, for the
         #: run being finished: flagging them needs no search.
-        self.marked: tuple[str, list] = ("", [])
+        self.marked: tuple[str, marks.Ids] = ("", {})
 
-    def _marked_ids(self, record: dict) -> Optional[list]:
+    def _marked_ids(self, record: dict) -> Optional[marks.Ids]:
         run_id, ids = self.marked
         return ids if run_id == record["run_id"] else None
 
-    def finish(self, record: dict, ids: Optional[list] = None, fresh: bool = False,
+    def finish(self, record: dict, ids: Optional[marks.Ids] = None, fresh: bool = False,
                resumed: bool = False) -> int:
         """Take a run record from its state to the end; return the documents it took.
 
-        ``fresh``: the record was just created by this process (``ids``: the documents
-        an incremental run takes); ``resumed``: it was left by a killed run.
+        ``fresh``: the record was just created by this process (``ids``: the
+        documents without a position an incremental run marks); ``resumed``: it was
+        left by a killed run.
         """
         if record["state"] in ("marking", "running"):
             try:
                 marked = None
                 if record["state"] == "marking":
-                    marked, done_ids = marks.mark(self.s, record, ids, fresh)
-                    if done_ids is not None:
-                        self.marked = (record["run_id"], done_ids)
-                    if not record["full"] and marked == 0:
+                    if record["full"] or record["marked"] or not fresh:
+                        marked, done_ids = marks.mark(self.s, record, ids, fresh)
+                        if done_ids is not None:
+                            self.marked = (record["run_id"], done_ids)
+                    else:  # positions alone: nothing to mark
+                        marked = 0
+                        self.s.hook("marking")
+                    if not record["full"] and marked == 0 and not records.ranges(record):
                         record["marked"] = 0
                         return self.done(record, resumed)  # nothing new: no job
-                elif not record["full"] and record["marked"] == 0:
+                elif (not record["full"] and record["marked"] == 0
+                      and not records.ranges(record)):
                     return self.done(record, resumed)
                 self.run_jobs(record, marked)
             except _ROLLBACK as e:
@@ -211,6 +219,7 @@ class _Run:
             records.update(self.s, record, {"state": "flagging"})
         if record["state"] == "flagging":
             marks.flag(self.s, record, self._marked_ids(record))
+            agg_positions.advance(self.s, records.ranges(record))
         return self.done(record, resumed)
 
     def run_jobs(self, record: dict, marked: Optional[int] = None) -> None:
@@ -243,9 +252,10 @@ class _Run:
         if resumed or _made_collections(record):
             staging.drop(self.s, record["run_id"])
         if record["full"]:
-            # What the jobs read: the marked documents and those counted before.
+            # What the jobs read: every position, the marked documents and those
+            # counted before.
             return int(record.get("docs_read") or record["marked"])
-        return int(record["marked"])
+        return int(record["marked"]) + records.positioned(record)
 
     def abort(self, record: dict) -> None:
         """Roll back a run that has not staged its results: unmark, drop, forget."""
@@ -281,12 +291,17 @@ def _reporter(progress: Optional[Progress], t0: float) -> Callable[[str, int], N
 
 
 def run(config: Any, name: str, full: bool = False, wait: bool = False,
-        progress: Optional[Progress] = None, hook: Optional[Hook] = None) -> RunResult:
+        progress: Optional[Progress] = None, hook: Optional[Hook] = None,
+        sweep: bool = True) -> RunResult:
     """Run the AggDef ``name`` once (incrementally, or a full recompute) exactly once.
 
     Finishes first a run of the same AggDef that a killed process left pending.
     ``wait``: wait for another process running the same AggDef instead of raising
-    Busy.  ``progress`` receives ``{phase, docs, elapsed}`` dicts while it runs.
+    Busy.  ``sweep``: also look for events without a position (written by other
+    programs); where the server has no index for that search it reads the whole
+    input, so the real-time loop asks for it only from time to time — the positions
+    the event logger gave are always taken.  ``progress`` receives ``{phase, docs,
+    elapsed}`` dicts while it runs.
     ``hook(point)`` is called at each of :data:`PAUSE_POINTS` (default: the test hook
     of ``ZARKOV_TEST_PAUSE_AT``).  Raises AggregationError (BadDefinition, Busy) with
     a one-line message; usable from a gevent process (``zcmd serve``'s real-time
@@ -296,7 +311,7 @@ def run(config: Any, name: str, full: bool = False, wait: bool = False,
     M.configure(config)
     recorder = agg_status.Recorder(M.db(), name, full)
     try:
-        result = _run(config, name, full, wait, recorder.progress(progress), hook)
+        result = _run(config, name, full, wait, recorder.progress(progress), hook, sweep)
     except Busy:
         raise  # another process's run: its own recorder reports it
     except AggregationError as e:
@@ -310,7 +325,7 @@ def run(config: Any, name: str, full: bool = False, wait: bool = False,
 
 
 def _run(config: Any, name: str, full: bool, wait: bool, progress: Optional[Progress],
-         hook: Optional[Hook]) -> RunResult:
+         hook: Optional[Hook], sweep: bool = True) -> RunResult:
     """:func:`run` without the status report."""
     t0 = time.monotonic()
     db = M.db()
@@ -328,6 +343,8 @@ def _run(config: Any, name: str, full: bool, wait: bool, progress: Optional[Prog
     scope = Scope(config, db, name, db[agg.object or "event"], lease, _reporter(progress, t0),
                   hook or pause_from_env())
     try:
+        scope.inputs = chain(db, scope.events.name, config.num_event_logs)
+        scope.sweep = sweep or scope.writes.caps.indexed_filters
         r = _Run(scope, agg, task_cls)
         marks.ensure_indexes(scope)
         staging.sweep(scope, lambda: records.live_run_ids(scope))
@@ -341,21 +358,24 @@ def _run(config: Any, name: str, full: bool, wait: bool, progress: Optional[Prog
         run_id = None
         while True:
             if full:
-                record = records.begin(scope, True)
+                record = records.begin(scope, True, ranges=agg_positions.all_ranges(scope))
                 taken = r.finish(record, fresh=True)
             else:
                 # The documents to take are chosen before the run record exists, so
                 # that a run with nothing new writes nothing but last_run.
                 started = utcnow()
                 scope.report("selecting", 0)
-                ids = marks.candidates(scope)
-                if not ids:
+                limit = config.zmr.event_limit
+                ranges = agg_positions.new_ranges(scope, limit)
+                room = limit - sum(map(len, ranges))
+                ids = marks.candidates(scope, room) if scope.sweep and room > 0 else {}
+                if not ranges and not ids:
                     if run_id is None:
                         lease.check()
                         db[M.agg_def.m.collection_name].update_one(
                             {"name": name}, {"$set": {"last_run": started}})
                     break
-                record = records.begin(scope, False, marked=len(ids))
+                record = records.begin(scope, False, marked=marks.count(ids), ranges=ranges)
                 taken = r.finish(record, ids, fresh=True)
             run_id = record["run_id"]
             docs += taken

@@ -12,8 +12,9 @@ every job it started::
 
 Run by ``zcmd aggregate`` (:mod:`zarkov.aggregation`), a Task gets a
 :class:`RunContext`: its jobs read only the run's events (:attr:`Task.selection`:
-in an incremental run those marked with the run's lock id ``self._lock_id``, in a
-full run those too and every event already counted) and write into staging
+in an incremental run the positions it takes and the events without a position it
+marked with its lock id ``self._lock_id``, in a full run every event stored up to
+now) and write into staging
 collections (or, when small, hand their output back in memory) that the engine
 later applies to the real targets exactly once.  Without a context (a Task run by
 hand) jobs write straight to their targets, as in the article: ``replace`` when
@@ -56,7 +57,8 @@ class RunContext:
     def __init__(self, lock_id: str, attempt: int, staging_prefix: str,
                  on_started: Optional[Callable[[], None]] = None,
                  progress: Optional[Callable[[dict], None]] = None,
-                 selection: Optional[dict] = None, inline_max: int = 0):
+                 selection: Optional[dict] = None, inline_max: int = 0,
+                 inputs: Optional[list[str]] = None):
         self.lock_id = lock_id
         self.attempt = attempt
         self.staging_prefix = staging_prefix
@@ -67,6 +69,8 @@ class RunContext:
         self.selection = selection if selection is not None else {"jobs": lock_id}
         #: Outputs up to this many bytes come back in the job's status (0: never).
         self.inline_max = inline_max
+        #: The collections the run's documents are in (None: the AggDef's input).
+        self.inputs = list(inputs) if inputs else None
 
     def stage(self, kind: str, target: str, reduce_text: str, reduce_name: str,
               finalize: bool) -> str:
@@ -133,12 +137,22 @@ class Task:
         return getattr(self.agg_def, "object", None) or "event"
 
     @property
+    def input_names(self) -> list[str]:
+        """The collections the run's documents are in: the input collection and, for
+        ``event``, the rotated collections that exist (older events move there)."""
+        if self._context is not None and self._context.inputs:
+            return list(self._context.inputs)
+        return [self.input_name]
+
+    @property
     def selection(self) -> Optional[dict]:
         """The filter of this run's documents (None without a run context).
 
-        Incremental: ``{"jobs": self._lock_id}``.  Full: those and the documents that
-        already carry the AggDef's name in ``aggregates`` (a full run marks only the
-        documents not yet counted: the others do not change while it runs).
+        Incremental: the ranges of positions the run takes, ``{_id: {$gt: …, $lte:
+        …}}`` per event stream (:mod:`zarkov.positions`), and the documents without
+        a position it marked, ``{"jobs": self._lock_id}``.  Full: every position
+        stored, the documents marked, and those already counted by their flag
+        (``aggregates``).  Several clauses are joined with ``$or``.
         """
         return self._context.selection if self._context is not None else None
 
@@ -147,7 +161,8 @@ class Task:
 
         A ``{"jobs": self._lock_id}`` in the user's filter (the article's way of
         selecting a run's documents) is the selection already: it is left out, so
-        that it also means every document of a full run.
+        that it means exactly the run's documents, positioned or marked, in every
+        kind of run.
         """
         clauses = []
         if self.selection is not None:
@@ -206,7 +221,7 @@ class Task:
             request = client.mapreduce_request(
                 map, reduce, finalize, query=self._query(filter), xmr=kind == "xmr",
                 map_name=map_name, reduce_name=reduce_name, finalize_name=finalize_name,
-                database=self.config.mongo_database, input_names=[self.input_name])
+                database=self.config.mongo_database, input_names=self.input_names)
         except client.BadFunction as e:
             raise TaskError(str(e)) from None
         out_field = "output_name" if kind == "mr" else "output_prefix"

@@ -4,8 +4,10 @@ The driver walks a run record through its states (docs/exactly-once.md) and hand
 each step to a helper here, all working with one :class:`Scope`:
 
 * :mod:`.records` — the run records in ``agg_run``;
-* :mod:`.marks` — the run id in the input documents' ``jobs`` (marks) and the
-  AggDef's name in their ``aggregates`` (flags);
+* :mod:`.positions` — how far the AggDef has counted each event stream, and the
+  ranges of positions a run takes;
+* :mod:`.marks` — for documents without a position: the run id in their ``jobs``
+  (marks) and the AggDef's name in their ``aggregates`` (flags);
 * :mod:`.staging` — the Task's jobs writing into staging collections;
 * :mod:`.merge` — after-images with the user's reduce, and applying them (or the
   staging collections of a full run) to the targets with :mod:`zarkov.storage`.
@@ -89,6 +91,12 @@ class Scope:
     hook: Hook = no_hook
     #: Output targets -> the path :mod:`zarkov.storage` took to write them.
     write_paths: dict = field(default_factory=dict)
+    #: Every collection of the input: ``events`` first, then the rotated ones
+    #: (``event.0`` …) that exist, which hold older events.
+    inputs: list = field(default_factory=list)
+    #: Whether runs look for documents without a position (marks): always where
+    #: indexes find them; else (a scan) when asked (:func:`zarkov.aggregation.run`).
+    sweep: bool = True
 
     @property
     def writes(self) -> storage.Writes:

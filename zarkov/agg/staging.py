@@ -30,7 +30,7 @@ from pymongo.errors import PyMongoError
 
 from zarkov import security, wire
 from zarkov.zmr import client
-from zarkov.agg import Scope, StepFailed
+from zarkov.agg import Scope, StepFailed, records
 from zarkov.lease import LeaseLost
 from zarkov.task import JobFailed, RunContext, TaskError
 
@@ -121,12 +121,11 @@ def run_jobs(scope: Scope, agg: Any, task_cls: type, record: dict,
     """
     run_id = record["run_id"]
     full = record["full"]
-    selection = ({"$or": [{"jobs": run_id}, {"aggregates": scope.name}]} if full
-                 else {"jobs": run_id})
     context = RunContext(run_id, attempt, f"{PREFIX}{run_id}.{attempt}.",
                          on_started=lambda: scope.hook("running"),
                          progress=lambda s: scope.report(f"jobs: {s['phase']}", s["docs"]),
-                         selection=selection, inline_max=0 if full else INLINE_MAX)
+                         selection=records.selection(record, scope.name),
+                         inline_max=0 if full else INLINE_MAX, inputs=scope.inputs)
     task = task_cls(agg, scope.config, context)
     try:
         with socket(scope.config) as sock:

@@ -10,6 +10,14 @@ collection.  Each step moves one collection's documents to the next name with
 moved in batches (a rerun after a crash completes the move); ``event`` itself is
 never dropped then, so events the logger inserts meanwhile stay in it.  Either way
 the new ``event`` has the indexes the old one had.
+
+Aggregation runs read the rotated collections too (:func:`chain`): an event rotated
+before an AggDef counted it is counted from ``event.0`` …, never lost.  So that no
+run reads while documents move (it could read one twice, or miss it), rotate first
+takes the lease of every AggDef over ``event`` (:mod:`zarkov.lease`), waiting for the
+runs going on to end; runs that start meanwhile find their AggDef busy and try
+again later.  Only an AggDef that lags more than ``num_event_logs`` rotations behind
+loses events: those of the collection dumped and dropped.
 """
 from __future__ import annotations
 
@@ -21,8 +29,11 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.database import Database
 
 from zarkov import storage
+from zarkov.lease import Lease
 
 COLLECTION = "event"
+#: Seconds between two tries of a lease held by a run (held for a run's length).
+LEASE_POLL = 0.05
 
 
 class RotateError(Exception):
@@ -59,10 +70,54 @@ def _move(db: Database, source: str, target: str) -> str:
     return f"moved the documents of {source} to {target} ({how}: the server does not rename it)"
 
 
-def rotate(db: Database, dump_dir: str, keep: int) -> list[str]:
-    """Rotate the event collections of ``db``, keeping ``keep``; returns what was done."""
+def chain(db: Database, name: str, keep: int) -> list[str]:
+    """The collections holding the events of input collection ``name``: ``name``
+    itself, and for ``event`` the rotated ones (``keep`` at most) that exist, newest
+    first."""
+    if name != COLLECTION:
+        return [name]
+    existing = set(db.list_collection_names())
+    return [name] + [c for c in (f"{COLLECTION}.{i}" for i in range(keep)) if c in existing]
+
+
+def _hold_aggdefs(db: Database, lease_seconds: float) -> list[Lease]:
+    """The leases of every AggDef over ``event``, taken in name order (waiting)."""
+    names = sorted(d["name"] for d in db.agg_def.find(
+        {"object": {"$in": [COLLECTION, None, ""]}}, {"name": 1}))
+    held: list[Lease] = []
+    try:
+        for name in names:
+            lease = Lease(db.agg_lease, name, lease_seconds)
+            lease.acquire(wait=True, poll=LEASE_POLL, max_poll=10 * LEASE_POLL)
+            lease.start_renewing()
+            held.append(lease)
+    except BaseException:
+        _release(held)
+        raise
+    return held
+
+
+def _release(leases: list[Lease]) -> None:
+    for lease in reversed(leases):
+        lease.release()
+
+
+def rotate(db: Database, dump_dir: str, keep: int, lease_seconds: float = 60.0) -> list[str]:
+    """Rotate the event collections of ``db``, keeping ``keep``; returns what was done.
+
+    Holds the lease of every AggDef over ``event`` meanwhile (``lease_seconds``
+    each, renewed), so that no run reads the collections while they move.
+    """
     if keep < 1:
         raise RotateError(f"num_event_logs must be at least 1, got {keep}")
+    leases = _hold_aggdefs(db, lease_seconds)
+    try:
+        return _rotate(db, dump_dir, keep)
+    finally:
+        _release(leases)
+
+
+def _rotate(db: Database, dump_dir: str, keep: int) -> list[str]:
     names = set(db.list_collection_names())
     done: list[str] = []
     chain = [COLLECTION] + [f"{COLLECTION}.{i}" for i in range(keep)]

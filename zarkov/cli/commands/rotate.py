@@ -19,7 +19,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
     from zarkov.eventlog.rotate import RotateError, rotate
     client = pymongo.MongoClient(config.mongo_uri, serverSelectionTimeoutMS=10000)
     try:
-        for line in rotate(client[config.mongo_database], args.dump_dir, config.num_event_logs):
+        for line in rotate(client[config.mongo_database], args.dump_dir,
+                           config.num_event_logs, config.agg_lease_seconds):
             print(f"rotate: {line}")
     except RotateError as e:
         print(f"zcmd rotate: {e}", file=sys.stderr)

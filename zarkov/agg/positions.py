@@ -1,0 +1,69 @@
+"""How far each AggDef has counted the event streams: the ``agg_position`` collection.
+
+One document per AggDef: ``{_id: name, streams: {<stream>: <seq>, …}}`` — every
+event of a stream at or below its number has been counted by the AggDef (a stream
+not named: none).  An incremental run takes, for each stream whose stored bound
+(:mod:`zarkov.streams`) is past the AggDef's position, the range between the two
+(:func:`new_ranges`, at most ``zmr.event_limit`` events in all); a full run takes
+every stream from its start.  The ranges are kept in the run record, and the
+position moves to their ends (:func:`advance`) in the run's last step, after its
+outputs are applied: the run record makes that step idempotent, so a killed run's
+successor takes the same ranges and counts them once (docs/exactly-once.md).
+Nothing is written to the events themselves.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from zarkov import streams
+from zarkov.agg import Scope
+from zarkov.positions import Range
+
+COLLECTION = "agg_position"
+
+
+def counted(scope: Scope) -> dict[str, int]:
+    """``{stream: seq}``: how far the AggDef has counted each stream."""
+    doc = scope.db[COLLECTION].find_one({"_id": scope.name}) or {}
+    return {k: int(v) for k, v in (doc.get("streams") or {}).items()}
+
+
+def new_ranges(scope: Scope, limit: Optional[int] = None) -> list[Range]:
+    """The positions stored but not yet counted, stream by stream, oldest stream
+    first; at most ``limit`` of them (the last range cut short)."""
+    done = counted(scope)
+    out: list[Range] = []
+    room = limit
+    for stream, bound in sorted(streams.bounds(scope.db, scope.events.name).items()):
+        after = done.get(stream, 0)
+        if bound <= after:
+            continue
+        upto = bound if room is None else min(bound, after + room)
+        out.append(Range(stream, after, upto))
+        if room is not None:
+            room -= upto - after
+            if room <= 0:
+                break
+    return out
+
+
+def all_ranges(scope: Scope) -> list[Range]:
+    """Every stored position of every stream of the input: what a full run takes."""
+    return [Range(stream, 0, bound)
+            for stream, bound in sorted(streams.bounds(scope.db, scope.events.name).items())
+            if bound > 0]
+
+
+def advance(scope: Scope, ranges: list[Range]) -> None:
+    """Move the AggDef's position to the end of each range (idempotent)."""
+    if not ranges:
+        return
+    scope.lease.check()
+    scope.db[COLLECTION].update_one(
+        {"_id": scope.name}, {"$set": {f"streams.{r.stream}": r.upto for r in ranges}},
+        upsert=True)
+
+
+def forget(scope: Scope) -> None:
+    """Drop the AggDef's position (it counts everything again from the start)."""
+    scope.db[COLLECTION].delete_one({"_id": scope.name})
