@@ -3,8 +3,10 @@
 
 For each rate, on a database of its own: ``zcmd serve`` (event logger, router, its
 worker processes, the real-time loop; ``realtime_interval: 60`` by default, so
-that only the logger's news of commits makes runs happen) with one real-time AggDef that counts
-events per 50 ms *slot* of their sending schedule; a sender process (a
+that only the logger's news of commits makes runs happen) with ``--aggdefs`` (1)
+real-time AggDefs, each counting events per 50 ms *slot* of their sending schedule
+into a collection of its own; an event counts as counted once the slowest AggDef
+has counted it; a sender process (a
 ``ZarkovClient``) pushes events at a steady rate for ``--duration`` seconds, each
 event carrying its slot, and notes when it sent each one; meanwhile this process
 reads the counts of the recent slots every ``--poll`` seconds.  When a slot's count
@@ -23,7 +25,7 @@ All of it runs on each server (``--server``, see bench/servers.py: both bundled
 servers by default), then the figures are printed side by side.  Usage::
 
     python bench/realtime.py [--server both] [--duration 60] [--rates 100,500,1000,2000]
-                             [--event-servers 0] [--search 2]
+                             [--aggdefs 1] [--event-servers 0] [--search 2]
 """
 from __future__ import annotations
 
@@ -49,7 +51,6 @@ from tests.support import free_port  # noqa: E402
 
 SLOT = 0.05   # seconds of sending schedule per output key
 NAME = "rt_bench"
-TARGET = "zagg.rt_bench"
 
 TASK = '''
 from zarkov.task import Task
@@ -57,8 +58,10 @@ from zarkov import model as M
 
 
 class SlotCount(Task):
+    """Events per slot, into zagg.<the AggDef's name>."""
+
     def _start_jobs(self, socket, full):
-        self.start_mr(socket, M.doc_session.db.zagg.rt_bench, full,
+        self.start_mr(socket, M.doc_session.db["zagg." + self.agg_def.name], full,
                       map=map_slot, reduce=reduce_sum)
 
 
@@ -107,7 +110,8 @@ def percentile(values: list[float], p: float) -> float:
 class Serve:
     """``zcmd serve`` on a database and ports of its own, with the bench's AggDef."""
 
-    def __init__(self, uri: str, tmp: str, event_servers: int, interval: float):
+    def __init__(self, uri: str, tmp: str, event_servers: int, interval: float,
+                 aggdefs: int = 1):
         self.tmp = tmp
         self.database = "zb_rt_" + uuid.uuid4().hex[:8]
         bp, rp = free_port(), free_port()
@@ -126,8 +130,10 @@ class Serve:
             f.write(TASK)
         self.client = pymongo.MongoClient(uri)
         self.db = self.client[self.database]
-        self.db.agg_def.insert_one({"name": NAME, "task_name": "rt_bench_task.SlotCount",
-                                    "object": "event", "realtime": True})
+        self.names = [NAME] + [f"{NAME}_{k}" for k in range(1, aggdefs)]
+        self.db.agg_def.insert_many([{"name": name, "task_name": "rt_bench_task.SlotCount",
+                                      "object": "event", "realtime": True}
+                                     for name in self.names])
         env = {**os.environ, "PYTHONPATH": tmp + os.pathsep + ROOT}
         self.log = open(os.path.join(tmp, "serve.log"), "ab")
         self.proc = subprocess.Popen(
@@ -135,9 +141,11 @@ class Serve:
              os.path.join(tmp, "zarkov.yaml"), "serve"], env=env, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
-        while not self.db.agg_status.find_one({"_id": NAME, "last": {"$ne": None}}):
+        while self.db.agg_status.count_documents({"_id": {"$in": self.names},
+                                                  "last": {"$ne": None}}) < len(self.names):
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit(f"bench: zcmd serve did not run {NAME}; see {tmp}/serve.log")
+                raise SystemExit(f"bench: zcmd serve did not run every AggDef; see "
+                                 f"{tmp}/serve.log")
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -157,7 +165,7 @@ def measure_rate(uri: str, rate: float, args) -> dict:
     tmp = tempfile.mkdtemp(prefix="zrt-bench-")
     serve = None
     try:
-        serve = Serve(uri, tmp, args.event_servers, args.interval)
+        serve = Serve(uri, tmp, args.event_servers, args.interval, args.aggdefs)
         n = int(rate * args.duration)
         expected: dict[int, int] = {}
         for i in range(n):
@@ -166,15 +174,19 @@ def measure_rate(uri: str, rate: float, args) -> dict:
         out = os.path.join(tmp, "sent.bin")
         sender = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--send",
                                    serve.bson_uri, str(rate), str(args.duration), out])
-        counts: dict[int, int] = {}
+        counts: dict[int, int] = {}   # slot -> count in the slowest AggDef
         changes: list[tuple[float, int, int, int]] = []  # (time, slot, before, after)
         low, last = 0, max(expected)
-        coll = serve.db[TARGET]
+        colls = [serve.db[f"zagg.{name}"] for name in serve.names]
         drain_until = None
         while low <= last:
             t = time.monotonic()
-            for d in coll.find({"_id": {"$gte": low}}):
-                s, c = d["_id"], int(d["value"])
+            seen: dict[int, list[int]] = {}
+            for coll in colls:
+                for d in coll.find({"_id": {"$gte": low}}):
+                    seen.setdefault(d["_id"], []).append(int(d["value"]))
+            for s, values in seen.items():
+                c = min(values) if len(values) == len(colls) else 0
                 if c != counts.get(s, 0):
                     changes.append((time.monotonic(), s, counts.get(s, 0), c))
                     counts[s] = c
@@ -234,8 +246,9 @@ def show(r: dict, args) -> None:
 
 def measure(server: servers.Server, args) -> dict[str, str]:
     """Every figure on one server."""
-    servers.heading(server, f"zcmd serve, one real-time AggDef, {args.duration:g} s per "
-                            f"rate, event servers: {args.event_servers or 'one per core'}")
+    servers.heading(server, f"zcmd serve, {args.aggdefs} real-time AggDef(s), "
+                            f"{args.duration:g} s per rate, event servers: "
+                            f"{args.event_servers or 'one per core'}")
     figures: dict[str, str] = {}
     results: dict[float, dict] = {}
     for rate in args.rates:
@@ -278,6 +291,8 @@ def main() -> int:
     p.add_argument("--search", type=int, default=2,
                    help="halvings of the gap between the highest rate held and the next")
     p.add_argument("--max-rate", type=float, default=8000.0)
+    p.add_argument("--aggdefs", type=int, default=1,
+                   help="real-time AggDefs over the one event stream (default 1)")
     p.add_argument("--event-servers", type=int, default=0,
                    help="num_event_servers of zcmd serve (default 0: one per core)")
     p.add_argument("--interval", type=float, default=60.0,
@@ -293,7 +308,8 @@ def main() -> int:
     chosen = servers.chosen(args)
     figures = {server.label: measure(server, args) for server in chosen}
     servers.side_by_side(f"bench/realtime.py: send -> counted in zagg through zcmd serve, "
-                         f"{args.duration:g} s per rate", chosen, figures)
+                         f"{args.aggdefs} AggDef(s), {args.duration:g} s per rate",
+                         chosen, figures)
     return 0
 
 

@@ -10,7 +10,11 @@ from datetime import datetime
 
 import yaml
 
+from bson.int64 import Int64
+
 from tests.support import ROOT, Processes, run_zcmd, wait_for, wait_router_idle
+from zarkov import positions, streams
+from zarkov.eventlog.stream import Stream
 
 #: Where the article's `my.tasks` (and tests' failing tasks) live: put on PYTHONPATH.
 TASKS_DIR = os.path.join(ROOT, "tests", "fixtures", "agg")
@@ -19,11 +23,49 @@ TARGET = "zagg.my_agg"
 NAME = "my_agg_def"
 
 
-def add_events(db, n: int, keys: str = "abcdefg", seed: int | None = None, **extra) -> None:
-    """Insert ``n`` events ``{foo: <one of keys>}`` (plus ``extra`` fields)."""
+#: The kinds of events tests are run with: stored by the event logger (with a
+#: position) or written by another program (counted by marks).
+KINDS = ("logged", "other")
+
+#: A stream per test database, for events stored "as the event logger does".
+_streams: dict[str, Stream] = {}
+
+
+def logger_stream(db) -> Stream:
+    """The stream that :func:`add_events` gives ``logged`` events in ``db``."""
+    return _streams.setdefault(db.name, Stream.detached())
+
+
+def add_events(db, n: int, keys: str = "abcdefg", seed: int | None = None,
+               kind: str = "other", coll: str = "event", **extra) -> None:
+    """Insert ``n`` events ``{foo: <one of keys>}`` (plus ``extra`` fields).
+
+    ``kind`` ``logged``: stored as the event logger stores them — each with the next
+    position of the database's test stream, then that stream's bound published —
+    without running one (process-level tests run the real thing).
+    """
     rnd = random.Random(seed)
-    db.event.insert_many([{"foo": rnd.choice(keys), "type": "test", **extra}
-                          for _ in range(n)])
+    docs = [{"foo": rnd.choice(keys), "type": "test", **extra} for _ in range(n)]
+    if kind == "other":
+        db[coll].insert_many(docs)
+        return
+    stream = logger_stream(db)
+    positioned = []
+    for d in docs:
+        oid, seq = stream.take()
+        positioned.append({"_id": positions.oid(stream.stream, seq), positions.SEQ_FIELD:
+                           Int64(seq), **d})
+    db[coll].insert_many(positioned)
+    streams.publish(db, coll, {stream.stream: stream.seq}, "tests")
+
+
+def count_all_logged(db, name: str = NAME) -> None:
+    """Record that AggDef ``name`` has counted every logged event (what its runs leave)."""
+    bounds = streams.bounds(db, "event")
+    if bounds:
+        db.agg_position.update_one({"_id": name}, {"$set": {f"streams.{s}": b
+                                                             for s, b in bounds.items()}},
+                                   upsert=True)
 
 
 def register(db, name: str = NAME, task_name: str = "my.tasks.MyTask",
@@ -43,28 +85,47 @@ def output(db, name: str = TARGET) -> dict:
     return {d["_id"]: d["value"] for d in db[name].find()}
 
 
-def prepared(db, task_name: str = "my.tasks.MyTask") -> None:
+def prepared(db, task_name: str = "my.tasks.MyTask", kind: str = "other") -> None:
     """Events already aggregated, then new ones: the next run has old values to merge.
 
     The aggregated state is written directly (what earlier runs leave), which keeps
-    kill tests short; test_article_example checks that runs produce it.
+    kill tests short; test_article_example checks that runs produce it.  ``kind``:
+    the events are ``logged`` (positions) or ``other`` (marks).
     """
     register(db, task_name=task_name)
-    add_events(db, 200, seed=4, aggregates=[NAME], jobs=[])
+    if kind == "other":
+        add_events(db, 200, seed=4, aggregates=[NAME], jobs=[])
+    else:
+        add_events(db, 200, seed=4, kind=kind)
+        count_all_logged(db)
     db[TARGET].insert_many([{"_id": k, "value": v} for k, v in python_count(db).items()])
     # Many keys, so that applying takes several batches and can be cut in the middle.
-    add_events(db, 180, keys=[f"k{i}" for i in range(120)] + list("abc"), seed=5)
+    add_events(db, 180, keys=[f"k{i}" for i in range(120)] + list("abc"), seed=5, kind=kind)
+
+
+def counted_positions(db, name: str = NAME) -> dict:
+    """``{stream: seq}``: how far AggDef ``name`` has counted each stream."""
+    return (db.agg_position.find_one({"_id": name}) or {}).get("streams") or {}
 
 
 def assert_clean(db, name: str = NAME, coll: str = "event", all_flagged: bool = True) -> None:
-    """No run left over: no run record, no lease, no staging, no marks."""
+    """No run left over: no run record, no lease, no staging, no marks; nothing
+    written to events with a position.  ``all_flagged``: every event counted (those
+    without a position flagged, the streams counted up to their bounds)."""
     assert db.agg_run.count_documents({}) == 0, list(db.agg_run.find())
     assert db.agg_lease.count_documents({}) == 0, list(db.agg_lease.find())
     assert [c for c in db.list_collection_names() if c.startswith("zstage.")] == []
-    docs = list(db[coll].find({}, {"jobs": 1, "aggregates": 1}))
+    docs = list(db[coll].find({}, {"jobs": 1, "aggregates": 1, positions.SEQ_FIELD: 1}))
     assert all(not d.get("jobs") for d in docs), "events still marked with a run id"
+    logged = [d for d in docs if positions.SEQ_FIELD in d]
+    assert all("aggregates" not in d and "jobs" not in d for d in logged), \
+        "a run wrote to events that have a position"
     if all_flagged:
-        assert all(name in (d.get("aggregates") or []) for d in docs), "events not flagged"
+        assert all(name in (d.get("aggregates") or []) for d in docs
+                   if positions.SEQ_FIELD not in d), "events not flagged"
+        done = counted_positions(db, name)
+        assert all(done.get(s, 0) >= b for s, b in streams.bounds(db, coll).items()), \
+            f"streams not counted to their bounds: {done} < {streams.bounds(db, coll)}"
 
 
 def aggregate(config: str, *args: str, env: dict | None = None,

@@ -27,9 +27,10 @@ def stats(journal: str, index: int = 0) -> dict:
         return {}
 
 
-def start_logger(procs: Processes, config_path: str, name: str = "eventlog") -> subprocess.Popen:
+def start_logger(procs: Processes, config_path: str, name: str = "eventlog",
+                 env: dict | None = None) -> subprocess.Popen:
     """Start ``zcmd eventlog`` and wait until its server has written its first stats."""
-    p = procs.zcmd(name, config_path, "eventlog")
+    p = procs.zcmd(name, config_path, "eventlog", env=env)
     journal = load(config_path)["journal"]
     wait_for(lambda: p.poll() is None and stats(journal).get("pid") == p.pid, timeout=30,
              what=f"the event logger to start (log: {procs.log(name)[-500:]!r})")

@@ -121,21 +121,23 @@ def test_xmr_task_with_document_keys(db, config, procs):
 _prepared = A.prepared
 
 
+@pytest.mark.parametrize("kind", A.KINDS)
 @pytest.mark.parametrize("point", ["marking", "running", "staged", "applying", "flagging"])
-def test_killed_incremental_run_then_run_again(db, config, procs, point):
-    _prepared(db)
+def test_killed_incremental_run_then_run_again(db, config, procs, point, kind):
+    _prepared(db, kind=kind)
     A.kill_at(procs, config, point)
     assert db.agg_run.count_documents({}) == 1  # the run left pending
-    A.add_events(db, 25, seed=6)  # and life goes on
+    A.add_events(db, 25, seed=6, kind=kind)  # and life goes on
     res = A.ok(A.aggregate(config, A.NAME))
     assert f"left {point}" in res.stdout
     assert A.output(db) == A.python_count(db)
     A.assert_clean(db)
 
 
+@pytest.mark.parametrize("kind", A.KINDS)
 @pytest.mark.parametrize("point", ["marking", "running", "applying", "flagging"])
-def test_killed_full_run_then_run_again(db, config, procs, point):
-    _prepared(db)
+def test_killed_full_run_then_run_again(db, config, procs, point, kind):
+    _prepared(db, kind=kind)
     A.kill_at(procs, config, point, "full")
     res = A.ok(A.aggregate(config, A.NAME))
     assert f"left {point}" in res.stdout
@@ -143,8 +145,9 @@ def test_killed_full_run_then_run_again(db, config, procs, point):
     A.assert_clean(db)
 
 
-def test_killed_twice_in_a_row(db, config, procs):
-    _prepared(db)
+@pytest.mark.parametrize("kind", A.KINDS)
+def test_killed_twice_in_a_row(db, config, procs, kind):
+    _prepared(db, kind=kind)
     A.kill_at(procs, config, "applying")
     A.kill_at(procs, config, "applying")  # killed again while finishing the first
     A.ok(A.aggregate(config, A.NAME))
@@ -276,27 +279,33 @@ def test_second_aggregate_waits_with_wait(db, config, procs):
     A.assert_clean(db)
 
 
-def test_events_arriving_during_a_run_go_to_the_next(db, config, procs):
+@pytest.mark.parametrize("kind", A.KINDS)
+def test_events_arriving_during_a_run_go_to_the_next(db, config, procs, kind):
     A.register(db, task_name=SLOW)
-    A.add_events(db, 150, keys="ab", seed=8)  # its job maps for 3 s
+    A.add_events(db, 150, keys="ab", seed=8, kind=kind)  # its job maps for 3 s
     expected_first = A.python_count(db)
     p = procs.zcmd("agg", config, "aggregate", A.NAME, env=A.ENV)
     wait_for(lambda: A.running(db), what="the job")
-    A.add_events(db, 50, keys="bc", seed=9)
+    A.add_events(db, 50, keys="bc", seed=9, kind=kind)
     assert A.running(db), "the run ended before the test could act"
     assert p.wait(60) == 0, procs.log("agg")
     assert A.output(db) == expected_first
-    assert db.event.count_documents({"aggregates": A.NAME}) == 150
+    if kind == "other":
+        assert db.event.count_documents({"aggregates": A.NAME}) == 150
+    else:
+        assert list(A.counted_positions(db).values()) == [150]
     A.ok(A.aggregate(config, A.NAME))
     assert A.output(db) == A.python_count(db)
     A.assert_clean(db)
 
 
-def test_two_aggdefs_over_the_same_events(db, config, procs):
-    """Marks and flags of two AggDefs on the same documents do not disturb each other."""
+@pytest.mark.parametrize("kind", A.KINDS)
+def test_two_aggdefs_over_the_same_events(db, config, procs, kind):
+    """Marks and flags (or positions) of two AggDefs over the same documents do not
+    disturb each other."""
     A.register(db)
     A.register(db, "types", task_name="my.more.CountTypes")
-    A.add_events(db, 150, seed=10)
+    A.add_events(db, 150, seed=10, kind=kind)
     db.event.insert_many([{"foo": "a", "type": t} for t in ("x", "y", "y")])
     a = procs.zcmd("a", config, "aggregate", A.NAME, env=A.ENV)
     b = procs.zcmd("b", config, "aggregate", "types", "full", env=A.ENV)

@@ -39,7 +39,8 @@ def test_sigkill_before_everything_is_committed_then_restart_stores_each_event_o
     assert "replaying" in procs.log("eventlog2")
     procs.kill(p2, signal.SIGTERM)
     assert p2.returncode == 0
-    journal_files = [f for f in os.listdir(os.path.join(cfg["journal"], "server-0"))]
+    journal_files = [f for f in os.listdir(os.path.join(cfg["journal"], "server-0"))
+                     if f.endswith(".jnl")]
     assert journal_files == [], journal_files
 
 

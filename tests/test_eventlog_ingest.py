@@ -13,6 +13,7 @@ import bson
 
 from tests.eventlog_util import load, push, seqs, start_logger, stats
 from tests.support import ROOT, proc_env, wait_for
+from zarkov import streams
 
 
 def test_bson_json_and_noval_events_are_stored_with_their_fields(procs, config_file, db):
@@ -39,9 +40,15 @@ def test_bson_json_and_noval_events_are_stored_with_their_fields(procs, config_f
     # timestamp filled with the receive time, context with {}; the _id given by the logger
     assert before <= docs[2]["timestamp"] <= dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     assert docs[2]["context"] == {} and isinstance(docs[2]["_id"], bson.ObjectId)
-    # event_noval: as sent, minus $command, plus an _id
-    assert {k: v for k, v in docs[3].items() if k != "_id"} == \
+    # event_noval: as sent, minus $command, plus its position (_id and _seq)
+    assert {k: v for k, v in docs[3].items() if k not in ("_id", "_seq")} == \
         {"anything": {"goes": 1}, "type": 7, "extra": {"seq": 3}}
+    # Every event has a position in the logger's one stream: numbers 1 to 4, the
+    # stream's bound published once they were stored.
+    (stream,) = {d["_id"].binary[:8] for d in docs.values()}
+    assert sorted(d["_seq"] for d in docs.values()) == [1, 2, 3, 4]
+    assert all(d["_id"].binary[8:] == d["_seq"].to_bytes(4, "big") for d in docs.values())
+    wait_for(lambda: streams.bounds(db, "event") == {stream.hex(): 4}, what="bound 4")
     assert docs[4]["timestamp"] == dt.datetime(2011, 11, 1, 12, 30, 5)
     assert docs[4]["extra"]["at"] == dt.datetime(2011, 11, 1, 12, 30, 5, 500000)
     assert docs[4]["context"] == {"project": "p1"}
@@ -136,7 +143,7 @@ def test_client_events_and_noval(procs, config_file, db):
     docs = {d["extra"]["seq"]: d for d in db.event.find()}
     assert docs[0]["type"] == "download" and docs[0]["context"] == {"user": "bob"}
     assert docs[1]["timestamp"] == when
-    assert {k: v for k, v in docs[2].items() if k != "_id"} == \
+    assert {k: v for k, v in docs[2].items() if k not in ("_id", "_seq")} == \
         {"kind": "raw", "extra": {"seq": 2}, "note": "kw"}
 
 
@@ -151,8 +158,10 @@ def test_several_event_servers_share_the_work(procs, config_file, db):
     push(cfg["json_bind_address"], [json.dumps({"type": "j", "extra": {"seq": n}}).encode()])
     wait_for(lambda: db.event.count_documents({}) == n + 1, timeout=60, what="every event stored")
     assert seqs(db.event) == list(range(n + 1))
-    both = [stats(cfg["journal"], i)["accepted"] for i in (0, 1)]
-    assert sum(both) == n + 1 and min(both) > 0, both
+    # The stats files are rewritten a few times a second: wait for the last write.
+    both = wait_for(lambda: (b := [stats(cfg["journal"], i)["accepted"] for i in (0, 1)])
+                    and sum(b) == n + 1 and b, what="both servers' stats")
+    assert min(both) > 0, both
     procs.kill(p, signal.SIGTERM)
     assert p.returncode == 0, procs.log("eventlog")
     assert procs.log("eventlog").count("stopped: accepted") == 2

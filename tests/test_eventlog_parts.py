@@ -11,13 +11,21 @@ from tests.eventlog_util import load, start_logger
 from tests.support import run_zcmd, wait_for
 from zarkov.eventlog import journal as J
 from zarkov.eventlog.rotate import rotate
+from zarkov import positions
 from zarkov.eventlog.schema import Rejected, prepare_bson, prepare_json
+from zarkov.eventlog.stream import Stream
 
 
 def test_bson_event_is_stored_as_received_with_missing_fields_in_front():
     sent = bson.encode({"type": "t", "extra": {"a": [1, {"b": 2}]}})
-    doc = bson.decode(prepare_bson(sent, 1300000000123))
-    assert list(doc) == ["_id", "timestamp", "context", "type", "extra"]
+    ids = Stream.detached()
+    raw = prepare_bson(sent, 1300000000123, ids)
+    doc = bson.decode(raw)
+    assert list(doc) == ["_id", "_seq", "timestamp", "context", "type", "extra"]
+    # Its position: the stream's first, in its _id and _seq.
+    assert doc["_id"].binary == ids.stream + b"\x00\x00\x00\x01" and doc["_seq"] == 1
+    assert positions.of_record(raw) == (ids.stream, 1)
+    assert positions.of_record(prepare_json(b'{"type": "t"}', 0, ids)) == (ids.stream, 2)
     assert doc["timestamp"] == dt.datetime(2011, 3, 13, 7, 6, 40, 123000)
     assert doc["context"] == {} and doc["extra"] == {"a": [1, {"b": 2}]}
     complete = bson.encode({"_id": 1, "timestamp": dt.datetime(2020, 1, 1), "type": "t",

@@ -6,7 +6,7 @@ import pytest
 import zmq
 
 from tests.support import wait_for
-from zarkov import wire
+from zarkov import streams, wire
 from zarkov.client import ZarkovClient
 
 
@@ -53,7 +53,12 @@ def test_realtime_aggdef_produces_its_aggregate_and_announces_it(served, zconfig
         counted[row["_id"]["type"]] += row["value"]
     assert counted == sent
     assert announced == 600
-    assert db.event.count_documents({"aggregates": "per_type"}) == 600
+    # Counted by their positions: the AggDef's position is the stream's bound, and
+    # nothing was written to the events.
+    (stream, bound), = streams.bounds(db, "event").items()
+    assert bound == 600
+    assert db.agg_position.find_one({"_id": "per_type"})["streams"] == {stream: 600}
+    assert db.event.count_documents({"aggregates": {"$exists": True}}) == 0
 
     procs.kill(proc, signal.SIGTERM)
     assert proc.returncode == 0, procs.log("serve")[-2000:]
