@@ -29,6 +29,7 @@ from tests.conftest import make_config
 from tests.support import free_port, wait_for, write_config
 from tests.webtools import browser_missing, chrome, post_json, start_serve, web_base
 from zarkov import examples
+from zarkov.agg import positions
 from zarkov.client import ZarkovClient
 from zarkov.eventlog.perftest import synthetic_event
 
@@ -261,8 +262,8 @@ def test_the_screenshot_over_the_demos_data(procs, mongo_uri, mongo_client, tmp_
             e = synthetic_event(seq, rng)
             client.event(e["type"], e["context"], extra=e["extra"])
         client.close()
-        wait_for(lambda: db.event.count_documents(
-            {"aggregates": {"$all": list(examples.DEMO_AGGDEFS)}}) == 600, timeout=400,
+        wait_for(lambda: db.event.count_documents({}) == 600 and all(
+            positions.waiting(db, name) == 0 for name in examples.DEMO_AGGDEFS), timeout=400,
             interval=1, what="the demo's AggDefs to count every event")
         driver.set_window_size(1280, 1180)
         open_dashboard(driver, base)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from pymongo.database import Database
+
 from zarkov import streams
 from zarkov.agg import Scope
 from zarkov.positions import Range
@@ -22,10 +24,24 @@ from zarkov.positions import Range
 COLLECTION = "agg_position"
 
 
-def counted(scope: Scope) -> dict[str, int]:
-    """``{stream: seq}``: how far the AggDef has counted each stream."""
-    doc = scope.db[COLLECTION].find_one({"_id": scope.name}) or {}
+def counted_by(db: Database, name: str) -> dict[str, int]:
+    """``{stream: seq}``: how far AggDef ``name`` has counted each stream."""
+    doc = db[COLLECTION].find_one({"_id": name}) or {}
     return {k: int(v) for k, v in (doc.get("streams") or {}).items()}
+
+
+def counted(scope: Scope) -> dict[str, int]:
+    """``{stream: seq}``: how far the run's AggDef has counted each stream."""
+    return counted_by(scope.db, scope.name)
+
+
+def waiting(db: Database, name: str, collection: str = "event") -> int:
+    """Positions stored in ``collection`` that AggDef ``name`` has not counted yet
+    (an upper bound of the events: a position whose event was refused holds none).
+    Two small reads, whatever the history."""
+    done = counted_by(db, name)
+    return sum(max(0, bound - done.get(stream, 0))
+               for stream, bound in streams.bounds(db, collection).items())
 
 
 def new_ranges(scope: Scope, limit: Optional[int] = None) -> list[Range]:
