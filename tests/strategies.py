@@ -1,7 +1,7 @@
 """Hypothesis strategies for fuzzing Zarkov's input surfaces, and the fuzz budget.
 
 Every surface that takes input from outside is fuzzed with these: the event
-sockets (BSON and JSON messages), the router's request socket and sink, the config
+sockets (BSON and JSON messages), the router's request, tasks and sink sockets, the config
 loader, and whatever comes next (the HTTP endpoints can draw query values from
 :func:`scalars`, :func:`bson_values` and :func:`nasty_text`).
 
@@ -292,13 +292,23 @@ def random_requests() -> st.SearchStrategy[dict]:
 
 
 def sink_messages() -> st.SearchStrategy[list[bytes]]:
-    """What the router's sink may receive from a stranger: forged heartbeats and replies
-    with fields of any type, random bytes, several frames."""
+    """What the router's worker sockets (tasks and sink) may receive from a stranger:
+    forged heartbeats, requests for tasks, replies and goodbyes with fields of any
+    type (or of the right types with any value), random bytes, several frames."""
+    small = st.one_of(st.integers(-2, 70), st.integers(INT64_MIN, INT64_MAX), bson_values(2))
+    ready = st.one_of(
+        bson_values(3),
+        st.fixed_dictionaries({}, optional={"pid": small, "host": st.one_of(nasty_text(8),
+                                                                          bson_values(2)),
+                                            "seen": small, "free": small}))
     header = st.one_of(
         st.fixed_dictionaries({"hb": bson_values(3)}, optional={"host": bson_values(3),
                                                                 "errors": bson_values(3)}),
         st.fixed_dictionaries({}, optional={"j": bson_values(3), "t": bson_values(3),
-                                            "ok": bson_values(3), "traceback": bson_values(3)}),
+                                            "ok": bson_values(3), "traceback": bson_values(3),
+                                            "ready": ready}),
+        st.fixed_dictionaries({"ready": ready}),
+        st.fixed_dictionaries({"bye": small}, optional={"host": bson_values(3)}),
         st.dictionaries(keys(), bson_values(4), max_size=4))
     return st.tuples(st.one_of(header.map(bson.encode), st.binary(max_size=40)),
                      st.lists(st.binary(max_size=40), max_size=3)).map(lambda t: [t[0], *t[1]])

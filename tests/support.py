@@ -71,6 +71,25 @@ def wait_for(cond: Callable[[], object], timeout: float = 30.0, interval: float 
                          + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
+def children(pid: int) -> list[int]:
+    """Process ids of the children of ``pid`` (a worker pool's processes)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def child_asleep(pid: int) -> int | None:
+    """A child of ``pid`` asleep in ``time.sleep`` (Linux's wchan), or None: a worker
+    process caught inside a map that sleeps, such as ``map_slow``."""
+    for child in children(pid):
+        try:
+            with open(f"/proc/{child}/wchan") as f:
+                if "nanosleep" in f.read():
+                    return child
+        except OSError:
+            continue
+    return None
+
+
 def proc_env(extra: dict | None = None) -> dict:
     """The environment for child processes: the repo importable, output unbuffered."""
     env = dict(os.environ)

@@ -165,3 +165,25 @@ def test_fuzz_sink_from_a_stranger(router):
     wait_for(lambda: router_status(router.uri, TIMEOUT)["sink_dropped"] > 0, timeout=30,
              what="the forged messages dropped")
     still_serving(router)
+
+
+def test_fuzz_tasks_socket_from_a_stranger(router):
+    """Forged requests for tasks, replies and goodbyes on the workers' tasks port are
+    dropped, or cost no more than a worker process that left: what a stranger that
+    asked for tasks holds goes to the real workers once its connection closes."""
+    ports = wire.request(router.uri, {"$command": "config"}, TIMEOUT)
+    dropped = router_status(router.uri, TIMEOUT)["sink_dropped"]
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 5000)
+    dealer.connect(f"tcp://127.0.0.1:{ports['src_port']}")
+    try:
+        @fuzz_settings(100)
+        @given(sink_messages())
+        def send(frames):
+            dealer.send_multipart(frames)
+        send()
+    finally:
+        dealer.close()
+    wait_for(lambda: router_status(router.uri, TIMEOUT)["sink_dropped"] > dropped,
+             timeout=30, what="the forged messages dropped")
+    still_serving(router)

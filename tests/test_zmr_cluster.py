@@ -14,7 +14,8 @@ import pytest
 import zmq
 
 from tests.fixtures import zmr_functions as F
-from tests.support import Processes, free_port, run_zcmd, wait_for, write_config
+from tests.support import (Processes, child_asleep, children, free_port, run_zcmd,
+                           wait_for, write_config)
 from zarkov import wire
 from zarkov.zmr import client
 
@@ -53,19 +54,11 @@ class Cluster:
         return tuple(k.items()) if isinstance(k, dict) else k
 
     def worker_pids(self):
-        with open(f"/proc/{self.pool_proc.pid}/task/{self.pool_proc.pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+        return children(self.pool_proc.pid)
 
     def worker_in_map(self):
-        """The pid of a worker process sleeping in map_slow (Linux's wchan), or None."""
-        for pid in self.worker_pids():
-            try:
-                with open(f"/proc/{pid}/wchan") as f:
-                    if "nanosleep" in f.read():
-                        return pid
-            except OSError:
-                continue
-        return None
+        """The pid of a worker process sleeping in map_slow, or None."""
+        return child_asleep(self.pool_proc.pid)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,8 @@ import signal
 
 import yaml
 
-from tests.support import wait_for
+from tests.support import children, wait_for
 from zarkov import wire
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 def test_sigterm_stops_pool_children_and_router(procs, cluster):

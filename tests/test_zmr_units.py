@@ -6,12 +6,12 @@ import datetime
 import os
 import subprocess
 import sys
-import time
 
 import bson
 from bson.raw_bson import RawBSONDocument
 import gevent
 import pytest
+import zmq
 
 from tests.support import ROOT, proc_env
 from zarkov.zmr import compute, dispatch, jobspec, reader
@@ -162,69 +162,262 @@ def test_jobspec_defaults_and_errors():
             jobspec.status_wait({"wait": bad})
 
 
-class FakeDispatcher(dispatch.Dispatcher):
-    """A dispatcher whose socket only records what was sent."""
+class FakeTasksSocket:
+    """The router's tasks socket: records what goes to which connection; a connection
+    in ``closed`` refuses, as a ROUTER_MANDATORY socket does."""
 
     def __init__(self):
-        super().__init__(push_socket=None)
-        self.sent = []
+        self.sent: list[list[bytes]] = []
+        self.closed: set[bytes] = set()
 
-    def send(self, frames):
+    def send_multipart(self, frames, flags=0):
+        if frames[0] in self.closed:
+            raise zmq.ZMQError(zmq.EHOSTUNREACH)
         self.sent.append(frames)
 
+    def tasks_to(self, rid: bytes) -> list[bytes]:
+        """The task frames sent to ``rid`` (probes left out), in order."""
+        return [f[1] for f in self.sent if f[0] == rid and f[1:] != [dispatch.PROBE]]
 
-def reply(ts, t, ok=True, **extra):
-    ts.dispatcher.on_message([bson.encode({"j": ts.job_id, "t": t, "ok": ok, **extra})])
+
+class Clock:
+    """time.monotonic() for the dispatcher, moved by the test."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
 
 
-def test_taskset_ignores_late_duplicates_and_resends_after_time_limit():
-    d = FakeDispatcher()
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(dispatch, "time", c)
+    return c
+
+
+class Worker:
+    """A worker process as the dispatcher sees it: a connection that asks for tasks,
+    answers them, beats and says goodbye."""
+
+    def __init__(self, d: dispatch.Dispatcher, rid: bytes, pid: int, window: int = 2):
+        self.d, self.rid, self.pid, self.window = d, rid, pid, window
+        self.seen = 0
+
+    def ready(self, free=None, **extra):
+        return {"pid": self.pid, "host": "h", "seen": self.seen,
+                "free": self.window if free is None else free, **extra}
+
+    def ask(self, free=None):
+        self.d.on_worker([self.rid, bson.encode({"ready": self.ready(free)})])
+
+    def got(self) -> list[bytes]:
+        return self.d.sock.tasks_to(self.rid)
+
+    def answer(self, task: bytes, ok=True, free=None, **extra):
+        """Answer the task whose frame is ``task`` (having received all sent before)."""
+        self.seen = self.got().index(task) + 1
+        j, t = task.decode().split(":")
+        self.d.on_worker([self.rid, bson.encode({"j": j, "t": int(t), "ok": ok, "pid": self.pid,
+                                                 "ready": self.ready(free), **extra})])
+
+    def beat(self):
+        self.d.on_sink([bson.encode({"hb": self.pid, "host": "h"})])
+
+    def bye(self):
+        self.d.on_worker([self.rid, bson.encode({"bye": self.pid, "host": "h"})])
+
+
+def taskset(d, job="job", cap=60, limit=10, results=None):
+    return dispatch.TaskSet(d, job, "map", lambda t, h, f: (results if results is not None
+                                                            else []).append(t),
+                            lambda: limit, cap=cap)
+
+
+def add(ts, *ids):
+    for i in ids:
+        ts.add(i, [f"{ts.job_id}:{i}".encode()], 100)
+
+
+def frame(ts, i) -> bytes:
+    return f"{ts.job_id}:{i}".encode()
+
+
+def two_workers(*ids, **taskset_args):
+    """A dispatcher, a set holding tasks ``ids`` and two worker processes, A and B,
+    that have not asked for any yet."""
+    d = dispatch.Dispatcher(FakeTasksSocket())
+    ts = taskset(d, **taskset_args)
+    add(ts, *ids)
+    return d, ts, Worker(d, b"A", 101), Worker(d, b"B", 102)
+
+
+def test_tasks_go_only_to_worker_processes_that_asked_the_idlest_first(clock):
+    d = dispatch.Dispatcher(FakeTasksSocket())
     results = []
-    ts = dispatch.TaskSet(d, "job1", "map", lambda t, h, f: results.append(t), lambda: 10, cap=60)
-    ts.add(1, [b"a"], 100)
-    ts.add(2, [b"b"], 100)
-    assert ts.time_limit(ts.pending[1]) == 60  # nothing observed yet: the cap
-    reply(ts, 1)
-    reply(ts, 1)  # a late duplicate
-    assert results == [1] and ts.duplicates == 1
+    ts = taskset(d, results=results)
+    add(ts, 1, 2, 3)
+    assert d.sock.sent == [] and d.waiting() == 3  # nobody asked yet
+    a, b, idle = Worker(d, b"A", 101), Worker(d, b"B", 102, window=1), Worker(d, b"I", 103)
+    idle.ask(free=0)
+    a.ask()
+    assert a.got() == [frame(ts, 1), frame(ts, 2)] and d.waiting() == 1
+    b.ask()
+    assert b.got() == [frame(ts, 3)] and idle.got() == [] and d.waiting() == 0
+    add(ts, 4)
+    assert d.waiting() == 1  # A's two places are taken until it says otherwise
+    a.answer(frame(ts, 1))  # it has received 1 of 2: room for one more
+    assert a.got()[-1] == frame(ts, 4) and results == [1]
+    b.answer(frame(ts, 3))
+    a.ask()  # said again while idle: changes nothing
+    add(ts, 5)
+    assert b.got()[-1] == frame(ts, 5)  # B holds nothing, A two: B first
+    assert len(a.got()) == 3 and idle.got() == [] and d.dropped == 0
+
+
+def test_a_goodbye_sends_at_once_what_the_process_held_and_costs_no_attempt(clock):
+    d, ts, a, b = two_workers(1, 2)
+    a.ask()
+    a.answer(frame(ts, 1), free=0)  # its last: it asks for nothing more ...
+    a.bye()  # ... but leaves early (its memory) with task 2 unstarted
+    assert ts.resent_lost == 1 and ts.resent_for_time_limit == 0 and d.waiting() == 1
+    assert ts.pending[2].strikes == 0
+    b.ask()
+    assert b.got() == [frame(ts, 2)]
+    for k in range(dispatch.MAX_ATTEMPTS + 2):  # recycling never fails a task
+        w = Worker(d, f"C{k}".encode(), 200 + k)
+        b.bye() if k == 0 else None
+        w.ask()
+        w.bye()
+    assert ts.error is None and 2 in ts.pending
+    assert d.resent_lost == ts.resent_lost
+
+
+def test_a_vanished_process_s_tasks_go_out_again_within_a_tick(clock):
+    d, ts, a, b = two_workers(1, 2)
+    a.ask()
+    b.ask(free=0)
+    d.sock.closed.add(b"A")  # SIGKILLed: its connection closes
+    a.answer(frame(ts, 1))  # a reply it sent before dying is still read
+    d.tick()
+    assert d.conns[b"A"].gone and ts.resent == 0  # its replies are read first ...
+    clock.now += dispatch.GONE_GRACE
+    d.tick()
+    assert ts.resent_lost == 1 and b"A" not in d.conns  # ... then its tasks go out again
+    assert ts.pending[2].strikes == 1  # it was running task 2 (task 1 answered)
+    b.ask()
+    assert b.got() == [frame(ts, 2)]
+    # A send to a connection already closed fails and goes elsewhere.
+    add(ts, 3)
+    c = Worker(d, b"C", 103)
+    d.sock.closed.add(b"C")
+    c.ask()
+    assert c.got() == [] and b.got()[-1] == frame(ts, 3)
+
+
+def test_a_silent_process_s_tasks_go_out_again(clock):
+    d, ts, a, b = two_workers(1)
+    a.ask()
+    for _ in range(3):  # its heartbeats come while it runs the task
+        clock.now += 1.0
+        a.beat()
+        d.tick()
+    clock.now += dispatch.WORKER_SEEN - 0.1
+    d.tick()
+    assert ts.resent == 0
+    clock.now += 0.2  # no heartbeat for longer than WORKER_SEEN: its host was cut off
+    d.tick()
+    assert ts.resent_lost == 1 and ts.resent_for_time_limit == 0
+    assert ts.pending[1].strikes == 0  # it may be alive, holding the GIL: no attempt
+    b.ask()
+    assert b.got() == [frame(ts, 1)]
+
+
+def test_a_busy_live_process_keeps_its_time_limit_counted_from_when_it_began(clock):
+    d, ts, a, b = two_workers(1, 2, 3, cap=20)
+    a.ask()  # holds 1 (running) and 2 (next)
+    assert ts.time_limit(ts.pending[1]) == 20  # nothing observed yet: the cap
+    while clock.now < 1000 + 19.5:
+        clock.now += 0.5
+        a.beat()
+        d.tick()
+    assert ts.resent == 0  # slow, but alive and within its limit
+    a.answer(frame(ts, 1), free=0)  # 20 s; task 2 begins now
+    assert ts.pending[2].started == clock.now
     limit = ts.time_limit(ts.pending[2])
-    assert dispatch.FLOOR <= limit < 10  # adapted to the fast first answer
-    ts.resend_expired(ts.pending[2].sent_at + limit + 0.1)
-    assert ts.resent == 1 and len(d.sent) == 3
+    assert limit == 20  # min(cap, FLOOR + FACTOR x 20 s)
+    began = clock.now
+    while clock.now < began + limit - 0.5:
+        clock.now += 0.5
+        a.beat()
+        d.tick()
+    assert ts.resent == 0
+    clock.now += 1.0
+    a.beat()
+    d.tick()  # past its limit on a live process: sent again, counted apart
+    assert ts.resent_for_time_limit == 1 and ts.resent_lost == 0
+    assert ts.pending[2].strikes == 1
+    b.ask()
+    assert b.got() == [frame(ts, 2), frame(ts, 3)]
+    b.answer(frame(ts, 2))
+    a.answer(frame(ts, 2))  # the first send answers late: dropped, counted
+    assert ts.duplicates == 1 and 2 in ts.done
+
+
+def test_a_task_its_processes_keep_dying_on_fails_the_job(clock):
+    d = dispatch.Dispatcher(FakeTasksSocket())
+    ts = taskset(d, job="doomed")
+    add(ts, 1)
+    for k in range(dispatch.MAX_ATTEMPTS):
+        w = Worker(d, f"W{k}".encode(), 300 + k)
+        w.ask()
+        assert w.got() == [frame(ts, 1)]
+        d.sock.closed.add(w.rid)
+        d.tick()
+        clock.now += dispatch.GONE_GRACE
+        d.tick()
+    with pytest.raises(dispatch.TaskFailed, match="not answered after 5 attempts"):
+        ts.wait()
+
+
+def test_late_duplicates_and_strangers_messages_are_counted_and_dropped(clock):
+    d = dispatch.Dispatcher(FakeTasksSocket())
+    results = []
+    ts = taskset(d, results=results)
+    add(ts, 1)
+    a = Worker(d, b"A", 101)
+    a.ask()
+    a.answer(frame(ts, 1))
+    a.answer(frame(ts, 1))
+    assert results == [1] and ts.duplicates == 1
     ts.close()
-    reply(ts, 2)
     ts.wait()
-    assert results == [1, 2]
-    reply(ts, 2)  # the first send of task 2 answers late: nobody listens any more
+    a.answer(frame(ts, 1))  # nobody listens any more
     assert d.unrouted == 1
+    bad = [[b"X"], [b"X", b"not BSON"], [b"X", bson.encode({"what": 1})],
+           [b"X", bson.encode({"bye": "x"})], [b"X", bson.encode({"ready": 5})],
+           [b"X", bson.encode({"ready": {"pid": 1, "host": "h", "seen": -1, "free": 1}})],
+           [b"X", bson.encode({"ready": {"pid": 1, "host": "h", "seen": 0, "free": 10**6}})],
+           [b"X", bson.encode({"j": 5, "t": "1"})],
+           [b"A", bson.encode({"ready": {**a.ready(), "pid": 999}})]]  # another pid
+    for frames in bad:
+        d.on_worker(frames)
+    d.on_sink([b"\x00garbage"])
+    d.on_sink([bson.encode({"j": "job", "t": 1, "ok": True})])  # replies go on tasks
+    assert d.dropped == len(bad) + 2 and b"X" not in d.conns
 
 
-def test_a_worker_saying_goodbye_makes_the_tasks_out_be_sent_again_soon():
-    d = FakeDispatcher()
-    ts = dispatch.TaskSet(d, "job3", "map", lambda t, h, f: None, lambda: 10, cap=60)
-    ts.add(1, [b"a"], 100)
-    ts.add(2, [b"b"], 100)
-    sent_at = ts.pending[1].sent_at
-    ts.resend_expired(sent_at + 1.0)
-    assert ts.resent == 0  # within the time limit (the cap: nothing observed yet)
-    d.on_message([bson.encode({"bye": 4242, "host": "h"})])  # a recycling worker
-    ts.resend_expired(time.monotonic() + dispatch.BYE_GRACE + 0.05)
-    assert ts.resent == 2 and len(d.sent) == 4  # may have been queued there: again
-    ts.add(3, [b"c"], 100)  # sent after the goodbye: not suspect
-    ts.resend_expired(time.monotonic() + dispatch.BYE_GRACE + 0.05)
-    assert ts.resent == 2
-    d.on_message([bson.encode({"bye": "x"})])
-    assert d.dropped == 1
-
-
-def test_taskset_failure_carries_the_traceback_and_limits_in_flight():
-    d = FakeDispatcher()
-    ts = dispatch.TaskSet(d, "job2", "reduce", lambda t, h, f: None, lambda: 1, cap=60)
-    ts.add(1, [b"a"])
-    adder = gevent.spawn(ts.add, 2, [b"b"])
+def test_taskset_failure_carries_the_traceback_and_limits_in_flight(clock):
+    d = dispatch.Dispatcher(FakeTasksSocket())
+    ts = taskset(d, job="job2", limit=1)
+    a = Worker(d, b"A", 101)
+    a.ask()
+    add(ts, 1)
+    adder = gevent.spawn(add, ts, 2)
     gevent.sleep(0.05)
-    assert len(d.sent) == 1  # the second waits for a free slot
-    reply(ts, 1, ok=False, traceback="Traceback...\nValueError: boom\n")
+    assert a.got() == [frame(ts, 1)]  # the second waits for a free slot
+    a.answer(frame(ts, 1), ok=False, traceback="Traceback...\nValueError: boom\n")
     with pytest.raises(dispatch.TaskFailed) as e:
         ts.wait()
     assert "boom" in e.value.traceback

@@ -32,8 +32,8 @@ log = logging.getLogger("zarkov.security")
 # Every server socket: name (its ZAP domain) -> what it is, for logs.
 SOCKETS = {
     "requests": "the router's requests (zmr.req_bind)",
-    "tasks": "the router's tasks (zmr.worker_uri)",
-    "results": "the router's results (zmr.worker_uri)",
+    "tasks": "the router's tasks and their replies (zmr.worker_uri)",
+    "heartbeats": "the router's worker heartbeats (zmr.worker_uri)",
     "events-bson": "the BSON events (bson_bind_address)",
     "events-json": "the JSON events (json_bind_address)",
     "publish": "the agg_complete publisher (publish_bind_address)",

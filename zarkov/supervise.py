@@ -1,7 +1,7 @@
 """Loops that outlive bad input, and processes that end when one dies all the same.
 
 Every long-lived loop of a Zarkov process (an event server's receive loops and its
-committer, the router's request, sink and tick loops, the worker pool's monitor …)
+committer, the router's request, tasks, sink and tick loops, the worker pool's monitor …)
 handles one message or one round at a time inside ``try: … except Exception:
 errors.record(…)``: an unexpected exception is logged with its traceback, counted in
 an :class:`Errors`, and the loop goes on with the next message.

@@ -62,7 +62,7 @@ class Job:
         if spec.kind != "basic":
             self.info.update(docs_read=0, chunks_done=0, chunks_total=0, partitions_done=0,
                              partitions_total=0, docs_written=0, chunks_resent=0,
-                             duplicates_ignored=0)
+                             resent_lost=0, resent_for_time_limit=0, duplicates_ignored=0)
         self.created = time.time()
         self.started: float | None = None
         self.ended: float | None = None
@@ -86,8 +86,10 @@ class Job:
         """The job's state and progress, as the ``status`` request reports it."""
         out = dict(self.info)
         for ts in self._sets:
-            out["chunks_resent"] = out.get("chunks_resent", 0) + ts.resent
-            out["duplicates_ignored"] = out.get("duplicates_ignored", 0) + ts.duplicates
+            for key, n in (("chunks_resent", ts.resent), ("resent_lost", ts.resent_lost),
+                           ("resent_for_time_limit", ts.resent_for_time_limit),
+                           ("duplicates_ignored", ts.duplicates)):
+                out[key] = out.get(key, 0) + n
         if self.started is not None:
             out["elapsed"] = round((self.ended or time.time()) - self.started, 3)
         return out

@@ -6,8 +6,12 @@ Runs under gevent (``zmq.green``).  Three sockets:
   map-reduce protocol"; fields in :mod:`.jobspec`).  A ROUTER rather than a REP so
   that a ``wait: true`` request can be answered when its job ends while other
   requests are served meanwhile;
-* PUSH at ``zmr.worker_uri`` + ``src_port``: tasks to worker processes;
-* PULL at ``zmr.worker_uri`` + ``sink_port``: replies and heartbeats.
+* ROUTER at ``zmr.worker_uri`` + ``src_port`` (``tasks``): each worker process
+  connects a DEALER, asks for tasks and sends their replies back on it; the router
+  sends a task only to a process that asked, and knows which one holds it
+  (:mod:`.dispatch`);
+* PULL at ``zmr.worker_uri`` + ``sink_port`` (``heartbeats``): the worker processes'
+  heartbeats.
 
 ``Router(config).serve_forever()`` is all a command needs; ``start()`` /
 ``stop()`` let a larger process (``zcmd serve``) run it beside other greenlets.
@@ -94,19 +98,21 @@ class Router:
         security.check_binds(self.config, ("zmr.req_bind", "zmr.worker_uri"))
         self.req = self._socket("ROUTER", "requests")
         self.req.bind(self.zcfg.req_bind)
-        push = self._socket("PUSH", "tasks")
-        # Tasks wait here, not in a dead worker's queue.
-        push.setsockopt(wire.zmq_module().SNDHWM, 1)
-        self.src_port = self._bind(push, self.zcfg.src_port)
-        self.sink = self._socket("PULL", "results")
+        self.tasks = self._socket("ROUTER", "tasks")
+        # Why mandatory: a send to a connection that has closed must fail (the task
+        # then goes to another process), not vanish.
+        self.tasks.setsockopt(wire.zmq_module().ROUTER_MANDATORY, 1)
+        self.src_port = self._bind(self.tasks, self.zcfg.src_port)
+        self.sink = self._socket("PULL", "heartbeats")
         self.sink_port = self._bind(self.sink, self.zcfg.sink_port)
-        self._sockets = [self.req, push, self.sink]
-        self.dispatcher = Dispatcher(push)
+        self._sockets = [self.req, self.tasks, self.sink]
+        self.dispatcher = Dispatcher(self.tasks)
         self._loops = [supervise.spawn("router: request loop", self._serve_requests),
+                       supervise.spawn("router: tasks loop", self._serve_tasks),
                        supervise.spawn("router: sink loop", self._serve_sink),
                        supervise.spawn("router: tick loop", self._tick)]
         self._started = True
-        log.info("router: requests at %s, tasks on port %d, replies on port %d%s",
+        log.info("router: requests at %s, tasks on port %d, heartbeats on port %d%s",
                  self.zcfg.req_bind, self.src_port, self.sink_port,
                  ", CURVE on" if security.curve_on(self.config) else "")
         return self
@@ -162,11 +168,19 @@ class Router:
             faults.hit("router.loop", frames[-1])
             self._requests.spawn(self._handle, frames)
 
+    def _serve_tasks(self) -> None:
+        while True:
+            try:
+                self.dispatcher.on_worker(self.tasks.recv_multipart())
+            except Exception:  # noqa: BLE001 - one bad message must not stop the replies
+                self.errors.record("tasks loop")
+                gevent.sleep(0)
+
     def _serve_sink(self) -> None:
         while True:
             try:
-                self.dispatcher.on_message(self.sink.recv_multipart())
-            except Exception:  # noqa: BLE001 - one bad message must not stop the replies
+                self.dispatcher.on_sink(self.sink.recv_multipart())
+            except Exception:  # noqa: BLE001 - one bad message must not stop the heartbeats
                 self.errors.record("sink loop")
                 gevent.sleep(0)
 
@@ -264,6 +278,8 @@ class Router:
                     "jobs_known": len(self.jobs), "jobs": self._recent_jobs(request),
                     "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
                     "sink_dropped": d.dropped, "worker_errors": d.worker_errors(),
+                    "tasks_waiting": d.waiting(), "tasks_resent_lost": d.resent_lost,
+                    "tasks_resent_for_time_limit": d.resent_for_time_limit,
                     "curve": security.curve_on(self.config),
                     "refused": sum(refused.values()), "refused_by_socket": refused}
         job_id = request["job_id"]

@@ -1,22 +1,34 @@
-"""One map-reduce worker process: receive a task, run the shipped function, reply.
+"""One map-reduce worker process: ask for a task, run the shipped function, reply.
 
 Run as ``python -m zarkov.zmr.worker --req-uri URI [--server-key FILE --client-key
 FILE]``; :mod:`.pool` starts these.  With keys, every socket is a CURVE client.
 The process is plain (no gevent) and single-threaded apart from a heartbeat thread.
 It asks the router for its ports with a ``config`` request, so only ``req_uri``
-needs to be known, then PULLs tasks from the router's source port and PUSHes
-replies to its sink port.
+needs to be known, then connects a DEALER to the router's source port (the
+``tasks`` socket: tasks come in, replies go out) and PUSHes heartbeats to its sink
+port.
+
+Tasks by credit: every message on the DEALER carries ``ready: {pid, host, seen,
+free}`` — the tasks received so far and how many more it could hold now (two: the
+one it runs and the next, so that it never waits for work; fewer as it nears its
+last).  It says so when it connects, in every reply, and every second while idle
+(so that a router started again learns of it).  The router sends a task only where
+there is room, so the process never receives one it did not ask for.  An empty
+message from the router is a probe of the connection, and is ignored.
 
 Task: frames ``[header, payload...]``, header ``{j: job id, t: task id, kind,
 fns: {what: [text, name]}, ...}``.  Reply: ``[header, payload...]`` with
-``{j, t, ok, pid, echo, ...}``, or ``{ok: false, traceback}`` when the function raised.
-Heartbeat: ``[{hb: pid, host}]`` every second, so the router knows who is there;
-``[{bye: pid, host}]`` when the process recycles itself (below), so that the router
-sends again soon a task that was queued here.  Kind ``mapreduce`` maps, reduces and
-finalizes a whole input that fits in one chunk.
+``{j, t, ok, pid, echo, ready, ...}``, or ``{ok: false, traceback}`` when the function
+raised.  Heartbeat (on the sink): ``[{hb: pid, host, errors}]`` every second, so the
+router knows who is alive even while a task runs long; ``[{bye: pid, host}]`` on the
+DEALER after its last reply when the process recycles itself (below), so that the
+router sends at once what it still holds (nothing, unless it leaves early for its
+memory).  Kind ``mapreduce`` maps, reduces and finalizes a whole input that fits in
+one chunk.
 
 The process exits (and the pool replaces it) after ``--max-requests`` tasks or
-when its resident memory passes ``--suicide-kib``: shipped code may leak.
+when its resident memory passes ``--suicide-kib``: shipped code may leak.  Before
+exiting it waits until its last reply and its goodbye have left.
 
 A task that cannot even be read is logged with its traceback and counted (the count
 travels in the heartbeat; the router's ``status`` sums it as ``worker_errors``), and
@@ -49,7 +61,10 @@ from zarkov.zmr import compute
 log = logging.getLogger("zarkov.zmr.worker")
 
 HEARTBEAT_INTERVAL = 1.0
-CONFIG_REFRESH = 5.0  # seconds idle before asking the router for its ports again
+CONFIG_REFRESH = 5.0   # seconds without a word from the router before asking its ports again
+ANNOUNCE_INTERVAL = 1.0  # seconds idle between two reminders to the router that we are here
+WINDOW = 2             # tasks held at most: the one running and the next
+LINGER_MS = 5000       # how long the last reply and the goodbye may take to leave at exit
 
 
 def rss_kib() -> int:
@@ -68,9 +83,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def handle(frames: list[bytes]) -> list[bytes]:
-    """Run one task and return the reply frames; errors become ``ok: false``."""
-    base: dict[str, Any] = {"j": None, "t": None, "pid": os.getpid()}
+def handle(frames: list[bytes], extra: dict[str, Any] | None = None) -> list[bytes]:
+    """Run one task and return the reply frames; errors become ``ok: false``.
+
+    ``extra`` goes into the reply's header (the worker's ``ready``).
+    """
+    base: dict[str, Any] = {"j": None, "t": None, "pid": os.getpid(), **(extra or {})}
     try:
         header = bson.decode(frames[0], wire.CODEC)
         base.update(j=header.get("j"), t=header.get("t"))
@@ -117,16 +135,19 @@ class Worker:
         self.req_uri = req_uri
         self.keys = keys
         self.host = urlsplit(req_uri).hostname or "127.0.0.1"
-        # Why a random share of the limit: processes started together, fed round
-        # robin, would otherwise all recycle at once and leave the router without
-        # any for the second or so a new one takes to start.
+        self.hostname = socket.gethostname()
+        # Why a random share of the limit: processes started together would otherwise
+        # all recycle at once and leave the router without any for the second or so a
+        # new one takes to start.
         self.max_requests = max(1, int(max_requests * random.uniform(0.75, 1.0)))
         self.suicide_kib = suicide_kib
         self.parent_pid = parent_pid
         self.ctx = zmq.Context()
         self.ports: tuple[int, int] | None = None
         self.sink_uri: str | None = None
-        self.pull = self.push = None
+        self.tasks = None
+        self.received = 0
+        self.last_said = 0.0
         self.stopping = threading.Event()
         self.errors = supervise.Errors(log)
 
@@ -143,7 +164,7 @@ class Worker:
     def _socket(self, kind: int):
         sock = self.ctx.socket(kind)
         # Why heartbeats: after the router's host was cut off and came back, a silent
-        # PULL connection would never notice that the router dropped it.
+        # connection would never notice that the router dropped it.
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         if self.keys is not None:
@@ -151,26 +172,39 @@ class Worker:
         return sock
 
     def _connect(self, ports: tuple[int, int]) -> None:
-        for s in (self.pull, self.push):
-            if s is not None:
-                s.close(0)
+        if self.tasks is not None:
+            self.tasks.close(0)
         self.ports = ports
-        self.pull = self._socket(zmq.PULL)
-        # One task at a time: what a busy process would queue, another may take.
-        self.pull.setsockopt(zmq.RCVHWM, 1)
-        self.pull.setsockopt(zmq.LINGER, 0)
-        self.pull.connect(f"tcp://{self.host}:{ports[0]}")
-        self.push = self._socket(zmq.PUSH)
-        self.push.setsockopt(zmq.LINGER, 5000)  # let the last reply out before exit
+        self.tasks = self._socket(zmq.DEALER)
+        self.tasks.setsockopt(zmq.LINGER, LINGER_MS)  # let the last reply out before exit
+        self.tasks.connect(f"tcp://{self.host}:{ports[0]}")
         self.sink_uri = f"tcp://{self.host}:{ports[1]}"
-        self.push.connect(self.sink_uri)
-        log.info("worker %d: tasks from port %d, replies to port %d of %s",
+        log.info("worker %d: tasks from port %d, heartbeats to port %d of %s",
                  os.getpid(), ports[0], ports[1], self.host)
+        self._announce()
+
+    def ready(self) -> dict[str, Any]:
+        """What the router needs to send this process tasks: who it is, how many it
+        has received, and how many more it could hold now (between two tasks)."""
+        return {"pid": os.getpid(), "host": self.hostname, "seen": self.received,
+                "free": max(0, min(WINDOW, self.max_requests - self.received))}
+
+    def _say(self, frames: list[bytes], flags: int = 0) -> None:
+        self.tasks.send_multipart(frames, flags)
+        self.last_said = time.monotonic()
+
+    def _announce(self) -> None:
+        """Tell the router how many tasks this process takes (idle, or after a task
+        that could not even be answered)."""
+        try:
+            self._say([bson.encode({"ready": self.ready()})], zmq.NOBLOCK)
+        except zmq.ZMQError:  # queue full while the router is away: said again soon
+            pass
 
     def _heartbeat(self) -> None:
         sock, uri = None, None
         while not self.stopping.wait(HEARTBEAT_INTERVAL):
-            msg = bson.encode({"hb": os.getpid(), "host": socket.gethostname(),
+            msg = bson.encode({"hb": os.getpid(), "host": self.hostname,
                                "errors": self.errors.total})
             if self.sink_uri != uri:
                 if sock is not None:
@@ -188,14 +222,23 @@ class Worker:
             sock.close(0)
 
     def _goodbye(self) -> None:
-        """Tell the router this process leaves: a task it pushed here after the last
-        one is lost, and the router sends such tasks again soon instead of after
-        their time limit."""
+        """Tell the router this process leaves, after its last reply: whatever it
+        still holds (a task asked for before it knew it would leave) goes to another
+        process at once."""
         try:
-            self.push.send(bson.encode({"bye": os.getpid(), "host": socket.gethostname()}),
-                           zmq.NOBLOCK)
+            self._say([bson.encode({"bye": os.getpid(), "host": self.hostname})], zmq.NOBLOCK)
         except zmq.ZMQError:
-            pass  # the time limits still apply
+            pass  # the router notices the closed connection instead
+
+    def _serve(self, frames: list[bytes]) -> None:
+        self.received += 1
+        try:
+            faults.hit("worker.loop", frames[0])
+            reply = handle(frames, {"ready": self.ready()})
+            self._say(reply)
+        except Exception:  # noqa: BLE001 - one task must not end the process
+            self.errors.record("worker loop")
+            self._announce()  # unanswered: the router must still know our room
 
     def run(self) -> int:
         """Serve tasks until recycled, orphaned or interrupted."""
@@ -205,43 +248,47 @@ class Worker:
                 self._connect(ports)
             elif self._orphaned():
                 return 0
-        threading.Thread(target=self._heartbeat, daemon=True).start()
-        served, idle_since = 0, time.monotonic()
+        beat = threading.Thread(target=self._heartbeat, daemon=True)
+        beat.start()
+        heard = time.monotonic()  # last word from the router: a task or a probe
         try:
             while True:
-                if self.pull.poll(1000):
-                    try:
-                        frames = self.pull.recv_multipart()
-                        faults.hit("worker.loop", frames[0])
-                        self.push.send_multipart(handle(frames))
-                    except Exception:  # noqa: BLE001 - one task must not end the process
-                        self.errors.record("worker loop")
-                    served += 1
-                    idle_since = time.monotonic()
-                    if served >= self.max_requests:
-                        log.info("worker %d: recycled after %d tasks", os.getpid(), served)
-                        self._goodbye()
-                        return 0
-                    if rss_kib() > self.suicide_kib:
-                        log.info("worker %d: recycled at %d KiB RSS", os.getpid(), rss_kib())
-                        self._goodbye()
-                        return 0
-                    continue
+                if self.tasks.poll(1000):
+                    frames = self.tasks.recv_multipart()
+                    heard = time.monotonic()
+                    if frames != [b""]:  # not the router's probe: a task
+                        self._serve(frames)
+                        if self.received >= self.max_requests:
+                            log.info("worker %d: recycled after %d tasks", os.getpid(),
+                                     self.received)
+                            self._goodbye()
+                            return 0
+                        if rss_kib() > self.suicide_kib:
+                            log.info("worker %d: recycled at %d KiB RSS", os.getpid(),
+                                     rss_kib())
+                            self._goodbye()
+                            return 0
                 if self._orphaned():
                     return 0
-                if time.monotonic() - idle_since > CONFIG_REFRESH:
+                now = time.monotonic()
+                if now - self.last_said >= ANNOUNCE_INTERVAL:
+                    self._announce()
+                if now - heard > CONFIG_REFRESH:
                     # A restarted router may have bound new random ports.
                     ports = self._fetch_ports(1.0)
                     if ports and ports != self.ports:
                         self._connect(ports)
-                    idle_since = time.monotonic()
+                    heard = time.monotonic()
         except KeyboardInterrupt:
             return 0
         finally:
             self.stopping.set()
-            for s in (self.pull, self.push):
-                if s is not None:
-                    s.close()
+            beat.join(2 * HEARTBEAT_INTERVAL)
+            if self.tasks is not None:
+                self.tasks.close()
+            # Why term: at interpreter exit pyzmq leaves the context alone, and what
+            # the last send queued (the last reply, the goodbye) could be lost.
+            self.ctx.term()
 
 
 def main(argv: list[str] | None = None) -> int:
