@@ -14,6 +14,8 @@ leaves the AggDef's position at the bound), or as another program writes them
    matching output, which is the state a long history of runs leaves) receives
    ``--new`` events; the incremental run over them is timed.  Against: the first
    run over a collection holding only ``--new`` events.  Target ratio: <= 1.2.
+   With logged events these runs take positions alone, as runs between two sweeps
+   do (``sweep_interval``); part 2 gives what a sweep adds.
    Each is done ``--runs`` times; medians are compared.
 2. Small runs: ``--small`` (10) new events, alone in a collection of their own and
    among the ``--n``: the wall time of a run, broken down by phase (setup — the
@@ -128,6 +130,9 @@ def events(n: int, rnd: random.Random, **extra) -> list[dict]:
 
 #: --events: how events are stored (set by main).
 KIND = "logged"
+#: Whether incremental runs sweep (set by main): not with logged events, as runs
+#: between two sweeps (sweep_interval) do; with the others, they must.
+SWEEP: bool | None = False
 _streams: dict[str, Stream] = {}
 
 
@@ -237,7 +242,7 @@ def incremental(client, cluster: Cluster, args, rnd, figures: dict) -> None:
     try:
         for _ in range(args.runs):
             insert(big, events(args.new, rnd))
-            t, res, parts = Phases().run(cfg)
+            t, res, parts = Phases().run(cfg, sweep=SWEEP)
             assert res.docs == args.new, res
             inc.append(t)
             print(f"  incremental run over {args.new} new among "
@@ -255,7 +260,7 @@ def incremental(client, cluster: Cluster, args, rnd, figures: dict) -> None:
         small = fresh(client, "small")
         try:
             insert(small, events(args.new, rnd))
-            t, res, parts = Phases().run(cluster.config(small.name))
+            t, res, parts = Phases().run(cluster.config(small.name), sweep=SWEEP)
             check(small)
             first.append(t)
             print(f"  first run over a collection of {args.new}: {t:.2f} s ({parts})")
@@ -316,7 +321,7 @@ def late(db, cfg, args, rnd, figures: dict) -> None:
     t_since, n_since = timed(lambda: len(list(db.event.find(since, {"_id": 1}))))
     t_ours, n_ours = timed(lambda: len(list(db.event.find({"aggregates": {"$ne": NAME}},
                                                          {"_id": 1}))))
-    res = aggregation.run(cfg, NAME)
+    res = aggregation.run(cfg, NAME, sweep=True)  # events of another program: a sweep
     check(db)
     figures[f"late events counted (of {args.late})"] = f"{res.docs}"
     print(f"late events: {args.late} inserted with ids/timestamps a day before last_run;"
@@ -442,8 +447,9 @@ def main() -> None:
                         "re-run and late events)")
     args = p.parse_args()
     args.full_n = args.full_n or args.n
-    global KIND
+    global KIND, SWEEP
     KIND = args.events
+    SWEEP = None if KIND == "other" else False
     chosen = servers.chosen(args)
     figures = {server.label: measure(server, args) for server in chosen}
     servers.side_by_side(f"bench/aggregate.py: the article's count per foo, {args.events} "

@@ -24,7 +24,8 @@ the logger's commit timeline (its stats file lists the time and running total of
 each acknowledged insert), taking the journal as first in, first out; the database
 is not polled, since a FerretDB look-up by ``_id`` scans the collection.
 
-Prints each run, then the medians and the ratio logger / ceiling (target ≥ 0.7).
+Prints each run, then the medians and the ratio logger / ceiling (target ≥ 0.9;
+latency p99 ≤ 250 ms at half the ceiling).
 All of it runs on each database server (``--server``, see bench/servers.py: both
 bundled servers by default), then the figures are printed side by side.  Usage:
 ``python bench/ingest.py [--server both] [--events 100000] [--runs 3]
@@ -297,13 +298,17 @@ def measure(server: servers.Server, args) -> dict[str, str]:
     key_dir = tempfile.mkdtemp(prefix="zbench-keys-")
     keys = None if args.no_curve else make_keys(key_dir)
     ceilings, runs, paced, curve, curve_paced = [], [], [], [], []
+    # A first ceiling warms the server up (the java server's JIT: the first run of
+    # inserts was measured 3x slower than the next) and is not counted; the paced
+    # runs use the median of the ceilings measured before them.
+    ceiling(client, args.events, args.batch)
     for i in range(args.runs):
         c = ceiling(client, args.events, args.batch)
         r = logger_run(client, uri, args.events, args.clients, args.event_servers)
-        rate = args.load * c
+        ceilings.append(c)
+        rate = args.load * statistics.median(ceilings)
         p = logger_run(client, uri, int(rate * args.paced_seconds), args.clients, args.event_servers,
                        rate)
-        ceilings.append(c)
         runs.append(r)
         paced.append(p)
         print(f"run {i + 1}: ceiling {c:,.0f}/s; logger {r['rate']:,.0f}/s end to end "
@@ -328,7 +333,7 @@ def measure(server: servers.Server, args) -> dict[str, str]:
     ratio = statistics.median(r["rate"] / c for r, c in zip(runs, ceilings))
     print(f"median of {args.runs}: ceiling {ceil:,.0f} events/s; logger {med['rate']:,.0f} "
           f"events/s end to end = {med['rate'] / ceil:.2f}x the ceiling (median of the runs' "
-          f"ratios {ratio:.2f}; target >= 0.7); "
+          f"ratios {ratio:.2f}; target >= 0.9); "
           f"steady {med['steady']:,.0f}/s = {med['steady'] / ceil:.2f}x; latency send->stored "
           f"at {args.load:g}x the ceiling: median {lat['lat_median'] * 1000:.0f} ms, "
           f"p99 {lat['lat_p99'] * 1000:.0f} ms")

@@ -141,6 +141,9 @@ def make_config(tmp_dir, mongo_uri: str, db_name: str) -> dict:
         "web_port": free_port(),
         "journal": os.path.join(tmp_dir, "journal"),
         "num_event_servers": 1,
+        # Tests write events without a position straight into the database and expect
+        # every run to take them (test_agg_positions.py tests the interval).
+        "sweep_interval": 0,
         "zmr": {
             "req_uri": f"tcp://127.0.0.1:{(rp := free_port())}",
             "req_bind": f"tcp://127.0.0.1:{rp}",

@@ -141,3 +141,25 @@ def test_rotate_during_a_run_waits_for_it(db, shared_config_file, procs, tmp_pat
         counts[c] = counts.get(c, 0) + n
     assert A.output(db) == counts and sum(counts.values()) == 200
     A.assert_clean(db)
+
+
+def test_sweeps_come_every_sweep_interval_where_they_read_everything(
+        db, shared_config_file, procs, server):
+    """With sweep_interval 60, runs between two sweeps take the logger's positions
+    alone on a server without an index for the sweep (on MongoDB every run sweeps);
+    `zcmd aggregate --sweep` sweeps at once."""
+    config = shared_config_file(sweep_interval=60)
+    A.register(db)
+    A.add_events(db, 20, seed=14, kind="logged")
+    A.add_events(db, 10, keys="xy", seed=15)
+    res = A.ok(A.aggregate(config, A.NAME))  # never swept: it does
+    assert "30 documents" in res.stdout and A.output(db) == A.python_count(db)
+    A.add_events(db, 5, seed=16, kind="logged")
+    A.add_events(db, 7, keys="xy", seed=17)
+    res = A.ok(A.aggregate(config, A.NAME))
+    indexed = server.caps.indexed_filters
+    assert f"{12 if indexed else 5} documents" in res.stdout
+    res = A.ok(A.aggregate(config, A.NAME, "--sweep"))
+    assert f"{0 if indexed else 7} documents" in res.stdout
+    assert A.output(db) == A.python_count(db)
+    A.assert_clean(db)

@@ -1,6 +1,5 @@
 """The real-time loop's scheduling in one process: news of commits makes runs due,
-one run at a time per AggDef, news arriving during a run coalesced into the next,
-the search for events without a position at most every interval.
+one run at a time per AggDef, news arriving during a run coalesced into the next.
 Runs are stubbed; the loop through a real zcmd serve is in test_serve.py."""
 from __future__ import annotations
 
@@ -23,11 +22,7 @@ def test_news_runs_the_aggdefs_of_its_collection_one_run_at_a_time(monkeypatch):
     running: collections.Counter = collections.Counter()
     most = collections.Counter()
 
-    sweeps: list[bool] = []
-
-    def run_one(name, sweep=True):
-        if name == "a":
-            sweeps.append(sweep)
+    def run_one(name):
         running[name] += 1
         most[name] = max(most[name], running[name])
         runs.append(name)
@@ -47,9 +42,6 @@ def test_news_runs_the_aggdefs_of_its_collection_one_run_at_a_time(monkeypatch):
     assert runs.count("b") == 1  # nothing committed into its collection
     assert 2 <= runs.count("a") <= 3  # 20 pieces of news, coalesced
     assert most["a"] == 1  # never two runs of one AggDef at once
-    # Events without a position are looked for at the first run, then at most every
-    # realtime_interval (60 s): the runs news makes take positions alone.
-    assert sweeps[0] is True and not any(sweeps[1:])
     notify.committed("event", 1)  # a stopped loop no longer listens
     gevent.sleep(0.3)
     assert runs.count("a") <= 3

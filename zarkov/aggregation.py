@@ -219,7 +219,7 @@ class _Run:
             records.update(self.s, record, {"state": "flagging"})
         if record["state"] == "flagging":
             marks.flag(self.s, record, self._marked_ids(record))
-            agg_positions.advance(self.s, records.ranges(record))
+            agg_positions.advance(self.s, records.ranges(record), record.get("swept"))
         return self.done(record, resumed)
 
     def run_jobs(self, record: dict, marked: Optional[int] = None) -> None:
@@ -283,6 +283,16 @@ def _made_collections(record: dict) -> bool:
     return any("inline" not in o or "after" not in o for o in record["outputs"])
 
 
+def _sweeps(scope: Scope, sweep: Optional[bool], full: bool) -> bool:
+    """Whether this run looks for events without a position (see :func:`run`)."""
+    if full or sweep or scope.writes.caps.indexed_filters:
+        return True
+    if sweep is False:
+        return False
+    last = agg_positions.last_sweep(scope)
+    return last is None or (utcnow() - last).total_seconds() >= scope.config.sweep_interval
+
+
 def _reporter(progress: Optional[Progress], t0: float) -> Callable[[str, int], None]:
     def report(phase: str, docs: int) -> None:
         if progress is not None:
@@ -292,16 +302,18 @@ def _reporter(progress: Optional[Progress], t0: float) -> Callable[[str, int], N
 
 def run(config: Any, name: str, full: bool = False, wait: bool = False,
         progress: Optional[Progress] = None, hook: Optional[Hook] = None,
-        sweep: bool = True) -> RunResult:
+        sweep: Optional[bool] = None) -> RunResult:
     """Run the AggDef ``name`` once (incrementally, or a full recompute) exactly once.
 
     Finishes first a run of the same AggDef that a killed process left pending.
     ``wait``: wait for another process running the same AggDef instead of raising
-    Busy.  ``sweep``: also look for events without a position (written by other
-    programs); where the server has no index for that search it reads the whole
-    input, so the real-time loop asks for it only from time to time — the positions
-    the event logger gave are always taken.  ``progress`` receives ``{phase, docs,
-    elapsed}`` dicts while it runs.
+    Busy.  The positions the event logger gave are always taken; ``sweep``: also
+    look for events without a position (written by other programs) — True: now;
+    False: not (unless an index finds them cheaply); None: when ``sweep_interval``
+    has passed since the AggDef's last sweep (on MongoDB: always), since where the
+    server has no index for that search it reads the whole input.  A full run
+    always sweeps.  ``progress`` receives ``{phase, docs, elapsed}`` dicts while it
+    runs.
     ``hook(point)`` is called at each of :data:`PAUSE_POINTS` (default: the test hook
     of ``ZARKOV_TEST_PAUSE_AT``).  Raises AggregationError (BadDefinition, Busy) with
     a one-line message; usable from a gevent process (``zcmd serve``'s real-time
@@ -325,7 +337,7 @@ def run(config: Any, name: str, full: bool = False, wait: bool = False,
 
 
 def _run(config: Any, name: str, full: bool, wait: bool, progress: Optional[Progress],
-         hook: Optional[Hook], sweep: bool = True) -> RunResult:
+         hook: Optional[Hook], sweep: Optional[bool] = None) -> RunResult:
     """:func:`run` without the status report."""
     t0 = time.monotonic()
     db = M.db()
@@ -344,7 +356,7 @@ def _run(config: Any, name: str, full: bool, wait: bool, progress: Optional[Prog
                   hook or pause_from_env())
     try:
         scope.inputs = chain(db, scope.events.name, config.num_event_logs)
-        scope.sweep = sweep or scope.writes.caps.indexed_filters
+        scope.sweep = _sweeps(scope, sweep, full)
         r = _Run(scope, agg, task_cls)
         marks.ensure_indexes(scope)
         staging.sweep(scope, lambda: records.live_run_ids(scope))
@@ -369,13 +381,16 @@ def _run(config: Any, name: str, full: bool, wait: bool, progress: Optional[Prog
                 ranges = agg_positions.new_ranges(scope, limit)
                 room = limit - sum(map(len, ranges))
                 ids = marks.candidates(scope, room) if scope.sweep and room > 0 else {}
+                swept = started if scope.sweep else None
                 if not ranges and not ids:
                     if run_id is None:
                         lease.check()
                         db[M.agg_def.m.collection_name].update_one(
                             {"name": name}, {"$set": {"last_run": started}})
+                        agg_positions.advance(scope, [], swept)
                     break
-                record = records.begin(scope, False, marked=marks.count(ids), ranges=ranges)
+                record = records.begin(scope, False, marked=marks.count(ids), ranges=ranges,
+                                       swept=swept)
                 taken = r.finish(record, ids, fresh=True)
             run_id = record["run_id"]
             docs += taken

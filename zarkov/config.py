@@ -51,6 +51,12 @@ TOP_SCHEMA: dict[str, tuple[Any, Any]] = {
     "verbose": (bool, False),
     # Seconds between two runs of the real-time aggregation loop of `serve`.
     "realtime_interval": ((int, float), 5.0),
+    # Seconds between two sweeps of an AggDef (the look for events without a position,
+    # written by other programs) on a server without an index for it (the bundled
+    # FerretDB and mongo-java-server), where a sweep reads the whole input; runs
+    # between take the event logger's positions alone.  0: every run sweeps.  On
+    # MongoDB every run sweeps.  `zcmd aggregate --sweep` sweeps now.
+    "sweep_interval": ((int, float), 60.0),
     # Seconds a run's lease on an AggDef lasts without renewal (another host may
     # take a pending run over after that).
     "agg_lease_seconds": ((int, float), 60.0),
@@ -202,8 +208,13 @@ def _bad_proxies(value: list) -> str | None:
 
 
 # Checks beyond the type: each returns what is wrong, or None.
+def _negative(value: float) -> str | None:
+    return "must not be negative" if value < 0 else None
+
+
 _EXTRA_CHECKS = {"web_token": _bad_token,
-                 "web_trusted_proxies": _bad_proxies}
+                 "web_trusted_proxies": _bad_proxies,
+                 "sweep_interval": _negative}
 
 
 def _key_name(key: Any) -> str:

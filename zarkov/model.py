@@ -39,17 +39,21 @@ orm_session = ThreadLocalODMSession(doc_session=doc_session)
 # same reason.
 event = collection(
     "event", doc_session,
+    # The event logger's events: their position (zarkov.positions); others: any id.
     Field("_id", S.Anything()),
+    # The position's number in its stream: only on events the event logger stored.
+    Field("_seq", S.Anything()),
     Field("timestamp", datetime),
     Field("type", str),
     Field("context", S.Anything()),
     Field("extra", S.Anything()),
-    # Names of the AggDefs that have counted this event.
+    # Events without a position only: names of the AggDefs that have counted it ...
     Field("aggregates", [str]),
-    # Lock ids of the aggregation runs that have selected this event.
+    # ... and lock ids of the aggregation runs that have selected it.
     Field("jobs", [str]),
     Index("aggregates"),
-    Index("jobs"))
+    Index("jobs"),
+    Index("_seq", "aggregates"))
 
 # Aggregations defined over (by default) the 'event' collection — as in the article.
 agg_def = collection(

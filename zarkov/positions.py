@@ -50,6 +50,9 @@ _INT64 = struct.Struct("<q")
 _ID_HEAD = b"\x07_id\x00"
 _SEQ_HEAD = b"\x12_seq\x00"
 _SEQ_AT = 4 + len(_ID_HEAD) + 12
+#: (``_id`` element head, where the ObjectId starts, ``_seq`` element head, where it
+#: starts): what :func:`of_record` checks, for loops that inline it.
+RECORD_HEAD = (_ID_HEAD, 4 + len(_ID_HEAD), _SEQ_HEAD, _SEQ_AT)
 
 
 def new_stream() -> bytes:

@@ -12,10 +12,9 @@ whenever it is *due*:
 
 A runner runs one run at a time: news arriving during a run makes it due again, so
 everything that arrived meanwhile goes into the next run (however many commits
-that was).  Runs take the positions the event logger stored; on a server whose
-indexes cannot find events without a position (written by other programs), the
-search for those reads the whole input, so a runner asks for it at most every
-``realtime_interval`` seconds (every run does it where an index serves it).  A run that another process holds (``zcmd aggregate``, another
+that was).  Runs take the positions the event logger stored, and sweep for events
+without a position (written by other programs) as every run does: where no index
+finds them, at most every ``sweep_interval`` seconds (:func:`zarkov.aggregation.run`).  A run that another process holds (``zcmd aggregate``, another
 ``serve``) is skipped and tried again shortly.  When a run took documents, the
 loop publishes ``{"$command": "agg_complete", "name": ..., "docs": n}`` (BSON) on
 ``publish_bind_address`` so that dashboards can refresh (a CURVE server when keys
@@ -53,8 +52,6 @@ class _Runner:
         self.due = gevent.event.Event()
         self.due.set()  # a first run when the loop starts or the AggDef appears
         self.stopping = False
-        #: When a run last looked for events without a position (monotonic).
-        self.swept = -float("inf")
         self.greenlet = supervise.spawn(f"real-time runs of {name}", self._run)
 
     def _run(self) -> None:
@@ -63,12 +60,8 @@ class _Runner:
             if self.stopping:
                 return
             self.due.clear()  # news from now on makes the next run due
-            sweep = time.monotonic() - self.swept >= self.loop.config.realtime_interval
             try:
-                result = self.loop.run_one(self.name, sweep)
-                busy = result is _BUSY
-                if sweep and result is not _BUSY:
-                    self.swept = time.monotonic()
+                busy = self.loop.run_one(self.name) is _BUSY
             except Exception:  # noqa: BLE001 - run_one guards itself; a last resort
                 self.loop.errors.record(f"real-time runs of {self.name}")
                 busy = False
@@ -152,13 +145,10 @@ class RealtimeLoop:
             if name not in self.runners:
                 self.runners[name] = _Runner(self, name, collection)
 
-    def run_one(self, name: str, sweep: bool = True) -> Any:
-        """One incremental run of ``name``; publishes agg_complete when it took documents.
-
-        ``sweep``: look for events without a position too (see the module docstring).
-        """
+    def run_one(self, name: str) -> Any:
+        """One incremental run of ``name``; publishes agg_complete when it took documents."""
         try:
-            result = aggregation.run(self.config, name, full=False, sweep=sweep)
+            result = aggregation.run(self.config, name, full=False)
         except aggregation.Busy:
             return _BUSY  # a `zcmd aggregate` of the same AggDef holds it: soon again
         except aggregation.AggregationError as e:

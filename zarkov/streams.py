@@ -34,13 +34,18 @@ def registry(db: Database) -> Collection:
 
 
 def bounds_of(docs: list[bytes]) -> dict[bytes, int]:
-    """The highest position of each stream among raw events ``docs``."""
+    """The highest position of each stream among raw events ``docs`` (as journaled:
+    each stream's positions in order)."""
     out: dict[bytes, int] = {}
-    of_record = positions.of_record
-    for doc in docs:
-        pos = of_record(doc)
-        if pos is not None and pos[1] > out.get(pos[0], 0):
-            out[pos[0]] = pos[1]
+    head, at, seq_head, seq_at = positions.RECORD_HEAD
+    stream_end = at + positions.STREAM_BYTES
+    # From the end, the first record of a stream is its highest (in journal order);
+    # no call per record: this runs once per event stored.
+    for doc in reversed(docs):
+        if doc[4:at] == head and doc[seq_at:seq_at + len(seq_head)] == seq_head:
+            stream = doc[at:stream_end]
+            if stream not in out:
+                out[stream] = int.from_bytes(doc[stream_end:stream_end + 4], "big")
     return out
 
 

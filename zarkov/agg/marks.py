@@ -39,7 +39,11 @@ _indexed: dict = {}
 def ensure_indexes(scope: Scope) -> None:
     """Indexes that let runs find and read marked and flagged documents, and those
     without a position, without a scan (checked at a process's first run and every
-    INDEX_CHECK_EVERY seconds, not at every run)."""
+    INDEX_CHECK_EVERY seconds, not at every run).  Only where the server answers
+    queries from such indexes (MongoDB): elsewhere they would cost every insert and
+    serve no read."""
+    if not scope.writes.caps.indexed_filters:
+        return
     now = time.monotonic()
     for name in scope.inputs:
         key = (id(scope.db.client), scope.db.name, name)

@@ -1,8 +1,9 @@
 """How far each AggDef has counted the event streams: the ``agg_position`` collection.
 
-One document per AggDef: ``{_id: name, streams: {<stream>: <seq>, …}}`` — every
-event of a stream at or below its number has been counted by the AggDef (a stream
-not named: none).  An incremental run takes, for each stream whose stored bound
+One document per AggDef: ``{_id: name, streams: {<stream>: <seq>, …}, swept}`` —
+every event of a stream at or below its number has been counted by the AggDef (a
+stream not named: none); ``swept`` is when its last sweep (the look for events
+without a position, :mod:`zarkov.agg.marks`) began.  An incremental run takes, for each stream whose stored bound
 (:mod:`zarkov.streams`) is past the AggDef's position, the range between the two
 (:func:`new_ranges`, at most ``zmr.event_limit`` events in all); a full run takes
 every stream from its start.  The ranges are kept in the run record, and the
@@ -13,6 +14,7 @@ Nothing is written to the events themselves.
 """
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Optional
 
 from pymongo.database import Database
@@ -70,16 +72,19 @@ def all_ranges(scope: Scope) -> list[Range]:
             if bound > 0]
 
 
-def advance(scope: Scope, ranges: list[Range]) -> None:
-    """Move the AggDef's position to the end of each range (idempotent)."""
-    if not ranges:
+def advance(scope: Scope, ranges: list[Range], swept: Optional[datetime] = None) -> None:
+    """Move the AggDef's position to the end of each range, and record when the run's
+    sweep began, if it swept (idempotent)."""
+    changes: dict = {f"streams.{r.stream}": r.upto for r in ranges}
+    if swept is not None:
+        changes["swept"] = swept
+    if not changes:
         return
     scope.lease.check()
-    scope.db[COLLECTION].update_one(
-        {"_id": scope.name}, {"$set": {f"streams.{r.stream}": r.upto for r in ranges}},
-        upsert=True)
+    scope.db[COLLECTION].update_one({"_id": scope.name}, {"$set": changes}, upsert=True)
 
 
-def forget(scope: Scope) -> None:
-    """Drop the AggDef's position (it counts everything again from the start)."""
-    scope.db[COLLECTION].delete_one({"_id": scope.name})
+def last_sweep(scope: Scope) -> Optional[datetime]:
+    """When the AggDef's last sweep began (None: never)."""
+    doc = scope.db[COLLECTION].find_one({"_id": scope.name}, {"swept": 1}) or {}
+    return doc.get("swept")

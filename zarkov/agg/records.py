@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime
 from typing import Optional, Sequence
 
 from zarkov.agg import Scope
@@ -28,16 +29,19 @@ def live_run_ids(scope: Scope) -> set:
     return {r["run_id"] for r in scope.db.agg_run.find({}, {"run_id": 1})}
 
 
-def begin(scope: Scope, full: bool, marked: int = 0, ranges: Sequence[Range] = ()) -> dict:
+def begin(scope: Scope, full: bool, marked: int = 0, ranges: Sequence[Range] = (),
+          swept: Optional[datetime] = None) -> dict:
     """Create the record of a new run, in state ``marking``.
 
     ``marked``: documents the run is about to mark (an incremental run counts them
     before writing, so that the record never undercounts its marks); ``ranges``:
-    the positions it takes.
+    the positions it takes; ``swept``: when its sweep began, if it swept.
     """
+    started = utcnow()
     record = {"_id": scope.name, "run_id": uuid.uuid4().hex, "full": bool(full),
-              "attempt": 0, "state": "marking", "started": utcnow(), "marked": marked,
+              "attempt": 0, "state": "marking", "started": started, "marked": marked,
               "ranges": [r.as_doc() for r in ranges],
+              "swept": started if full else swept,
               "host": HOST, "pid": os.getpid(), "outputs": []}
     scope.lease.check()
     scope.db.agg_run.insert_one(record)

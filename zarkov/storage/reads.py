@@ -14,8 +14,9 @@ ANDed with the Task's own filter.  How such a range costs what it holds depends 
 the server's ``_id`` index (:attr:`Capabilities.id_reads`):
 
 * MongoDB: the filter as it is; each range is an index scan;
-* mongo-java-server: the range's ids in ``$in`` lists of :data:`ID_BATCH` (its
-  ``_id`` index serves equality and ``$in``, not ranges);
+* mongo-java-server: the range's ids in ``$in`` lists of :data:`IN_BATCH` (its
+  ``_id`` index serves equality and ``$in``, not ranges; a long list costs more per
+  id than several short ones);
 * FerretDB 1.24: one ``{_id: <ObjectId>}`` query per id, :data:`CONCURRENCY` at a
   time (the only filter it does not answer by reading the whole collection);
 
@@ -25,11 +26,17 @@ Task has a filter of its own (checking it needs the server), the filter as it is
 An id not found in the first collection is looked for in the next ones (older
 events are in the rotated collections, ``event.0`` …).  The selection's other
 clauses (events without a position, by their marks) are read with a filter of
-their own.
+their own.  Events read by id are kept in a small cache of the process
+(:data:`CACHE_BYTES`): the AggDefs over one stream read the same new events one
+after the other.  An event with a position never changes once stored (nothing
+writes to it), so what the cache holds is what the database holds.
 """
 from __future__ import annotations
 
+import collections
 import struct
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -49,14 +56,24 @@ _RAW = CodecOptions(document_class=RawBSONDocument)
 # Documents per server batch: large enough to amortise round trips, small enough
 # that the first chunk goes out to workers early.
 BATCH_SIZE = 2000
-#: Ids per ``$in`` query, and per batch of ids read.
+#: Ids per batch read (and per raw array handed over).
 ID_BATCH = 1000
+#: Ids per ``$in`` query (measured on mongo-java-server 1.47: 1,000 ids cost 50 ms in
+#: one query, 10 ms in lists of 50-100).
+IN_BATCH = 64
+#: Bytes of events read by id kept for the next reads of the same positions.
+CACHE_BYTES = 32 << 20
 #: Queries of one id in flight at once (FerretDB).
 CONCURRENCY = 8
 #: About how many documents a scan reads in the time one id is read by id (measured
 #: here: FerretDB ~0.4 ms a query against ~40 us a document scanned; the java
-#: server ~50 us an id in ``$in`` against ~0.5 us a document scanned).
-ID_COST = {ID_IN: 100, ID_ONE: 10}
+#: server ~10 us an id in short ``$in`` lists against ~0.5 us a document scanned).
+ID_COST = {ID_IN: 20, ID_ONE: 10}
+#: So few ids that reading them by id always pays: the collection is not counted.
+FEW_IDS = 100
+#: Seconds a collection's approximate count is reused (FerretDB's ``collStats``
+#: costs ~65 ms at 100,000 documents; the choice needs only its order of size).
+COUNT_TTL = 30.0
 
 # Size of the value of each BSON element type, when fixed (else computed below).
 _FIXED = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8,
@@ -231,8 +248,18 @@ class Reads:
 
     def _by_id_pays(self, names: Sequence[str], ranges: list) -> bool:
         ids = sum(len(r) for r in ranges)
-        return ids * ID_COST[self.caps.id_reads] < sum(
-            approx_count(self.db, n, self.caps) for n in names)
+        if ids <= FEW_IDS:
+            return True
+        now = time.monotonic()
+        total = 0
+        for name in names:
+            key = (id(self.db.client), self.db.name, name)
+            at, count = _counts.get(key, (-COUNT_TTL, 0))
+            if now - at >= COUNT_TTL:
+                count = approx_count(self.db, name, self.caps)
+                _counts[key] = (now, count)
+            total += count
+        return ids * ID_COST[self.caps.id_reads] < total
 
     def by_id(self, names: Sequence[str], ids: Iterable[Any]) -> Iterator[bytes]:
         """The documents with these ids (in their order), looked for in each named
@@ -247,13 +274,16 @@ class Reads:
             yield from self._batch(names, batch)
 
     def _batch(self, names: Sequence[str], ids: list) -> Iterator[bytes]:
-        found: dict = {}
-        missing = ids
+        where = (id(self.db.client), self.db.name)
+        found = _RECENT.get(where, ids)
+        missing = [i for i in ids if i not in found]
         for name in names:
             if not missing:
                 break
-            found.update(self._fetch(name, missing))
-            missing = [i for i in missing if i not in found]
+            got = self._fetch(name, missing)
+            _RECENT.put(where, got)
+            found.update(got)
+            missing = [i for i in missing if i not in got]
         docs = [found[i] for i in ids if i in found]
         if docs:
             yield _array(docs)
@@ -262,7 +292,46 @@ class Reads:
         """``{_id: raw document}`` of those of ``ids`` that collection ``name`` holds."""
         coll = self.db.get_collection(name, codec_options=_RAW)
         if self.caps.id_reads == ID_IN:
-            return {d["_id"]: d.raw for d in coll.find({"_id": {"$in": ids}})}
+            return {d["_id"]: d.raw for i in range(0, len(ids), IN_BATCH)
+                    for d in coll.find({"_id": {"$in": ids[i:i + IN_BATCH]}})}
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             got = pool.map(lambda i: coll.find_one({"_id": i}), ids)
             return {d["_id"]: d.raw for d in got if d is not None}
+
+
+class _Cache:
+    """Raw events by (client, database) and ``_id``; the least recently used go past
+    ``budget`` bytes."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.size = 0
+        self._docs: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, where: tuple, ids: list) -> dict:
+        """``{_id: raw}`` of those of ``ids`` held."""
+        out = {}
+        with self._lock:
+            for i in ids:
+                raw = self._docs.get((where, i))
+                if raw is not None:
+                    self._docs.move_to_end((where, i))
+                    out[i] = raw
+        return out
+
+    def put(self, where: tuple, docs: dict) -> None:
+        """Keep ``docs`` (``{_id: raw}``), dropping the oldest past the budget."""
+        with self._lock:
+            for i, raw in docs.items():
+                key = (where, i)
+                if key not in self._docs:
+                    self._docs[key] = raw
+                    self.size += len(raw)
+            while self.size > self.budget and self._docs:
+                self.size -= len(self._docs.popitem(last=False)[1])
+
+
+_RECENT = _Cache(CACHE_BYTES)
+#: (client, database, collection) -> (when, approximate count).
+_counts: dict = {}

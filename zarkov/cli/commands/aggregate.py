@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true",
                         help="if another process runs this AggDef, wait for it "
                              "instead of exiting with status 3")
+    parser.add_argument("--sweep", action="store_true",
+                        help="look for events without a position (written by other "
+                             "programs) now, whatever sweep_interval says")
 
 
 class _LiveLine:
@@ -47,7 +50,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
     live = _LiveLine(args.name) if sys.stderr.isatty() else None
     try:
         result = aggregation.run(config, args.name, full=args.mode == "full",
-                                 wait=args.wait, progress=live)
+                                 wait=args.wait, progress=live,
+                                 sweep=True if args.sweep else None)
     except aggregation.AggregationError as e:
         if live:
             live.clear()
