@@ -1,12 +1,15 @@
 """zcmd serve: the whole service in one command, real-time aggregation included."""
 import collections
 import signal
+import time
 
 import pytest
 import zmq
 
+from tests import aggtools as A
 from tests.support import wait_for
 from zarkov import streams, wire
+from zarkov.agg import positions
 from zarkov.client import ZarkovClient
 
 
@@ -106,5 +109,44 @@ def test_an_event_is_counted_within_seconds_however_long_the_interval(
                      what=f"event {round_} counted in zagg.events_per_day")
     finally:
         client.close()
+    procs.kill(proc, signal.SIGTERM)
+    assert proc.returncode == 0, procs.log("serve")[-2000:]
+
+
+def test_ten_realtime_aggdefs_over_one_stream_and_a_cron_run_beside_them(
+        procs, config_file, zconfig, db):
+    """10 real-time AggDefs over the logger's one stream, events arriving all the while,
+    and `zcmd aggregate` of one of them run beside the loop: each counts every event
+    once, and no map-reduce task waited for its time limit."""
+    path = config_file(realtime_interval=60, zmr={"max_chunk_timeout": 30})
+    names = [f"rt{k}" for k in range(10)]
+    db.agg_def.insert_many([{"name": n, "object": "event", "realtime": True,
+                             "task_name": "my.named.PerName"} for n in names])
+    proc = procs.zcmd("serve", path, "serve", "--no-web", env=A.ENV)
+    wait_for(lambda: db.agg_status.count_documents({"last": {"$ne": None}}) == 10,
+             timeout=90, what="the first runs of the 10 AggDefs")
+    sent = collections.Counter()
+    client = ZarkovClient(zconfig["bson_uri"])
+    cron = None
+    try:
+        for i in range(3000):
+            kind = ("login", "download", "create")[i % 3]
+            client.event(kind, {"user": f"u{i % 7}"})
+            sent[kind] += 1
+            if i % 100 == 99:
+                time.sleep(0.05)  # a steady flow over a few seconds, not one burst
+            if i == 1500:
+                cron = procs.zcmd("cron", path, "aggregate", "rt3", "--wait", env=A.ENV)
+    finally:
+        client.close()
+    assert cron.wait(120) == 0, procs.log("cron")
+
+    def all_counted():
+        return all(positions.waiting(db, n) == 0 for n in names) and \
+            sum(streams.bounds(db, "event").values()) == 3000
+    wait_for(all_counted, timeout=120, what="every AggDef to count the 3000 events")
+    for n in names:
+        assert {d["_id"]: d["value"] for d in db[f"zagg.{n}"].find()} == dict(sent), n
+    assert "sending it again" not in procs.log("serve")
     procs.kill(proc, signal.SIGTERM)
     assert proc.returncode == 0, procs.log("serve")[-2000:]

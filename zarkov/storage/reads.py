@@ -71,9 +71,12 @@ CONCURRENCY = 8
 ID_COST = {ID_IN: 20, ID_ONE: 10}
 #: So few ids that reading them by id always pays: the collection is not counted.
 FEW_IDS = 100
-#: Seconds a collection's approximate count is reused (FerretDB's ``collStats``
-#: costs ~65 ms at 100,000 documents; the choice needs only its order of size).
+#: Seconds a collection's approximate count is reused once it is at least
+#: :data:`COUNT_KEPT` (FerretDB's ``collStats`` costs ~65 ms at 100,000 documents, and
+#: the choice needs only its order of size); a smaller count is cheap to take and
+#: may soon be far too small (a collection filling up), so it is taken every time.
 COUNT_TTL = 30.0
+COUNT_KEPT = 10_000
 
 # Size of the value of each BSON element type, when fixed (else computed below).
 _FIXED = {0x01: 8, 0x06: 0, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8,
@@ -255,7 +258,7 @@ class Reads:
         for name in names:
             key = (id(self.db.client), self.db.name, name)
             at, count = _counts.get(key, (-COUNT_TTL, 0))
-            if now - at >= COUNT_TTL:
+            if now - at >= COUNT_TTL or count < COUNT_KEPT:
                 count = approx_count(self.db, name, self.caps)
                 _counts[key] = (now, count)
             total += count
