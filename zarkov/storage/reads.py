@@ -278,15 +278,19 @@ class Reads:
 
     def _batch(self, names: Sequence[str], ids: list) -> Iterator[bytes]:
         where = (id(self.db.client), self.db.name)
-        found = _RECENT.get(where, ids)
-        missing = [i for i in ids if i not in found]
-        for name in names:
-            if not missing:
-                break
-            got = self._fetch(name, missing)
-            _RECENT.put(where, got)
-            found.update(got)
-            missing = [i for i in missing if i not in got]
+        # One batch of a database read by id at a time: the AggDefs over one stream
+        # read the same new events at the same moment, and the second finds in the
+        # cache what the first fetched instead of fetching it again.
+        with _fetching.setdefault(where, threading.Lock()):
+            found = _RECENT.get(where, ids)
+            missing = [i for i in ids if i not in found]
+            for name in names:
+                if not missing:
+                    break
+                got = self._fetch(name, missing)
+                _RECENT.put(where, got)
+                found.update(got)
+                missing = [i for i in missing if i not in got]
         docs = [found[i] for i in ids if i in found]
         if docs:
             yield _array(docs)
@@ -336,5 +340,7 @@ class _Cache:
 
 
 _RECENT = _Cache(CACHE_BYTES)
+#: (client, database) -> the lock of its reads by id.
+_fetching: dict = {}
 #: (client, database, collection) -> (when, approximate count).
 _counts: dict = {}
