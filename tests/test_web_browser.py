@@ -212,10 +212,12 @@ def test_an_aggregation_started_meanwhile_shows_its_progress_then_done(service, 
     wait_for(lambda: js(driver, f"const r = document.querySelector(\"{row}\");"
                                 "return r.dataset.state === 'idle' && r.querySelector('td.last').dataset.docs"),
              timeout=120, what="slow_agg done on the page") == "400"
-    done_job = js(driver, "return [...document.querySelectorAll('#jobs tr[data-job]')]"
-                          ".filter(t => t.querySelector('td.for').textContent === 'slow_agg')"
-                          ".map(t => [t.dataset.state, t.querySelector('.docs-read').textContent])")
-    assert ["complete", "400"] in done_job
+    # The job table refreshes on a clock of its own: poll it too.
+    wait_for(lambda: ["complete", "400"] in js(
+        driver, "return [...document.querySelectorAll('#jobs tr[data-job]')]"
+                ".filter(t => t.querySelector('td.for').textContent === 'slow_agg')"
+                ".map(t => [t.dataset.state, t.querySelector('.docs-read').textContent])"),
+        timeout=30, what="slow_agg's job complete in the job table")
     assert proc.wait(timeout=60) == 0
     assert console_errors(driver) == []
 
