@@ -68,16 +68,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "tests", "fixtures", "agg")
 sys.path[:0] = [ROOT, TASKS]
 
-import pymongo  # noqa: E402
-from pymongo import monitoring  # noqa: E402
-import yaml  # noqa: E402
-from bson import ObjectId  # noqa: E402
+import pymongo
+import servers
+import yaml
+from bson import ObjectId
+from pymongo import monitoring
 
-import servers  # noqa: E402  (bench/servers.py)
-from zarkov import aggregation, positions, streams, wire  # noqa: E402
-from zarkov import config as C  # noqa: E402
-from zarkov.eventlog.stream import Stream  # noqa: E402
-from tests.support import free_port  # noqa: E402
+from tests.support import free_port
+from zarkov import aggregation, positions, streams, wire
+from zarkov import config as C
+from zarkov.eventlog.stream import Stream
 
 NAME = "bench_agg"
 TARGET = "zagg.my_agg"
@@ -110,7 +110,8 @@ class Cluster:
                 break
             except wire.RouterTimeout:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"the router did not start; see {tmp}/cluster.log")
+                    raise SystemExit(f"the router did not start; see {tmp}/cluster.log") \
+                        from None
 
     def config(self, database: str) -> C.Config:
         return C.from_dict({**self.data, "mongo_database": database})

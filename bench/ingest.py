@@ -49,17 +49,17 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import bson  # noqa: E402
-import pymongo  # noqa: E402
-import yaml  # noqa: E402
-import zmq  # noqa: E402
-from bson import ObjectId  # noqa: E402
-from bson.raw_bson import RawBSONDocument  # noqa: E402
+import bson
+import pymongo
+import servers
+import yaml
+import zmq
+from bson import ObjectId
+from bson.raw_bson import RawBSONDocument
 
-import servers  # noqa: E402  (bench/servers.py)
-from tests.support import free_port  # noqa: E402
-from zarkov import keys as K  # noqa: E402
-from zarkov.security import ClientKeys  # noqa: E402
+from tests.support import free_port
+from zarkov import keyfiles as K
+from zarkov.security import ClientKeys
 
 
 def event(seq: int) -> dict:
@@ -307,8 +307,8 @@ def measure(server: servers.Server, args) -> dict[str, str]:
         r = logger_run(client, uri, args.events, args.clients, args.event_servers)
         ceilings.append(c)
         rate = args.load * statistics.median(ceilings)
-        p = logger_run(client, uri, int(rate * args.paced_seconds), args.clients, args.event_servers,
-                       rate)
+        p = logger_run(client, uri, int(rate * args.paced_seconds), args.clients,
+                       args.event_servers, rate)
         runs.append(r)
         paced.append(p)
         print(f"run {i + 1}: ceiling {c:,.0f}/s; logger {r['rate']:,.0f}/s end to end "

@@ -43,11 +43,11 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import pymongo  # noqa: E402
-import yaml  # noqa: E402
+import pymongo
+import servers
+import yaml
 
-import servers  # noqa: E402  (bench/servers.py)
-from tests.support import free_port  # noqa: E402
+from tests.support import free_port
 
 SLOT = 0.05   # seconds of sending schedule per output key
 NAME = "rt_bench"

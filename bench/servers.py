@@ -17,9 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import pymongo  # noqa: E402
+import pymongo
 
-from zarkov import storage  # noqa: E402
+from zarkov import storage
 
 KINDS = ("ferretdb", "java")
 

@@ -44,11 +44,10 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import pymongo  # noqa: E402
-import yaml  # noqa: E402
-
-import servers  # noqa: E402  (bench/servers.py)
-from ingest import free_port  # noqa: E402  (bench/ is this script's directory)
+import pymongo
+import servers
+import yaml
+from ingest import free_port
 
 START = dt.datetime(2024, 1, 1)
 
@@ -242,7 +241,8 @@ def wait_answering(port: int, proc: subprocess.Popen, log_name: str) -> None:
             return
         except (OSError, http.client.HTTPException):
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"bench/web.py: zcmd web-server did not answer (log: {log_name})")
+                raise SystemExit(f"bench/web.py: zcmd web-server did not answer "
+                                 f"(log: {log_name})") from None
             time.sleep(0.2)
 
 

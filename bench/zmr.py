@@ -40,16 +40,16 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import bson  # noqa: E402
-import pymongo  # noqa: E402
-import yaml  # noqa: E402
+import bson
+import pymongo
+import servers
+import yaml
 
-import servers  # noqa: E402  (bench/servers.py)
-from tests.support import free_port  # noqa: E402
-from zarkov import keys as K  # noqa: E402
-from zarkov import wire  # noqa: E402
-from zarkov.security import ClientKeys  # noqa: E402
-from zarkov.zmr import client  # noqa: E402
+from tests.support import free_port
+from zarkov import keyfiles as K
+from zarkov import wire
+from zarkov.security import ClientKeys
+from zarkov.zmr import jobclient
 
 TYPES = ("login", "download", "create", "view", "upload", "comment")
 
@@ -164,7 +164,7 @@ class Cluster:
         self.router = self._zcmd("zmr-router")
         self.pool = None
         self.sock = wire.req_socket(self.req_uri, keys=self.keys)
-        self._wait(lambda: client.call(self.sock, {"$command": "echo"}, 2), "router")
+        self._wait(lambda: jobclient.call(self.sock, {"$command": "echo"}, 2), "router")
 
     def _zcmd(self, *args: str, path: str | None = None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "zcmd"),
@@ -186,7 +186,7 @@ class Cluster:
     def workers(self, n: int) -> None:
         self.stop_pool()
         self.pool = self._zcmd("zmr-worker", "-n", str(n), path=self.worker_path)
-        self._wait(lambda: client.call(self.sock, {"$command": "status"}, 2)["workers"] == n,
+        self._wait(lambda: jobclient.call(self.sock, {"$command": "status"}, 2)["workers"] == n,
                    f"{n} workers")
 
     def stop_pool(self) -> None:
@@ -194,7 +194,7 @@ class Cluster:
             self.pool.send_signal(signal.SIGTERM)
             self.pool.wait(30)
             # Wait until the router has stopped counting the old processes.
-            self._wait(lambda: client.call(self.sock, {"$command": "status"}, 2)["workers"] == 0,
+            self._wait(lambda: jobclient.call(self.sock, {"$command": "status"}, 2)["workers"] == 0,
                        "old workers to go")
             self.pool = None
 
@@ -203,13 +203,13 @@ class Cluster:
                "map_text": map_text, "map_name": "map_type_day",
                "reduce_text": REDUCE, "reduce_name": "count", "output_name": "zagg.bench"}
         t0 = time.perf_counter()
-        client.run(self.sock, req, timeout=3600)
+        jobclient.run(self.sock, req, timeout=3600)
         return time.perf_counter() - t0
 
     def close(self) -> None:
         self.stop_pool()
         try:
-            client.call(self.sock, {"$command": "terminate"}, 5)
+            jobclient.call(self.sock, {"$command": "terminate"}, 5)
             self.router.wait(15)
         except (wire.WireError, subprocess.TimeoutExpired):
             self.router.kill()

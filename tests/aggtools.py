@@ -9,7 +9,6 @@ import subprocess
 from datetime import datetime
 
 import yaml
-
 from bson.int64 import Int64
 
 from tests.support import ROOT, Processes, run_zcmd, wait_for, wait_router_idle

@@ -20,9 +20,18 @@ import pymongo
 import pytest
 import yaml
 
-from tests.support import Cluster, Processes, PrivateServer, free_port, write_config
-from tests.support import EXPECTED_PATHS, PATHS_CHECKED, TestServer, test_server
-from tests.support import test_server_if_known
+from tests.support import (
+    EXPECTED_PATHS,
+    PATHS_CHECKED,
+    Cluster,
+    PrivateServer,
+    Processes,
+    TestServer,
+    free_port,
+    test_server,
+    test_server_if_known,
+    write_config,
+)
 
 
 def pytest_report_header(config):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-from zarkov import keys as K
+from zarkov import keyfiles as K
 from zarkov.security import ClientKeys
 
 

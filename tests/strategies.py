@@ -209,7 +209,8 @@ def multipart(messages: st.SearchStrategy[bytes]) -> st.SearchStrategy[list[byte
 
 MAP = "def m(objs):\n    for o in objs:\n        yield o.get('type'), 1\n"
 REDUCE = "def r(key, values):\n    return sum(values)\n"
-XMAP = "def xm(objs):\n    for o in objs:\n        yield {'c': 'per_type', 'k': o.get('type'), 'v': 1}\n"
+XMAP = ("def xm(objs):\n    for o in objs:\n"
+        "        yield {'c': 'per_type', 'k': o.get('type'), 'v': 1}\n")
 XREDUCE = "def xr(coll, key, values):\n    return sum(values)\n"
 BASIC = "def b(*args, **kwargs):\n    return len(args) + len(kwargs)\n"
 

@@ -72,9 +72,16 @@ def wait_for(cond: Callable[[], object], timeout: float = 30.0, interval: float 
 
 
 def children(pid: int) -> list[int]:
-    """Process ids of the children of ``pid`` (a worker pool's processes)."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
+    """Process ids of the children of ``pid`` (a worker pool's processes), whichever of
+    its threads started them."""
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return sorted(out)
 
 
 def child_asleep(pid: int) -> int | None:
@@ -109,8 +116,9 @@ class Processes:
     def start(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
         """Start ``argv`` in its own process group, output to ``<log_dir>/<name>.log``."""
         log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=proc_env(kw.pop("env", None)),
-                             cwd=kw.pop("cwd", ROOT), start_new_session=True, **kw)
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                             env=proc_env(kw.pop("env", None)), cwd=kw.pop("cwd", ROOT),
+                             start_new_session=True, **kw)
         log.close()
         self.procs.append((name, p))
         return p

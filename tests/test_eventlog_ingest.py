@@ -89,8 +89,9 @@ def test_bad_messages_are_rejected_counted_and_set_aside(procs, config_file, db)
         rejects = [json.loads(line) for line in f]
     assert len(rejects) == 12
     reasons = " | ".join(r["reason"] for r in rejects)
-    for words in ("not a BSON document", "'type' must be a string", "'context' must be a document",
-                  "'timestamp' must be a datetime", "missing field 'type'", "unknown field 'colour'",
+    for words in ("not a BSON document", "'type' must be a string",
+                  "'context' must be a document", "'timestamp' must be a datetime",
+                  "missing field 'type'", "unknown field 'colour'",
                   "unknown $command 'drop_everything'", "over the 16 MB limit", "not JSON",
                   "a JSON list is not an event object", "$datetime"):
         assert words in reasons
@@ -113,7 +114,8 @@ def test_zsend_and_shared_key(procs, config_file, db, tmp_path):
         "",
         json.dumps({"type": "b", "context": {"user": "ann"}, "extra": {"seq": 1}}),
     ]) + "\n"
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "zsend"), cfg["bson_uri"], f"@{keyfile}"],
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "zsend"),
+                          cfg["bson_uri"], f"@{keyfile}"],
                          input=lines, capture_output=True, text=True, env=proc_env(), timeout=60)
     assert out.returncode == 1, out.stderr
     assert "line 2: skipped: not JSON" in out.stderr

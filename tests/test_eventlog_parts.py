@@ -9,9 +9,9 @@ import pytest
 
 from tests.eventlog_util import load, start_logger
 from tests.support import run_zcmd, wait_for
+from zarkov import positions
 from zarkov.eventlog import journal as J
 from zarkov.eventlog.rotate import rotate
-from zarkov import positions
 from zarkov.eventlog.schema import Rejected, prepare_bson, prepare_json
 from zarkov.eventlog.stream import Stream
 
@@ -98,7 +98,8 @@ def test_perftest_and_rotate_through_zcmd(procs, config_file, db, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "second 1: sent" in out.stdout and "perftest: sent 1500 events" in out.stdout
     wait_for(lambda: db.event.count_documents({}) == 1500, what="the perftest events stored")
-    assert sorted(d["extra"]["seq"] for d in db.event.find({}, {"extra.seq": 1})) == list(range(1500))
+    assert sorted(d["extra"]["seq"]
+                  for d in db.event.find({}, {"extra.seq": 1})) == list(range(1500))
     out = run_zcmd(path, "rotate", str(tmp_path / "dump"), timeout=60)
     assert out.returncode == 0, out.stderr
     assert "event to event.0" in out.stdout

@@ -14,13 +14,13 @@ from zarkov import config as C
 pytestmark = pytest.mark.fuzz
 
 SCHEMA_KEYS = sorted(C.TOP_SCHEMA) + sorted(C.SECTIONS) + [
-    k for schema in C.SECTIONS.values() for k in sorted(schema)]
+    k for schema in C.SECTION_SCHEMAS.values() for k in sorted(schema)]
 
 
 def _assert_valid(cfg: C.Config) -> None:
     """What commands rely on: every key of its schema type, finite, within range."""
     sections = [(C.TOP_SCHEMA, cfg, "")] + [
-        (schema, getattr(cfg, name), f"{name}.") for name, schema in C.SECTIONS.items()]
+        (schema, getattr(cfg, name), f"{name}.") for name, schema in C.SECTION_SCHEMAS.items()]
     for schema, section, prefix in sections:
         for key, (types, _) in schema.items():
             value = getattr(section, key)

@@ -18,10 +18,17 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_config
 from tests.eventlog_fuzz import FuzzedLogger
-from tests.strategies import (bson_events, bson_messages, deep_bson, deep_json, fuzz_settings,
-                              json_messages, multipart)
-from tests.support import wait_for, write_config
 from tests.eventlog_util import stats
+from tests.strategies import (
+    bson_events,
+    bson_messages,
+    deep_bson,
+    deep_json,
+    fuzz_settings,
+    json_messages,
+    multipart,
+)
+from tests.support import wait_for, write_config
 from zarkov.eventlog.schema import MAX_BSON_SIZE, MAX_DEPTH, Rejected, prepare_bson, prepare_json
 
 pytestmark = pytest.mark.fuzz

@@ -17,8 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import make_config
-from tests.strategies import (COMMANDS, bson_values, fuzz_settings, job_request,
-                              random_requests, sink_messages, wrong_field_requests)
+from tests.strategies import (
+    COMMANDS,
+    bson_values,
+    fuzz_settings,
+    job_request,
+    random_requests,
+    sink_messages,
+    wrong_field_requests,
+)
 from tests.support import Cluster, router_status, wait_for, write_config
 from zarkov import wire
 from zarkov.zmr.jobspec import STATUS_WAIT_LIMIT

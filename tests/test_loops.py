@@ -15,8 +15,8 @@ import bson
 from tests.eventlog_util import load, push, seqs, stats
 from tests.support import Cluster, router_status, wait_for
 from zarkov import wire
+from zarkov.errors import EXIT_LOOP_DIED
 from zarkov.faults import MARK
-from zarkov.supervise import EXIT_LOOP_DIED
 
 MARKED = {"type": "marked", "extra": MARK.decode()}
 

@@ -13,7 +13,6 @@ import collections
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from types import SimpleNamespace

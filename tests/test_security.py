@@ -23,7 +23,7 @@ from tests.eventlog_util import load, push, start_logger, stats
 from tests.fixtures import zmr_functions as F
 from tests.support import ROOT, Cluster, free_port, proc_env, run_zcmd, wait_for, write_config
 from zarkov import config as C
-from zarkov import keys as K
+from zarkov import keyfiles as K
 from zarkov import security, wire
 from zarkov.client import ZarkovClient
 from zarkov.security import ClientKeys

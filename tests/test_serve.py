@@ -9,7 +9,7 @@ import zmq
 from tests import aggtools as A
 from tests.support import wait_for
 from zarkov import streams, wire
-from zarkov.agg import positions
+from zarkov.aggregation import positions
 from zarkov.client import ZarkovClient
 
 
@@ -76,7 +76,8 @@ def test_a_failing_realtime_task_is_logged_and_serve_keeps_serving(served, zconf
     wait_for(lambda: "no.such.module" in procs.log("serve"), timeout=60,
              what="the bad task_name in the log")
     wait_for(lambda: db.event.count_documents({}) == 1, timeout=30, what="the event stored")
-    assert wire.request(zconfig["zmr"]["req_uri"], {"$command": "echo", "x": 1}, 5.0)["message"]["x"] == 1
+    echo = wire.request(zconfig["zmr"]["req_uri"], {"$command": "echo", "x": 1}, 5.0)
+    assert echo["message"]["x"] == 1
     assert proc.poll() is None
 
 
@@ -105,7 +106,7 @@ def test_an_event_is_counted_within_seconds_however_long_the_interval(
             client.event("login", {"user": f"u{round_}"})
             # Well under the 60 s a loop on its interval would take, with room for a
             # loaded machine.
-            wait_for(lambda: counted() == round_, timeout=15,
+            wait_for(lambda: counted() == round_, timeout=15,  # noqa: B023 - waited for here
                      what=f"event {round_} counted in zagg.events_per_day")
     finally:
         client.close()

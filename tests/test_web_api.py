@@ -1,5 +1,5 @@
 """The JSON query API against the real database, through the WSGI app (no HTTP server):
-SPEC §6's /q and friends, what each bad input answers, what reaches MongoDB, access."""
+the README's /q and friends, what each bad input answers, what reaches MongoDB, access."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,12 +8,12 @@ import pymongo
 import pytest
 from pymongo import monitoring
 
-from zarkov import agg_status
 from zarkov import config as C
+from zarkov.aggregation import status as agg_status
 from zarkov.web.app import create_app
 from zarkov.web.events import client_address
 from zarkov.web.filters import FilterError, check_filter
-from zarkov.web.keys import key_millis
+from zarkov.web.timekeys import key_millis
 
 MS = 1000
 
@@ -58,7 +58,7 @@ def make_app(mongo_uri, db_name, tmp_path, **cfg):
                                    "journal": str(tmp_path / "journal"), **cfg})).test_client()
 
 
-# -- /q as SPEC §6 says -------------------------------------------------------------------
+# -- /q as the README says ------------------------------------------------------------
 def test_q_returns_each_value_field_as_sorted_key_millis_pairs_within_the_inclusive_range(web):
     client, _, db = web
     days = [21, 24, 22, 23, 20, 25]  # inserted out of order

@@ -29,7 +29,7 @@ from tests.conftest import make_config
 from tests.support import free_port, wait_for, write_config
 from tests.webtools import browser_missing, chrome, post_json, start_serve, web_base
 from zarkov import examples
-from zarkov.agg import positions
+from zarkov.aggregation import positions
 from zarkov.client import ZarkovClient
 from zarkov.eventlog.perftest import synthetic_event
 
@@ -100,7 +100,7 @@ def test_the_dashboard_loads_without_console_errors_and_only_from_its_own_servic
 class _Page(http.server.BaseHTTPRequestHandler):
     body = b""
 
-    def do_GET(self):  # noqa: N802 - the stdlib's name
+    def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(self.body)))
@@ -151,9 +151,9 @@ def test_a_time_series_chart_draws_one_point_per_key_of_the_range_with_its_value
          for h in reversed(hours)])
     open_dashboard(driver, base)
     chart = "article[data-collection='zagg.hourly_sales'] .chart"
-    wait_for(lambda: js(driver, f"const c = document.querySelector(\"{chart}\");"
-                                "return c && c.dataset.keys"), timeout=40,
-             what="the hourly_sales chart") == "24"
+    assert wait_for(lambda: js(driver, f"const c = document.querySelector(\"{chart}\");"
+                                       "return c && c.dataset.keys"), timeout=40,
+                    what="the hourly_sales chart") == "24"
     read = (f"const gd = document.querySelector(\"{chart}\");"
             "return {traces: gd.data.map(t => ({name: t.name, x: t.x.map(x => Date.parse(x + 'Z')),"
             " y: t.y})), drawn: [...gd.querySelectorAll('.scatterlayer .trace')]"
@@ -209,9 +209,10 @@ def test_an_aggregation_started_meanwhile_shows_its_progress_then_done(service, 
     assert seen["now"].startswith("running"), seen
     if seen["job"] == "map":
         assert "chunks" in seen["label"] and seen["bar"] >= 1, seen
-    wait_for(lambda: js(driver, f"const r = document.querySelector(\"{row}\");"
-                                "return r.dataset.state === 'idle' && r.querySelector('td.last').dataset.docs"),
-             timeout=120, what="slow_agg done on the page") == "400"
+    assert wait_for(lambda: js(driver, f"const r = document.querySelector(\"{row}\");"
+                                       "return r.dataset.state === 'idle' "
+                                       "&& r.querySelector('td.last').dataset.docs"),
+                    timeout=120, what="slow_agg done on the page") == "400"
     # The job table refreshes on a clock of its own: poll it too.
     wait_for(lambda: ["complete", "400"] in js(
         driver, "return [...document.querySelectorAll('#jobs tr[data-job]')]"
@@ -269,7 +270,8 @@ def test_the_screenshot_over_the_demos_data(procs, mongo_uri, mongo_client, tmp_
             interval=1, what="the demo's AggDefs to count every event")
         driver.set_window_size(1280, 1180)
         open_dashboard(driver, base)
-        wait_for(lambda: js(driver, "return document.querySelectorAll('#collections article').length")
+        wait_for(lambda: js(driver,
+                            "return document.querySelectorAll('#collections article').length")
                  == 3 and js(driver, "return (document.querySelector(\"article[data-collection="
                                      "'zagg.types_per_minute'] .chart\") || {dataset: {}})"
                                      ".dataset.keys") not in (None, "0"),

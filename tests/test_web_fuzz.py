@@ -53,7 +53,7 @@ def used_operators(obj) -> set[str]:
 
 
 @pytest.fixture
-def app_client(web):
+def app_client(web):  # noqa: F811 - the fixture imported above
     client, listener, db = web
     db["zagg.series"].insert_many([{"_id": f"2024-01-{d:02d}", "value": {"n": d}}
                                    for d in range(1, 11)])

@@ -14,8 +14,15 @@ import pytest
 import zmq
 
 from tests.fixtures import zmr_functions as F
-from tests.support import (Processes, child_asleep, children, free_port, run_zcmd,
-                           wait_for, write_config)
+from tests.support import (
+    Processes,
+    child_asleep,
+    children,
+    free_port,
+    run_zcmd,
+    wait_for,
+    write_config,
+)
 from zarkov import wire
 from zarkov.zmr import client
 
@@ -144,7 +151,8 @@ def test_xmapreduce_feeds_several_collections(zmr):
 
 
 def test_worker_killed_mid_job_output_exact(zmr):
-    job_id = client.submit(zmr.sock, zmr.request((F.map_slow, F.reduce_sum), output_name="zagg.kill"))
+    job_id = client.submit(zmr.sock, zmr.request((F.map_slow, F.reduce_sum),
+                                                 output_name="zagg.kill"))
     wait_for(lambda: client.status(zmr.sock, job_id)["chunks_done"] >= 2, timeout=120,
              what="two chunks done")
     # A process caught inside map_slow's sleep holds a chunk: its death must make the
@@ -167,7 +175,8 @@ SMALL = expected(make_docs(N_SMALL), lambda d: d["s"])
 
 def test_replace_leaves_exactly_the_results(zmr):
     zmr.db["zagg.rep"].insert_many([{"_id": "stale", "value": 1}, {"_id": "s0", "value": -1}])
-    st = zmr.run(zmr.request((F.map_by_s, F.reduce_sum), input_name="small", output_name="zagg.rep"))
+    st = zmr.run(zmr.request((F.map_by_s, F.reduce_sum), input_name="small",
+                             output_name="zagg.rep"))
     assert st["state"] == "complete", st.get("traceback")
     assert zmr.output("zagg.rep") == SMALL
 
@@ -351,7 +360,8 @@ def test_bad_requests_get_error_replies(zmr):
     r = wire.call(zmr.sock, {"$command": "mapreduce", "map_text": "x", "map_name": "m",
                              "reduce_text": "y", "reduce_name": "r", "output_type": "sideways"}, 10)
     assert "output_type" in r["error"]
-    assert wire.call(zmr.sock, {"$command": "echo", "still": "here"}, 10)["message"]["still"] == "here"
+    echo = wire.call(zmr.sock, {"$command": "echo", "still": "here"}, 10)
+    assert echo["message"]["still"] == "here"
 
 
 def test_config_reply_gives_ports(zmr):

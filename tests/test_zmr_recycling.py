@@ -59,7 +59,7 @@ def test_many_one_task_jobs_while_workers_recycle_every_few_tasks(procs, config_
         t.join()
     assert not failures, failures[0]
     assert len(done) == CLIENTS * JOBS_PER_CLIENT
-    for seconds, st in done:
+    for _seconds, st in done:
         assert st["state"] == "complete", st.get("traceback")
         assert st["chunks_total"] == 1 and st["write_path"] == "inline"
         assert {d["_id"]: d["value"] for d in bson.decode_all(st["inline"][0]["docs"])} == want

@@ -8,14 +8,14 @@ import subprocess
 import sys
 
 import bson
-from bson.raw_bson import RawBSONDocument
 import gevent
 import pytest
 import zmq
+from bson.raw_bson import RawBSONDocument
 
 from tests.support import ROOT, proc_env
-from zarkov.zmr import compute, dispatch, jobspec, reader
 from zarkov.bsonkeys import group_key, partition_of
+from zarkov.zmr import compute, dispatch, jobspec, reader
 from zarkov.zmr.reader import cut_chunks
 from zarkov.zmr.spill import Spill
 
@@ -110,7 +110,8 @@ def test_map_combines_per_chunk_and_partitions():
 
 def test_reduce_rereduces_and_finalizes():
     data = b"".join(bson.encode({"k": k, "v": v}) for k, v in [("a", 3), ("a", 2), ("b", 1)])
-    f = fns(reduce=RED, finalize=("f", "(objs)", "return ({'_id': o['_id'], 'n': o['value']} for o in objs)"))
+    f = fns(reduce=RED, finalize=("f", "(objs)",
+                                  "return ({'_id': o['_id'], 'n': o['value']} for o in objs)"))
     out = compute.run_reduce(f, data)
     assert sorted((d["_id"], d["n"]) for d in bson.decode_all(out[""])) == [("a", 5), ("b", 1)]
     new = b"".join(bson.encode({"_id": k, "value": v}) for k, v in [("a", 5), ("b", 1)])

@@ -1,202 +1,70 @@
-"""The one configuration schema of Zarkov: defaults, YAML loading and validation.
+"""The one configuration of Zarkov: typed sections, each key with its default and check.
 
-Every command builds a :class:`Config` with :func:`load` and reads its settings as
-attributes (``config.mongo_uri``, ``config.zmr.reduce_count``,
-``config.security.server_key``).  Errors name the file and the key, so that ``zcmd``
-can print them on one line and exit with 2.  Whatever the file holds, :func:`load`
-returns a valid Config or raises ConfigError: never another exception, never a
-message longer than a line.
+Every command builds a :class:`Config` with :func:`load` (a YAML file, or defaults)
+or :func:`from_dict` and reads its settings as attributes (``config.mongo_uri``,
+``config.zmr.reduce_count``, ``config.security.server_key``).  Each section is a
+dataclass (:class:`Config`, :class:`ZmrConfig`, :class:`SecurityConfig`) whose
+fields are the keys: the annotation is the type, the default is the default, and
+the checks beyond the type live beside it (:func:`key`).  Errors name the file and
+the key, so that ``zcmd`` prints them on one line and exits with 2.  Whatever the
+file holds, :func:`load` returns a valid Config or raises ConfigError: never another
+exception, never a message longer than a line.
 
 Every bind address defaults to loopback; binding beyond it needs the CURVE keys of
 the ``security`` section (or ``security.allow_insecure``), see :mod:`zarkov.security`.
+Keys of earlier versions that did nothing are refused with the reason
+(:data:`REMOVED`).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import math
 import os
-from typing import Any, Mapping
+import typing
+from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
+from zarkov import keyfiles
+from zarkov.errors import ConfigError
 from zarkov.oneline import first_line, short_repr
 
+__all__ = ["Config", "ZmrConfig", "SecurityConfig", "ConfigError", "load", "from_dict",
+           "defaults", "worker_processes", "REMOVED"]
 
-class ConfigError(Exception):
-    """A configuration file or value that cannot be used; the message names it."""
-
-
-# key: (type or tuple of types, default).  ``None`` as a default means "unset".
-TOP_SCHEMA: dict[str, tuple[Any, Any]] = {
-    "mongo_uri": (str, "mongodb://localhost:27017"),
-    "mongo_database": (str, "zarkov"),
-    "bson_bind_address": (str, "tcp://127.0.0.1:6543"),
-    "json_bind_address": (str, "tcp://127.0.0.1:6544"),
-    "bson_uri": (str, "tcp://127.0.0.1:6543"),
-    "publish_bind_address": (str, "tcp://127.0.0.1:6545"),
-    # The web service (JSON API, dashboard, events over HTTP); 0 = not run by `serve`.
-    "web_port": (int, 8081),
-    # Address the web service listens on.  Beyond loopback it needs `web_token`.
-    "web_bind": (str, "127.0.0.1"),
-    # Bearer token the query API and the dashboard require (always, when set).
-    "web_token": ((str, type(None)), None),
-    # Addresses (or networks) of reverse proxies whose X-Forwarded-For is believed.
-    "web_trusted_proxies": (list, []),
-    "journal": (str, "journal"),
-    "journal_file_size": (int, 262144),
-    "journal_min_files": (int, 4),
-    "num_event_servers": (int, 0),
-    "num_event_logs": (int, 4),
-    "verbose": (bool, False),
-    # Seconds between two runs of the real-time aggregation loop of `serve`.
-    "realtime_interval": ((int, float), 5.0),
-    # Seconds between two sweeps of an AggDef (the look for events without a position,
-    # written by other programs) on a server without an index for it (the bundled
-    # FerretDB and mongo-java-server), where a sweep reads the whole input; runs
-    # between take the event logger's positions alone.  0: every run sweeps.  On
-    # MongoDB every run sweeps.  `zcmd aggregate --sweep` sweeps now.
-    "sweep_interval": ((int, float), 60.0),
-    # Seconds a run's lease on an AggDef lasts without renewal (another host may
-    # take a pending run over after that).
-    "agg_lease_seconds": ((int, float), 60.0),
-    # Optional shared password that event senders put in a first frame (compared in
-    # constant time; it travels in clear without CURVE: not authentication).
-    "shared_key": ((str, type(None)), None),
-    # Where `serve` logs; "-" is stderr.
-    "log_file": (str, "-"),
-}
-
-ZMR_SCHEMA: dict[str, tuple[Any, Any]] = {
-    "req_uri": (str, "tcp://127.0.0.1:5555"),
-    "req_bind": (str, "tcp://127.0.0.1:5555"),
-    "worker_uri": (str, "tcp://127.0.0.1"),
-    "src_port": (int, 0),
-    "sink_port": (int, 0),
-    "local_workers": (int, 2),
-    "processes_per_worker": (int, 0),
-    "reduce_count": (int, 256),
-    "map_chunk_size": (int, 5000000),
-    "map_chunks_per_page": (int, 20),
-    "outstanding_chunks": (int, 4),
-    "max_chunk_timeout": ((int, float), 600),
-    "request_greenlets": (int, 16),
-    "compress": (int, 0),
-    "job_root": (str, "/tmp/zmr"),
-    "event_limit": (int, 100000),
-    "requests_per_worker_process": (int, 256),
-    "suicide_level": (int, 3145728),
-}
-
-_PATH = (str, type(None))
-# CURVE authentication and encryption of every ZeroMQ socket (see zarkov.security).
-# Relative paths are relative to the config file's directory.
-SECURITY_SCHEMA: dict[str, tuple[Any, Any]] = {
-    # The servers' key pair (a *.key_secret file): set on hosts that run the
-    # router, the event logger or serve.  Turns CURVE on for every socket they bind.
-    "server_key": (_PATH, None),
-    # Directory of the client public keys (*.key) allowed in; needed with server_key.
-    "authorized_keys": (_PATH, None),
-    # The servers' public key (a *.key file), on hosts that only connect; defaults to
-    # the public half of server_key.
-    "server_public_key": (_PATH, None),
-    # This host's client key pair (*.key_secret) for workers, zcmd aggregate,
-    # ZarkovClient and zsend; defaults to server_key.
-    "client_key": (_PATH, None),
-    # Bind beyond loopback without keys anyway (warned about at every start).
-    "allow_insecure": (bool, False),
-}
-SECURITY_PATHS = ("server_key", "authorized_keys", "server_public_key", "client_key")
-
-# Nested sections and their schemas.
-SECTIONS: dict[str, dict[str, tuple[Any, Any]]] = {"zmr": ZMR_SCHEMA, "security": SECURITY_SCHEMA}
-
-# Keys whose value must be > 0 (the others may be 0 where 0 means "automatic").
-POSITIVE = {
-    "journal_file_size", "journal_min_files", "num_event_logs", "realtime_interval",
-    "agg_lease_seconds", "zmr.reduce_count", "zmr.map_chunk_size",
-    "zmr.map_chunks_per_page", "zmr.outstanding_chunks", "zmr.max_chunk_timeout",
-    "zmr.request_greenlets", "zmr.event_limit", "zmr.requests_per_worker_process",
-    "zmr.suicide_level",
-}
+#: A check beyond the type: what is wrong with a value, or None.
+Check = Callable[[Any], Optional[str]]
 
 
-class Section:
-    """Attribute access to one validated section of the configuration."""
-
-    def __init__(self, values: Mapping[str, Any]):
-        self.__dict__.update(values)
-
-    def as_dict(self) -> dict[str, Any]:
-        """A plain dict copy of the section (nested sections as dicts too)."""
-        return {k: (v.as_dict() if isinstance(v, Section) else v)
-                for k, v in self.__dict__.items()}
-
-    def __repr__(self) -> str:
-        return f"Section({self.as_dict()!r})"
+def positive(value: Any) -> Optional[str]:
+    """Greater than 0."""
+    return f"must be greater than 0, got {short_repr(value)}" if value <= 0 else None
 
 
-class Config(Section):
-    """The whole validated configuration: top-level keys, ``zmr`` and ``security``."""
-
-    zmr: Section
-    security: Section
-    source: str
-
-    def validate(self) -> "Config":
-        """Check every key against the schema; raise ConfigError naming the key."""
-        data = self.as_dict()
-        data.pop("source", None)
-        _validate(data, self.source)
-        return self
+def not_negative(value: Any) -> Optional[str]:
+    """0 or more (0 means "automatic" or "never" where the key says so)."""
+    return f"must not be negative, got {short_repr(value)}" if value < 0 else None
 
 
-def defaults() -> dict[str, Any]:
-    """The default value of every key, as a nested dict."""
-    d = {k: copy.deepcopy(v[1]) for k, v in TOP_SCHEMA.items()}
-    for name, schema in SECTIONS.items():
-        d[name] = {k: copy.deepcopy(v[1]) for k, v in schema.items()}
-    return d
+def tcp_port(value: Any) -> Optional[str]:
+    """A TCP port, or 0."""
+    if value < 0:
+        return f"must not be negative, got {short_repr(value)}"
+    return f"not a TCP port, got {short_repr(value)}" if value > 65535 else None
 
 
-def _type_name(t: Any) -> str:
-    ts = t if isinstance(t, tuple) else (t,)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             type(None): "null", list: "a list"}
-    return " or ".join(names.get(x, x.__name__) for x in ts)
-
-
-def _check(key: str, value: Any, expected: Any, source: str) -> None:
-    types = expected if isinstance(expected, tuple) else (expected,)
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        raise ConfigError(f"{source}: key '{key}': expected {_type_name(expected)}, "
-                          f"got {short_repr(value)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{source}: key '{key}': must be a finite number, got {value!r}")
-    if key in POSITIVE and value <= 0:
-        raise ConfigError(f"{source}: key '{key}': must be greater than 0, "
-                          f"got {short_repr(value)}")
-    if key != "zmr.processes_per_worker" and key.endswith(("_workers", "_servers", "_port")) \
-            and isinstance(value, int) and value < 0:
-        raise ConfigError(f"{source}: key '{key}': must not be negative, "
-                          f"got {short_repr(value)}")
-    if key.endswith("_port") and isinstance(value, int) and value > 65535:
-        raise ConfigError(f"{source}: key '{key}': not a TCP port, got {short_repr(value)}")
-    if key in _EXTRA_CHECKS:
-        problem = _EXTRA_CHECKS[key](value)
-        if problem:
-            raise ConfigError(f"{source}: key '{key}': {problem}")
-
-
-def _bad_token(value: str | None) -> str | None:
-    # Why a minimum: the token is the only thing between the network and the data.
+def token(value: Optional[str]) -> Optional[str]:
+    """A bearer token of 16+ characters, or null.  Why a minimum: the token is the only
+    thing between the network and the data."""
     if value is not None and len(value) < 16:
         return "must be at least 16 characters (or null for none)"
     return None
 
 
-def _bad_proxies(value: list) -> str | None:
+def networks(value: list) -> Optional[str]:
+    """A list of IP addresses or networks."""
     for item in value:
         try:
             if not isinstance(item, str):
@@ -207,85 +75,265 @@ def _bad_proxies(value: list) -> str | None:
     return None
 
 
-# Checks beyond the type: each returns what is wrong, or None.
-def _negative(value: float) -> str | None:
-    return "must not be negative" if value < 0 else None
+def key(default: Any, *checks: Check, doc: str = "") -> Any:
+    """A config key: its default, its checks beyond the type, what it is for."""
+    meta = {"checks": checks, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default),
+                                 metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
-_EXTRA_CHECKS = {"web_token": _bad_token,
-                 "web_trusted_proxies": _bad_proxies,
-                 "sweep_interval": _negative}
+class _Section:
+    """What every section can do."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain (nested) dict of the section's keys."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
-def _key_name(key: Any) -> str:
-    return first_line(str(key), 60)
+@dataclasses.dataclass
+class ZmrConfig(_Section):
+    """The map-reduce cluster (``zmr:``)."""
+
+    req_uri: str = key("tcp://127.0.0.1:5555", doc="where clients and workers connect")
+    req_bind: str = key("tcp://127.0.0.1:5555", doc="where the router listens")
+    worker_uri: str = key("tcp://127.0.0.1", doc="where the router binds its worker sockets")
+    src_port: int = key(0, tcp_port, doc="the tasks socket's port (0: random)")
+    sink_port: int = key(0, tcp_port, doc="the heartbeats socket's port (0: random)")
+    local_workers: int = key(2, not_negative, doc="worker processes `serve` starts")
+    processes_per_worker: int = key(0, not_negative,
+                                    doc="worker processes of `zmr-worker` (0: one per core)")
+    reduce_count: int = key(256, positive, doc="reduce partitions")
+    map_chunk_size: int = key(5000000, positive, doc="bytes of input per map chunk")
+    outstanding_chunks: int = key(4, positive, doc="least tasks of a job in flight")
+    max_chunk_timeout: float = key(600, positive,
+                                   doc="seconds a task may take at most before it is sent "
+                                       "again (the limit adapts below it)")
+    request_greenlets: int = key(16, positive, doc="requests the router serves at once")
+    job_root: str = key("/tmp/zmr", doc="the router's temporary job files")
+    event_limit: int = key(100000, positive, doc="most events one incremental run takes")
+    requests_per_worker_process: int = key(256, positive,
+                                           doc="tasks after which a worker recycles itself")
+    suicide_level: int = key(3145728, positive,
+                             doc="KiB of RSS after which a worker recycles itself")
+
+
+@dataclasses.dataclass
+class SecurityConfig(_Section):
+    """CURVE authentication and encryption of every ZeroMQ socket (``security:``; see
+    :mod:`zarkov.security`).  Relative paths are relative to the config file."""
+
+    server_key: Optional[str] = key(None, doc="the servers' key pair (*.key_secret): set "
+                                    "on hosts that run the router, the event logger or "
+                                    "serve; turns CURVE on for every socket they bind")
+    authorized_keys: Optional[str] = key(None, doc="directory of the client public keys "
+                                         "(*.key) allowed in; needed with server_key")
+    server_public_key: Optional[str] = key(None, doc="the servers' public key (*.key) on "
+                                           "hosts that only connect (default: the public "
+                                           "half of server_key)")
+    client_key: Optional[str] = key(None, doc="this host's key pair (*.key_secret) for "
+                                    "workers, zcmd aggregate, ZarkovClient and zsend "
+                                    "(default: server_key)")
+    allow_insecure: bool = key(False, doc="bind beyond loopback without keys anyway "
+                                          "(warned about at every start)")
+
+    def validate(self, source: str) -> None:
+        """The keys name readable key files of the right kind, and go together."""
+
+        def fail(name: str, why: str) -> None:
+            raise ConfigError(f"{source}: key 'security.{name}': {why}")
+
+        for name, secret in (("server_key", True), ("server_public_key", False),
+                             ("client_key", True)):
+            path = getattr(self, name)
+            if path is not None:
+                try:
+                    keyfiles.read_key_file(path, secret=secret)
+                except keyfiles.KeyFileError as e:
+                    fail(name, f"{e}; make one with 'zcmd keys new <name>'")
+        if self.server_key is not None and self.authorized_keys is None:
+            fail("authorized_keys", "needed with security.server_key: the directory of the "
+                 "client public keys allowed in (zcmd keys authorize <file>)")
+        if self.authorized_keys is not None and not os.path.isdir(self.authorized_keys):
+            fail("authorized_keys", f"{self.authorized_keys}: no such directory")
+        if self.server_key is None:
+            for have, need in (("client_key", "server_public_key"),
+                               ("server_public_key", "client_key")):
+                if getattr(self, have) is not None and getattr(self, need) is None:
+                    fail(need, f"needed with security.{have} (a client needs the servers' "
+                         "public key and a key pair of its own)")
+
+
+#: The security keys that name files or directories (relative to the config file).
+SECURITY_PATHS = ("server_key", "authorized_keys", "server_public_key", "client_key")
+
+
+@dataclasses.dataclass
+class Config(_Section):
+    """The whole validated configuration: top-level keys, ``zmr`` and ``security``."""
+
+    mongo_uri: str = key("mongodb://localhost:27017")
+    mongo_database: str = key("zarkov")
+    bson_bind_address: str = key("tcp://127.0.0.1:6543", doc="where BSON events come in")
+    json_bind_address: str = key("tcp://127.0.0.1:6544", doc="where JSON events come in")
+    bson_uri: str = key("tcp://127.0.0.1:6543", doc="where clients push events")
+    publish_bind_address: str = key("tcp://127.0.0.1:6545",
+                                    doc="the PUB socket announcing finished aggregations")
+    web_port: int = key(8081, tcp_port, doc="the web service (0: not run by `serve`)")
+    web_bind: str = key("127.0.0.1", doc="where the web service listens (beyond loopback: "
+                                         "web_token needed)")
+    web_token: Optional[str] = key(None, token, doc="bearer token the query API and the "
+                                   "dashboard require (always, when set)")
+    web_trusted_proxies: list = key([], networks, doc="reverse proxies (addresses or "
+                                    "networks) whose X-Forwarded-For the beacon believes")
+    journal: str = key("journal", doc="directory of the write-ahead journal")
+    journal_file_size: int = key(262144, positive, doc="bytes of a journal file")
+    num_event_servers: int = key(0, not_negative,
+                                 doc="event-server processes (0: one per core)")
+    num_event_logs: int = key(4, positive, doc="rotated event collections kept")
+    verbose: bool = key(False, doc="log at DEBUG")
+    realtime_interval: float = key(5.0, positive, doc="the longest a real-time AggDef "
+                                   "waits between two runs when the logger tells nothing")
+    sweep_interval: float = key(60.0, not_negative, doc="seconds between two sweeps (the "
+                                "look for events without a position, written by other "
+                                "programs) where one reads the whole input (the bundled "
+                                "servers); 0: every run.  MongoDB: every run")
+    agg_lease_seconds: float = key(60.0, positive, doc="how long a run's lease lasts "
+                                   "without renewal (another host may take it over then)")
+    shared_key: Optional[str] = key(None, doc="shared password of event senders' first "
+                                    "frame (in clear without CURVE: not authentication)")
+    log_file: str = key("-", doc="where every process logs (relative to the config "
+                                 "file; reopened after logrotate); '-' is stderr")
+    zmr: ZmrConfig = dataclasses.field(default_factory=ZmrConfig)
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    #: Where the config came from (a file's path, ``<defaults>``): errors name it.
+    source: str = dataclasses.field(default="<defaults>", compare=False)
+
+    def validate(self) -> "Config":
+        """Check every key against its type and checks; raise ConfigError naming it."""
+        data = self.as_dict()
+        data.pop("source", None)
+        _validate(data, self.source)
+        return self
+
+
+#: The sections (name -> dataclass) and the top level.
+SECTIONS: dict[str, type] = {"zmr": ZmrConfig, "security": SecurityConfig}
+
+#: Keys of earlier versions that did nothing, and why.
+REMOVED = {
+    "journal_min_files": "the journal does not pre-allocate files",
+    "zmr.map_chunks_per_page": "the router reads its input in server batches, not pages",
+    "zmr.compress": "chunks travel uncompressed",
+}
+
+
+def _fields(cls: type) -> dict[str, tuple[tuple, tuple]]:
+    """``{key: (types, checks)}`` of a section's dataclass."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "source" or f.name in SECTIONS:
+            continue
+        out[f.name] = (_types(hints[f.name]), tuple(f.metadata.get("checks", ())))
+    return out
+
+
+def _types(hint: Any) -> tuple:
+    """The Python types a key of annotation ``hint`` accepts (float takes int too)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union:
+        return tuple(t for a in args for t in _types(a))
+    if hint is float:
+        return (int, float)
+    if hint is type(None):
+        return (type(None),)
+    return (typing.get_origin(hint) or hint,)
+
+
+_TOP = _fields(Config)
+_SECTION_FIELDS = {name: _fields(cls) for name, cls in SECTIONS.items()}
+
+# Views by key, for tests and tools: ``{key: (types, default)}`` and the keys that
+# must be positive.
+TOP_SCHEMA = {k: (t, getattr(Config(), k)) for k, (t, _) in _TOP.items()}
+SECTION_SCHEMAS = {name: {k: (t, getattr(cls(), k)) for k, (t, _) in _SECTION_FIELDS[name].items()}
+                   for name, cls in SECTIONS.items()}
+POSITIVE = {(f"{s}.{k}" if s else k) for s, fields in [("", _TOP), *_SECTION_FIELDS.items()]
+            for k, (_, checks) in fields.items() if positive in checks}
+
+
+def defaults() -> dict[str, Any]:
+    """The default value of every key, as a nested dict."""
+    data = Config().as_dict()
+    data.pop("source")
+    return data
+
+
+def _type_name(types: tuple) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null", list: "a list"}
+    if int in types and float in types:
+        types = tuple(t for t in types if t is not int)
+    return " or ".join(names.get(x, x.__name__) for x in types)
+
+
+def _check(name: str, value: Any, types: tuple, checks: tuple, source: str) -> None:
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise ConfigError(f"{source}: key '{name}': expected {_type_name(types)}, "
+                          f"got {short_repr(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: key '{name}': must be a finite number, got {value!r}")
+    for check in checks:
+        problem = check(value)
+        if problem:
+            raise ConfigError(f"{source}: key '{name}': {problem}")
+
+
+def _key_name(name: Any) -> str:
+    return first_line(str(name), 60)
+
+
+def _refuse_removed(name: str, source: str) -> None:
+    if name in REMOVED:
+        raise ConfigError(f"{source}: key '{name}' was removed ({REMOVED[name]}); delete it")
 
 
 def _validate(data: Mapping[str, Any], source: str) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the file must hold a mapping of keys, "
                           f"got {type(data).__name__}")
-    for key, value in data.items():
-        if key in SECTIONS:
-            schema = SECTIONS[key]
+    for name, value in data.items():
+        if name in SECTIONS:
+            fields = _SECTION_FIELDS[name]
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: key '{key}': expected a mapping, "
+                raise ConfigError(f"{source}: key '{name}': expected a mapping, "
                                   f"got {short_repr(value)}")
-            for zkey, zvalue in value.items():
-                if zkey not in schema:
-                    raise ConfigError(f"{source}: unknown key '{key}.{_key_name(zkey)}'")
-                _check(f"{key}.{zkey}", zvalue, schema[zkey][0], source)
-        elif key not in TOP_SCHEMA:
-            raise ConfigError(f"{source}: unknown key '{_key_name(key)}'")
+            for sub, subvalue in value.items():
+                dotted = f"{name}.{_key_name(sub)}"
+                _refuse_removed(dotted, source)
+                if sub not in fields:
+                    raise ConfigError(f"{source}: unknown key '{dotted}'")
+                _check(dotted, subvalue, *fields[sub], source)
         else:
-            _check(key, value, TOP_SCHEMA[key][0], source)
-    if data.get("zmr", {}).get("processes_per_worker", 0) < 0:
-        raise ConfigError(f"{source}: key 'zmr.processes_per_worker': must not be negative")
+            _refuse_removed(str(name), source)
+            if name not in _TOP:
+                raise ConfigError(f"{source}: unknown key '{_key_name(name)}'")
+            _check(name, value, *_TOP[name], source)
 
 
-def from_dict(data: Mapping[str, Any] | None = None, source: str = "<config>") -> Config:
+def from_dict(data: Optional[Mapping[str, Any]] = None, source: str = "<config>") -> Config:
     """Build a validated Config from a (partial) nested dict over the defaults."""
     data = dict(data or {})
+    data.pop("source", None)
     _validate(data, source)
-    merged = defaults()
-    for key, value in data.items():
-        if key in SECTIONS:
-            merged[key].update(value)
-        else:
-            merged[key] = value
-    _check_key_files(merged["security"], source)
-    cfg = Config({k: v for k, v in merged.items() if k not in SECTIONS})
-    for name in SECTIONS:
-        setattr(cfg, name, Section(merged[name]))
-    cfg.source = source
+    sections = {name: cls(**dict(data.get(name) or {})) for name, cls in SECTIONS.items()}
+    top = {k: copy.deepcopy(v) for k, v in data.items() if k not in SECTIONS}
+    cfg = Config(**top, **sections, source=source)
+    cfg.security.validate(source)
     return cfg
-
-
-def _check_key_files(sec: dict[str, Any], source: str) -> None:
-    """The ``security`` keys name readable key files of the right kind, and go together."""
-    from zarkov import keys  # why here: keys imports zmq, which plain config users need not
-
-    def fail(key: str, why: str) -> None:
-        raise ConfigError(f"{source}: key 'security.{key}': {why}")
-
-    for key, secret in (("server_key", True), ("server_public_key", False),
-                        ("client_key", True)):
-        if sec[key] is not None:
-            try:
-                keys.read_key_file(sec[key], secret=secret)
-            except keys.KeyFileError as e:
-                fail(key, f"{e}; make one with 'zcmd keys new <name>'")
-    if sec["server_key"] is not None and sec["authorized_keys"] is None:
-        fail("authorized_keys", "needed with security.server_key: the directory of the "
-             "client public keys allowed in (zcmd keys authorize <file>)")
-    if sec["authorized_keys"] is not None and not os.path.isdir(sec["authorized_keys"]):
-        fail("authorized_keys", f"{sec['authorized_keys']}: no such directory")
-    if sec["server_key"] is None:
-        pairs = (("client_key", "server_public_key"), ("server_public_key", "client_key"))
-        for have, need in pairs:
-            if sec[have] is not None and sec[need] is None:
-                fail(need, f"needed with security.{have} (a client needs the servers' "
-                     f"public key and a key pair of its own)")
 
 
 def _resolve_paths(data: dict[str, Any], path: str) -> None:
@@ -294,13 +342,38 @@ def _resolve_paths(data: dict[str, Any], path: str) -> None:
     if not isinstance(sec, dict):
         return
     base = os.path.dirname(os.path.abspath(path))
-    for key in SECURITY_PATHS:
-        value = sec.get(key)
+    for name in SECURITY_PATHS:
+        value = sec.get(name)
         if isinstance(value, str) and value:
-            sec[key] = os.path.join(base, os.path.expanduser(value))
+            sec[name] = os.path.join(base, os.path.expanduser(value))
 
 
-def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Config:
+def _read(path: str) -> Any:
+    """The YAML document of ``path``; ConfigError (one line) whatever goes wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: YAML syntax error{where}: {first_line(problem)}") \
+            from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") \
+            from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deep") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a date such as 2024-13-01 (ValueError)
+        raise ConfigError(f"{path}: cannot read the YAML: {type(e).__name__}: "
+                          f"{first_line(e)}") from None
+
+
+def load(path: Optional[str], overrides: Optional[Mapping[str, Any]] = None) -> Config:
     """Load a YAML file (or only defaults when ``path`` is None), apply overrides.
 
     ``overrides`` maps dotted keys (``mongo_uri``, ``zmr.req_uri``) to values.
@@ -308,27 +381,7 @@ def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Config
     data: dict[str, Any] = {}
     source = path or "<defaults>"
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"{path}: YAML syntax error{where}: {first_line(problem)}") \
-                from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") \
-                from None
-        except RecursionError:
-            raise ConfigError(f"{path}: YAML nested too deep") from None
-        except Exception as e:  # noqa: BLE001 - e.g. a date such as 2024-13-01 (ValueError)
-            raise ConfigError(f"{path}: cannot read the YAML: {type(e).__name__}: "
-                              f"{first_line(e)}") from None
+        loaded = _read(path)
         if loaded is not None:
             if not isinstance(loaded, Mapping):
                 raise ConfigError(f"{path}: the file must hold a mapping of keys, "
@@ -337,11 +390,11 @@ def load(path: str | None, overrides: Mapping[str, Any] | None = None) -> Config
             _resolve_paths(data, path)
     for dotted, value in (overrides or {}).items():
         if "." in dotted:
-            section, key = dotted.split(".", 1)
+            section, name = dotted.split(".", 1)
             if not isinstance(data.setdefault(section, {}), dict):
                 raise ConfigError(f"{source}: key '{section}': expected a mapping, "
                                   f"got {short_repr(data[section])}")
-            data[section][key] = value
+            data[section][name] = value
         else:
             data[dotted] = value
     return from_dict(data, source)

@@ -11,8 +11,10 @@ import inspect
 import textwrap
 from typing import Any, Callable
 
+from zarkov.errors import ZarkovError
 
-class FunctionError(Exception):
+
+class FunctionError(ZarkovError):
     """A shipped function that cannot be loaded (syntax error, missing name)."""
 
 
@@ -43,7 +45,7 @@ def load(text: str, name: str, what: str = "function") -> Callable[..., Any]:
     except SyntaxError as e:
         raise FunctionError(f"{what} '{name}' does not compile: {e.msg} "
                             f"(line {e.lineno})") from None
-    exec(code, namespace)  # noqa: S102 - running shipped code is the point of a worker
+    exec(code, namespace)
     func = namespace.get(name)
     if not callable(func):
         raise FunctionError(f"{what} source does not define a function named '{name}'")

@@ -30,12 +30,14 @@ from typing import Any, Optional
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from zarkov.errors import Busy, ZarkovError
+
 log = logging.getLogger(__name__)
 
 HOST = socket.gethostname()
 
 
-class LeaseBusy(Exception):
+class LeaseBusy(Busy):
     """The lease is held by a live holder."""
 
     def __init__(self, key: Any, holder: dict):
@@ -45,7 +47,7 @@ class LeaseBusy(Exception):
                          f"{holder.get('host')} since {holder.get('taken')}")
 
 
-class LeaseLost(Exception):
+class LeaseLost(ZarkovError):
     """Our lease was taken over (we stalled longer than its duration) or removed."""
 
 

@@ -3,7 +3,7 @@
 ``doc_session`` is the Ming document session (its ``.db`` is the configured pymongo
 Database) and ``orm_session`` the thread-local ODM session on top of it.  Every
 command that touches the model calls :func:`configure` first; after that the
-article's registration works as written::
+registration of README "Using it" works as written::
 
     from ming.orm import session
     from zarkov import model as M
@@ -36,8 +36,8 @@ orm_session = ThreadLocalODMSession(doc_session=doc_session)
 # collection too, so ``_id`` may be of any type and code reads events through
 # pymongo (``doc_session.db.event``) or ``event.m.find(..., validate=False)``: Ming's
 # validation would reject their extra fields.  There is no mapped class for the
-# same reason.
-event = collection(
+# same reason.  (The type: ignores: Ming's stubs know only its declarative Field forms.)
+event = collection(  # type: ignore[misc]
     "event", doc_session,
     # The event logger's events: their position (zarkov.positions); others: any id.
     Field("_id", S.Anything()),
@@ -55,8 +55,8 @@ event = collection(
     Index("jobs"),
     Index("_seq", "aggregates"))
 
-# Aggregations defined over (by default) the 'event' collection — as in the article.
-agg_def = collection(
+# Aggregations defined over (by default) the 'event' collection (README, "Using it").
+agg_def = collection(  # type: ignore[misc]
     "agg_def", doc_session,
     Field("_id", S.ObjectId()),
     # Name for the aggregation
@@ -74,6 +74,14 @@ agg_def = collection(
 
 class AggDef:
     """An aggregation definition: a name, an input collection and a Task's dotted path."""
+
+    # What Ming's mapper gives instances and the class (for type checkers only).
+    query: Any
+    name: str
+    object: str
+    task_name: str
+    last_run: datetime
+    realtime: bool
 
     @classmethod
     def by_name(cls, name: str) -> Optional["AggDef"]:

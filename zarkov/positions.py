@@ -15,7 +15,7 @@ and last 4 the sequence number, big-endian; the event also carries the number as
 
 ``_seq`` tells a positioned event from one without a position (written by another
 program, imported, or stored before positions existed), which runs count by marks
-(:mod:`zarkov.agg.marks`); an index on ``(_seq, aggregates)`` finds those.
+(:mod:`zarkov.aggregation.marks`); an index on ``(_seq, aggregates)`` finds those.
 
 The stream's first 4 bytes are the time it began, so an event's
 ``_id.generation_time`` is when its stream began, not when it happened: use its

@@ -14,8 +14,9 @@ A runner runs one run at a time: news arriving during a run makes it due again, 
 everything that arrived meanwhile goes into the next run (however many commits
 that was).  Runs take the positions the event logger stored, and sweep for events
 without a position (written by other programs) as every run does: where no index
-finds them, at most every ``sweep_interval`` seconds (:func:`zarkov.aggregation.run`).  A run that another process holds (``zcmd aggregate``, another
-``serve``) is skipped and tried again shortly.  When a run took documents, the
+finds them, at most every ``sweep_interval`` seconds (:func:`zarkov.aggregation.run`).
+A run that another process holds (``zcmd aggregate``, another ``serve``) is skipped
+and tried again shortly.  When a run took documents, the
 loop publishes ``{"$command": "agg_complete", "name": ..., "docs": n}`` (BSON) on
 ``publish_bind_address`` so that dashboards can refresh (a CURVE server when keys
 are on: subscribers need an authorised key too).
@@ -24,15 +25,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import gevent
 import gevent.event
 
-from zarkov import aggregation, security, supervise, wire
+from zarkov import aggregation, security, wire
 from zarkov import model as M
 from zarkov.config import Config
 from zarkov.eventlog import notify
+from zarkov.runtime import loops
 
 log = logging.getLogger("zarkov.realtime")
 
@@ -52,7 +54,7 @@ class _Runner:
         self.due = gevent.event.Event()
         self.due.set()  # a first run when the loop starts or the AggDef appears
         self.stopping = False
-        self.greenlet = supervise.spawn(f"real-time runs of {name}", self._run)
+        self.greenlet = loops.spawn(f"real-time runs of {name}", self._run)
 
     def _run(self) -> None:
         while not self.stopping:
@@ -86,12 +88,12 @@ class RealtimeLoop:
         self.config = config
         self.runners: dict[str, _Runner] = {}
         self.counts = {"runs": 0, "docs": 0, "errors": 0, "published": 0, "news": 0}
-        self.errors = supervise.Errors(log)
+        self.errors = loops.Errors(log)
         self._news = gevent.event.Event()
         self._stop = gevent.event.Event()
         self._loop: gevent.Greenlet | None = None
-        self._unlisten = None
-        self._pub = None
+        self._unlisten: Callable[[], None] | None = None
+        self._pub: Any = None  # a zmq or zmq.green PUB socket, once started
 
     def start(self) -> "RealtimeLoop":
         """Bind the publish socket, listen to the event logger, start the loop."""
@@ -102,7 +104,7 @@ class RealtimeLoop:
         security.secure_server(self.config, self._pub, "publish")
         self._pub.bind(self.config.publish_bind_address)
         self._unlisten = notify.listen(self.committed)
-        self._loop = supervise.spawn("real-time aggregation loop", self._run_loop)
+        self._loop = loops.spawn("real-time aggregation loop", self._run_loop)
         log.info("real-time aggregation when events are committed, and every %g s at the "
                  "latest; completions published on %s", self.config.realtime_interval,
                  self.config.publish_bind_address)
@@ -128,7 +130,7 @@ class RealtimeLoop:
         while not self._stop.is_set():
             try:
                 self._refresh()
-            except Exception:  # noqa: BLE001 - the database may be down; try again later
+            except Exception:
                 log.exception("real-time loop: cannot list the AggDefs")
                 self.counts["errors"] += 1
             listed = time.monotonic()
@@ -156,7 +158,7 @@ class RealtimeLoop:
             log.error("real-time run of %s failed: %s%s", name, e,
                       f"\n{e.traceback}" if getattr(e, "traceback", None) else "")
             return None
-        except Exception:  # noqa: BLE001 - keep serving whatever a Task does
+        except Exception:
             self.counts["errors"] += 1
             log.exception("real-time run of %s failed", name)
             return None

@@ -1,4 +1,4 @@
-"""Task: the base class of aggregation logic (README "Using it", the original article).
+"""Task: the base class of aggregation logic (README, "Using it": the API of the 2011 design).
 
 Users subclass :class:`Task`, override ``_start_jobs(self, socket, full)`` and start
 map-reduce jobs from it with :meth:`Task.start_mr` (or :meth:`Task.start_xmr`,
@@ -17,7 +17,7 @@ marked with its lock id ``self._lock_id``, in a full run every event stored up t
 now) and write into staging
 collections (or, when small, hand their output back in memory) that the engine
 later applies to the real targets exactly once.  Without a context (a Task run by
-hand) jobs write straight to their targets, as in the article: ``replace`` when
+hand) jobs write straight to their targets, as the 2011 design did: ``replace`` when
 ``full``, else ``reduce``.
 """
 from __future__ import annotations
@@ -29,22 +29,14 @@ import bson
 from pymongo.collection import Collection
 
 from zarkov import wire
-from zarkov.zmr import client
+from zarkov.errors import JobFailed, ZarkovError
+from zarkov.zmr import jobclient
 
 
-class TaskError(Exception):
+class TaskError(ZarkovError):
     """A Task that cannot start its jobs (bad arguments, unshippable function)."""
 
 
-class JobFailed(Exception):
-    """A job reported an error, or the router lost it or stopped answering.
-
-    ``traceback`` holds the worker's traceback when there is one.
-    """
-
-    def __init__(self, message: str, traceback: Optional[str] = None):
-        super().__init__(message)
-        self.traceback = traceback
 
 
 class RunContext:
@@ -159,7 +151,7 @@ class Task:
     def _query(self, filter: Optional[dict]) -> bytes:
         """The job's filter as BSON: the run's selection ANDed with the user's filter.
 
-        A ``{"jobs": self._lock_id}`` in the user's filter (the article's way of
+        A ``{"jobs": self._lock_id}`` in the user's filter (the 2011 design's way of
         selecting a run's documents) is the selection already: it is left out, so
         that it means exactly the run's documents, positioned or marked, in every
         kind of run.
@@ -179,10 +171,10 @@ class Task:
     def _submit(self, socket: Any, request: dict, kind: str, target: Optional[str]) -> Any:
         timeout = float(self.config.zmr.max_chunk_timeout)
         try:
-            job_id = client.submit(socket, request, timeout)
+            job_id = jobclient.submit(socket, request, timeout)
         except wire.RouterTimeout as e:
             raise JobFailed(str(e)) from None
-        except client.ZmrError as e:
+        except jobclient.ZmrError as e:
             raise JobFailed(f"the router refused the {kind} job: {e}") from None
         self._jobs.append({"job_id": job_id, "kind": kind, "target": target, "status": {}})
         return job_id
@@ -218,11 +210,11 @@ class Task:
                          finalize: Any, finalize_name: Optional[str]) -> Any:
         """Build and send a mapreduce (``mr``) or xmapreduce (``xmr``) request."""
         try:
-            request = client.mapreduce_request(
+            request = jobclient.mapreduce_request(
                 map, reduce, finalize, query=self._query(filter), xmr=kind == "xmr",
                 map_name=map_name, reduce_name=reduce_name, finalize_name=finalize_name,
                 database=self.config.mongo_database, input_names=self.input_names)
-        except client.BadFunction as e:
+        except jobclient.BadFunction as e:
             raise TaskError(str(e)) from None
         out_field = "output_name" if kind == "mr" else "output_prefix"
         if self._context is not None:
@@ -244,8 +236,8 @@ class Task:
     def start_basic_job(self, socket: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``func(*args, **kwargs)`` on a worker; its result lands in ``self.results``."""
         try:
-            request = client.basic_request(func, *args, **kwargs)
-        except client.BadFunction as e:
+            request = jobclient.basic_request(func, *args, **kwargs)
+        except jobclient.BadFunction as e:
             raise TaskError(str(e)) from None
         return self._submit(socket, request, "basic", None)
 
@@ -276,18 +268,18 @@ class Task:
             self._report(started)
 
         try:
-            final = client.wait(socket, list(by_id), on_progress=progress,
+            final = jobclient.wait(socket, list(by_id), on_progress=progress,
                                 stall=2 * timeout, request_timeout=timeout)
         except wire.RouterTimeout as e:
             raise JobFailed(str(e)) from None
-        except client.JobError as e:
+        except jobclient.JobError as e:
             job = by_id[e.job_id]
             raise JobFailed(f"{job['kind']} job into {job['target'] or '-'} failed: "
-                            f"{client.last_line(e.traceback)}", e.traceback) from None
-        except client.Stalled:
+                            f"{jobclient.last_line(e.traceback)}", e.traceback) from None
+        except jobclient.Stalled:
             raise JobFailed(f"no job progress for {2 * timeout:g} s "
                             f"(are workers connected to {self.config.zmr.req_uri}?)") from None
-        except client.ZmrError as e:
+        except jobclient.ZmrError as e:
             raise JobFailed(str(e)) from None
         for job_id, st in final.items():
             if by_id[job_id]["kind"] == "basic":

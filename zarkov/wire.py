@@ -14,14 +14,16 @@ import time
 from typing import Any, Mapping
 
 import bson
-from bson.codec_options import CodecOptions
 import zmq
+from bson.codec_options import CodecOptions
+
+from zarkov.errors import ZarkovError
 
 # tz_aware=False: datetimes come back naive UTC, as pymongo returns them by default.
-CODEC = CodecOptions(tz_aware=False)
+CODEC: CodecOptions = CodecOptions(tz_aware=False)
 
 
-class WireError(Exception):
+class WireError(ZarkovError):
     """A peer answered with something that is not a well-formed reply."""
 
 
@@ -55,7 +57,7 @@ def decode(data: bytes) -> dict:
     """BSON bytes as a dict; raises WireError when the bytes are not one document."""
     try:
         return bson.decode(data, CODEC)
-    except Exception as e:  # bson raises InvalidBSON and friends
+    except Exception as e:  # noqa: BLE001 - bson raises InvalidBSON and friends
         raise WireError(f"not a BSON document: {e}") from None
 
 

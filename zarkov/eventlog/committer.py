@@ -36,18 +36,21 @@ import hashlib
 import logging
 import os
 import time
+from typing import Any
 
 import gevent
 from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from zarkov import faults, streams, supervise
+from zarkov import faults, streams
+from zarkov.errors import ZarkovError
 from zarkov.eventlog import notify
 from zarkov.eventlog.journal import HEADER, MAGIC, Journal, read_records
 from zarkov.eventlog.rejects import RejectLog
 from zarkov.eventlog.stats import Stats
 from zarkov.oneline import first_line as clip
+from zarkov.runtime import loops
 
 #: Seconds the oldest record of the open file waits for others to join its insert.
 LINGER = 0.02
@@ -61,7 +64,7 @@ LONE_PAUSE = 0.25   # seconds between two tries of a lone document
 log = logging.getLogger("zarkov.eventlog")
 
 
-class DatabaseDown(Exception):
+class DatabaseDown(ZarkovError):
     """The database could not be reached; the batch is to be retried later."""
 
 
@@ -89,7 +92,7 @@ class Committer:
 
     def start(self) -> None:
         """Start the commit greenlet."""
-        self._greenlet = supervise.spawn("commit loop", self._run)
+        self._greenlet = loops.spawn("commit loop", self._run)
 
     def stop(self, timeout: float) -> bool:
         """Commit what is journaled (the journal must be closed first), within ``timeout``.
@@ -121,7 +124,8 @@ class Committer:
                     continue
                 if self._stopping:
                     return
-                if j.fd is not None and j.size > self.done.get(j.path, len(MAGIC)):
+                if j.fd is not None and j.path is not None \
+                        and j.size > self.done.get(j.path, len(MAGIC)):
                     now = time.monotonic()
                     if self._pending_since is None:
                         self._pending_since = now
@@ -151,6 +155,7 @@ class Committer:
     def _commit_open_file(self) -> None:
         j = self.journal
         path, end = j.path, j.size
+        assert path is not None, "no open journal file"
         start = self.done.get(path, len(MAGIC))
         docs, _, _ = read_records(path, start, end)
         self._insert_records(path, start, docs)
@@ -158,7 +163,7 @@ class Committer:
     def _commit_backlog(self) -> None:
         """Commit the oldest closed files: several small ones in one insert (why: fewer
         round trips when the logger is behind), a big one in chunks."""
-        group = []
+        group: list[tuple[str, int, list[bytes], Any]] = []
         ndocs = nbytes = 0
         for path in list(self.backlog):
             start = self.done.get(path, 0)
@@ -197,7 +202,8 @@ class Committer:
         """Insert ``docs`` (read from ``path`` at ``offset``) in chunks, noting progress."""
         i = 0
         while i < len(docs):
-            chunk, nbytes = [], 0
+            chunk: list[bytes] = []
+            nbytes = 0
             while i < len(docs) and len(chunk) < CHUNK_DOCS and nbytes < CHUNK_BYTES:
                 chunk.append(docs[i])
                 nbytes += len(docs[i])
@@ -298,6 +304,7 @@ class Committer:
             self._check_up(error)
             if attempt < LONE_TRIES:
                 gevent.sleep(LONE_PAUSE)
+        assert error is not None  # every attempt failed
         self._refuse(doc, f"refused by the database: {clip(error)} (failed in its batch and "
                           f"{LONE_TRIES} times alone while the database answered ping)")
 

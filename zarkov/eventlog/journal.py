@@ -136,6 +136,7 @@ class Journal:
         self.size = len(MAGIC)
 
     def _write(self, data: bytes) -> None:
+        assert self.fd is not None, "the journal is closed"
         view = memoryview(data)
         while view:
             written = os.write(self.fd, view)
@@ -153,6 +154,7 @@ class Journal:
             # Why truncate: a partial write (disk full) would leave a torn record in
             # the middle of the file, and the records after it could not be read back.
             try:
+                assert self.fd is not None
                 os.ftruncate(self.fd, self.size)
             except OSError:
                 pass
@@ -172,6 +174,7 @@ class Journal:
     def rotate(self) -> None:
         """Close the open file (it joins ``closed``) and open the next one."""
         old_fd, old_path = self.fd, self.path
+        assert old_fd is not None and old_path is not None, "the journal is closed"
         self._new_file()
         self.closed.append(old_path)
         self._dirty = True
@@ -206,6 +209,7 @@ class Journal:
         if self._syncer is not None:
             self._syncer.kill(block=False)
         fd, path = self.fd, self.path
+        assert path is not None
         self.fd = None
         try:
             os.fsync(fd)

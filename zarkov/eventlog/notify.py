@@ -19,7 +19,8 @@ from typing import Callable
 import bson
 import gevent
 
-from zarkov import supervise, wire
+from zarkov import wire
+from zarkov.runtime import loops
 
 log = logging.getLogger("zarkov.eventlog.notify")
 
@@ -44,7 +45,7 @@ def committed(collection: str, n: int) -> None:
     for fn in list(_listeners):
         try:
             fn(collection, n)
-        except Exception:  # noqa: BLE001 - a listener's bug must not stop a commit
+        except Exception:
             log.exception("a listener of committed events failed")
 
 
@@ -85,8 +86,8 @@ class Receiver:
         self.sock.setsockopt(z.LINGER, 0)
         self.sock.bind(uri)
         self.uri = uri
-        self.errors = supervise.Errors(log)
-        self._greenlet = supervise.spawn("event logger: news of commits", self._loop)
+        self.errors = loops.Errors(log)
+        self._greenlet = loops.spawn("event logger: news of commits", self._loop)
 
     def _loop(self) -> None:
         while True:

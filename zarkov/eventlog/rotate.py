@@ -29,6 +29,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.database import Database
 
 from zarkov import storage
+from zarkov.errors import ZarkovError
 from zarkov.lease import Lease
 
 COLLECTION = "event"
@@ -36,7 +37,7 @@ COLLECTION = "event"
 LEASE_POLL = 0.05
 
 
-class RotateError(Exception):
+class RotateError(ZarkovError):
     """The collections are not in a state rotate can work from; the message says why."""
 
 

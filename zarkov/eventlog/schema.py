@@ -41,6 +41,7 @@ from bson import ObjectId
 from bson.codec_options import CodecOptions
 
 from zarkov import positions
+from zarkov.errors import ZarkovError
 from zarkov.eventlog.stream import Stream
 from zarkov.oneline import first_line as clip
 from zarkov.oneline import short_repr as _short
@@ -58,7 +59,7 @@ MAX_DEPTH = 100
 FIELDS = frozenset(("_id", "timestamp", "type", "context", "extra"))
 NOVAL = "event_noval"
 
-_CODEC = CodecOptions(tz_aware=False)
+_CODEC: CodecOptions = CodecOptions(tz_aware=False)
 _INT32 = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
 _ID_PREFIX = b"\x07_id\x00"
@@ -79,7 +80,7 @@ def _default_ids() -> "Stream":
     return _detached
 
 
-class Rejected(Exception):
+class Rejected(ZarkovError):
     """A message that is not a valid event; the message says why, in a few words."""
 
 
@@ -152,7 +153,7 @@ def prepare_bson(msg: bytes, now_ms: int, ids: "Stream | None" = None) -> bytes:
         raise Rejected(f"message of {size} bytes is over the 16 MB limit")
     try:
         doc = bson.decode(msg, _CODEC)
-    except Exception as e:  # InvalidBSON and friends: the bytes are not one document
+    except Exception as e:  # noqa: BLE001 - InvalidBSON and friends: not one document
         if "recursion" in str(e):  # what pymongo says past ~1000 levels
             raise Rejected(_TOO_DEEP) from None
         raise Rejected(f"not a BSON document ({clip(e)})") from None
@@ -296,7 +297,7 @@ def _encode(doc: dict) -> bytes:
         data = bson.encode(doc)
     except OverflowError:  # why not check while parsing JSON: a hook per number costs
         raise Rejected("an integer does not fit in 64 bits") from None
-    except Exception as e:  # a string with a lone surrogate, a key with a NUL ...
+    except Exception as e:  # noqa: BLE001 - a lone surrogate, a key with a NUL ...
         raise Rejected(f"cannot be stored as BSON ({clip(e)})") from None
     if len(data) > MAX_BSON_SIZE:
         raise Rejected(f"event of {len(data)} bytes is over the 16 MB limit")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import gevent
 
-from zarkov.supervise import Errors
+from zarkov.runtime.loops import Errors
 
 FIELDS = ("accepted", "rejected", "committed", "duplicates", "refused", "errors")
 PROXY_STATS = "stats-proxy.json"
@@ -29,7 +29,7 @@ class Stats:
     duplicates (of the committed ones, already in the database: a replay), refused
     (connections without an authorised CURVE key: nothing they sent was read), and
     ``errors``: unexpected exceptions of the process's loops (a bug or a broken disk;
-    each logged with its traceback, see :class:`zarkov.supervise.Errors`)."""
+    each logged with its traceback, see :class:`zarkov.loops.Errors`)."""
 
     def __init__(self, index: int = 0):
         self.index = index
@@ -91,7 +91,7 @@ def write_loop(path: str, stats: Stats, interval: float,
 
 def read_stats(journal_dir: str) -> list[dict[str, Any]]:
     """The stats of every process that wrote some under ``journal_dir``."""
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         names = sorted(n for n in os.listdir(journal_dir)
                        if n.startswith("stats-") and n.endswith(".json"))

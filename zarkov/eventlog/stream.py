@@ -28,6 +28,7 @@ import struct
 from typing import Optional
 
 from zarkov import positions
+from zarkov.errors import ZarkovError
 
 LOCK = "lock"
 STATE = "stream.json"
@@ -36,7 +37,7 @@ _SEQ = struct.Struct(">I")
 log = logging.getLogger("zarkov.eventlog")
 
 
-class JournalBusy(Exception):
+class JournalBusy(ZarkovError):
     """Another process is using the journal directory."""
 
 

@@ -51,7 +51,7 @@ def send_lines(client: ZarkovClient, lines: TextIO, err: TextIO) -> tuple[int, i
             print(f"zsend: line {number}: skipped: {e}", file=err)
             skipped += 1
             continue
-        except Exception as e:  # bson cannot hold it (an integer over 64 bits ...)
+        except Exception as e:  # noqa: BLE001 - bson cannot hold it (an int over 64 bits ...)
             print(f"zsend: line {number}: skipped: cannot be encoded as BSON ({e})", file=err)
             skipped += 1
             continue

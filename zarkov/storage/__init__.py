@@ -10,7 +10,7 @@ things; every difference between servers lives here and nowhere else:
   (FerretDB wedges on large update commands) is known by the server's name.
 * :class:`Writes` holds the three write strategies built on those answers, used by
   the map-reduce router's commit (:mod:`zarkov.zmr.job`), the aggregation's apply step
-  (:mod:`zarkov.agg.apply`) and rotate (:mod:`zarkov.eventlog.rotate`) alike:
+  (:mod:`zarkov.aggregation.apply`) and rotate (:mod:`zarkov.eventlog.rotate`) alike:
 
   - **replace a collection** (:meth:`Writes.replace`, :meth:`Writes.replace_from`):
     build the new content aside and rename it over the target in one step; where the
@@ -27,13 +27,33 @@ Each strategy returns the name of the path it took (``RENAMED`` …), which the 
 puts in a job's status and the aggregation in its result, so that tests can assert
 which path ran on which server.
 """
-from zarkov.storage.capabilities import (BATCH, FERRETDB_UPDATE_BATCH, ID_IN, ID_ONE,
-                                        ID_RANGE, PROBE_PREFIX, Capabilities, Identity,
-                                        capabilities, identify)
+from zarkov.storage.capabilities import (
+                                        BATCH,
+                                        FERRETDB_UPDATE_BATCH,
+                                        ID_IN,
+                                        ID_ONE,
+                                        ID_RANGE,
+                                        PROBE_PREFIX,
+                                        Capabilities,
+                                        Identity,
+                                        capabilities,
+                                        identify,
+)
 from zarkov.storage.reads import Reads, approx_count, reads
-from zarkov.storage.writes import (DELETE_INSERT, DUPLICATE_KEY, MOVED_BY_RENAME,
-                                   MOVED_DOCUMENTS, RENAMED, REPLACED_IN_PLACE, UPSERTS,
-                                   Writes, copy_indexes, drop_quietly, raw_batches, writes)
+from zarkov.storage.writes import (
+                                        DELETE_INSERT,
+                                        DUPLICATE_KEY,
+                                        MOVED_BY_RENAME,
+                                        MOVED_DOCUMENTS,
+                                        RENAMED,
+                                        REPLACED_IN_PLACE,
+                                        UPSERTS,
+                                        Writes,
+                                        copy_indexes,
+                                        drop_quietly,
+                                        raw_batches,
+                                        writes,
+)
 
 __all__ = ["BATCH", "FERRETDB_UPDATE_BATCH", "ID_IN", "ID_ONE", "ID_RANGE", "PROBE_PREFIX",
            "Capabilities", "Identity", "capabilities", "identify", "Reads", "approx_count",

@@ -48,6 +48,7 @@ from pymongo.database import Database
 from pymongo.errors import ConfigurationError, PyMongoError
 
 from zarkov import positions
+from zarkov.errors import ZarkovError
 from zarkov.storage.capabilities import ID_IN, ID_ONE, ID_RANGE, Capabilities, capabilities
 
 _LEN = struct.Struct("<i")
@@ -85,7 +86,7 @@ _PREFIXED = {0x02, 0x0D, 0x0E}   # int32 length + bytes
 _WHOLE = {0x03, 0x04, 0x0F}      # int32 length counts itself
 
 
-class ReaderError(Exception):
+class ReaderError(ZarkovError):
     """A server reply that is not what a ``find`` cursor answers."""
 
 
@@ -219,10 +220,14 @@ def split(query: Mapping[str, Any]) -> Optional[tuple[list, Optional[dict], Opti
     clauses = selection["$or"] if list(selection) == ["$or"] else [selection]
     if not isinstance(clauses, list):
         return None
-    ranges, others = [], []
+    ranges: list[positions.Range] = []
+    others: list[Any] = []
     for clause in clauses:
         r = positions.parse_clause(clause)
-        (ranges if r is not None else others).append(r if r is not None else clause)
+        if r is not None:
+            ranges.append(r)
+        else:
+            others.append(clause)
     if not ranges:
         return None
     rest = None if not others else others[0] if len(others) == 1 else {"$or": others}

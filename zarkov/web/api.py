@@ -1,7 +1,7 @@
 """Routes of the read-only JSON API: the original's queries and the service's state.
 
 =================  ==========================================================
-``/q``             one series: ``p`` ``c`` ``b`` ``e`` (``n``), SPEC §6
+``/q``             one series: ``p`` ``c`` ``b`` ``e`` (``n``), README "The web service"
 ``/qs``            several: ``q`` = JSON list of /q parameter objects
 ``/qr``            ranked top-N: ``c`` ``p`` ``f`` (JSON filter) ``s`` (sort) ``l``
 ``/collections``   the ``zagg.*`` collections, counts, time keys or not
@@ -19,7 +19,7 @@ from __future__ import annotations
 from flask import Flask, request
 
 from zarkov.web import status
-from zarkov.web.app import State, json_response
+from zarkov.web.http import State, json_response
 from zarkov.web.query import ApiError, int_param
 
 PARAMS = {

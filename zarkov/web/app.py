@@ -13,7 +13,6 @@ page elsewhere cannot read them through DNS rebinding.  The event endpoints and
 """
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -22,114 +21,45 @@ from typing import Any, Optional
 import pymongo
 from flask import Flask, Response, request
 from pymongo.errors import PyMongoError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from zarkov.config import Config
-from zarkov.web import jsonout
+from zarkov.security import is_loopback_host
+from zarkov.web import api, dashboard, events
+from zarkov.web.http import (
+    MAX_BODY,
+    TOKEN_COOKIE,
+    State,
+    error,
+    host_name,
+    json_response,
+    trusted,
+)
 from zarkov.web.query import ApiError, QueryApi
 from zarkov.web.rate import EventRate
 from zarkov.web.status import RunNames
 
-MAX_BODY = 64 * 1024
-TOKEN_COOKIE = "zarkov_token"
 #: Endpoints anyone may call (the others need the token when one is set).
 OPEN = frozenset(("events", "events_preflight", "beacon", "health"))
 
 log = logging.getLogger("zarkov.web")
 
 
-@dataclasses.dataclass
-class State:
-    """What the routes share: config, database, query API, intake and event rate."""
-
-    config: Config
-    client: pymongo.MongoClient
-    query: QueryApi
-    intake: Any = None
-    rate: Any = None
-    proxies: tuple = ()
-    runs: Any = None
-
-    @property
-    def db(self):
-        """The configured database."""
-        return self.query.db
-
-
-def json_response(body: Any, status: int = 200, headers: Optional[dict] = None) -> Response:
-    """A JSON reply that no cache keeps."""
-    resp = Response(jsonout.dumps(body), status=status, mimetype="application/json")
-    resp.headers["Cache-Control"] = "no-store"
-    for k, v in (headers or {}).items():
-        resp.headers[k] = v
-    return resp
-
-
-def error(status: int, message: str, parameter: Optional[str] = None,
-          headers: Optional[dict] = None) -> Response:
-    """A JSON error reply ``{error, parameter}``."""
-    body = {"error": message}
-    if parameter:
-        body["parameter"] = parameter
-    return json_response(body, status, headers)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is loopback."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def bind_problem(config: Config) -> Optional[str]:
     """Why the web service may not start with this config (one line), or None."""
-    if not is_loopback(config.web_bind) and not config.web_token:
+    if not is_loopback_host(config.web_bind) and not config.web_token:
         return (f"{config.source}: key 'web_token': required when web_bind "
                 f"({config.web_bind}) is beyond loopback; set a token of 16+ characters "
                 "or bind 127.0.0.1")
     return None
 
 
-def host_name(host: str) -> str:
-    """The name or address of a Host header, without its port."""
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0]
-
-
-def trusted(address: Optional[str], proxies: tuple) -> bool:
-    """Whether ``address`` belongs to one of the trusted proxy networks."""
-    if not address or not proxies:
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in proxies)
-
-
-def read_body() -> bytes:
-    """The request body, at most MAX_BODY bytes; RequestEntityTooLarge (413) past that.
-
-    Why by hand: Werkzeug cuts a chunked body at its maximum length without saying so.
-    """
-    data = request.stream.read(MAX_BODY + 1)
-    if len(data) > MAX_BODY:
-        raise RequestEntityTooLarge()
-    return data
-
-
 def create_app(config: Config, intake: Any = None, rate: Any = None,
                client: Optional[pymongo.MongoClient] = None) -> Flask:
     """The WSGI app over ``config``'s database; ``intake``/``rate`` as the server made them."""
-    from zarkov.web import api, dashboard, events  # noqa: PLC0415 - they import this module
 
     app = Flask("zarkov.web", static_folder=None)
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # the default provider has it
     client = client or pymongo.MongoClient(
         config.mongo_uri, serverSelectionTimeoutMS=3000, connectTimeoutMS=3000,
         socketTimeoutMS=60000, tz_aware=False)
@@ -148,7 +78,7 @@ def create_app(config: Config, intake: Any = None, rate: Any = None,
         token = config.web_token
         if token:
             return _check_token(token)
-        if not is_loopback(host_name(request.host)) and not trusted(request.remote_addr,
+        if not is_loopback_host(host_name(request.host)) and not trusted(request.remote_addr,
                                                                     st.proxies):
             return error(403, f"host {request.host!r}: without web_token only loopback "
                          "host names are served", "Host")

@@ -15,8 +15,9 @@ from typing import Optional
 
 import gevent
 from flask import Flask, Response, redirect, render_template, request, send_from_directory
+from werkzeug.wrappers import Response as WerkzeugResponse
 
-from zarkov.web.app import TOKEN_COOKIE, State, error
+from zarkov.web.http import TOKEN_COOKIE, State, error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC = os.path.join(HERE, "static")
@@ -52,7 +53,7 @@ def register(app: Flask, st: State) -> None:
     zipped: dict[str, bytes] = {}
 
     @app.get("/", endpoint="dashboard")
-    def dashboard() -> Response:
+    def dashboard() -> "Response | WerkzeugResponse":
         if request.args.get("token"):  # a browser's first visit with the token
             resp = redirect("/", 303)
             resp.set_cookie(TOKEN_COOKIE, request.args["token"], httponly=True,

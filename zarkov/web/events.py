@@ -24,7 +24,7 @@ from typing import Optional
 from flask import Flask, Response, request
 
 from zarkov.eventlog.schema import Rejected, loads
-from zarkov.web.app import State, error, json_response, read_body, trusted
+from zarkov.web.http import State, error, json_response, read_body, trusted
 from zarkov.web.intake import BadEvent
 
 SESSION_COOKIE = "zarkov_session"

@@ -14,7 +14,8 @@ import datetime as dt
 import math
 from typing import Any
 
-from zarkov.web.keys import parse_bound
+from zarkov.errors import BadInput
+from zarkov.web.timekeys import parse_bound
 
 COMPARISONS = frozenset(("$eq", "$ne", "$gt", "$gte", "$lt", "$lte"))
 LOGICAL = frozenset(("$and", "$or"))
@@ -25,7 +26,7 @@ MAX_PATH = 200
 _EPOCH = dt.datetime(1970, 1, 1)
 
 
-class FilterError(ValueError):
+class FilterError(BadInput, ValueError):
     """A filter that is refused; the message says where and why."""
 
 

@@ -3,7 +3,7 @@
 Datetimes become ISO 8601 strings in UTC (``2011-07-22T10:05:00Z``), ObjectIds and
 decimals strings, binary base64, NaN and infinities null; anything else BSON can
 hold is written as its ``str``.  Key timestamps for charts are handled by
-:func:`zarkov.web.keys.key_millis`, not here.
+:func:`zarkov.web.timekeys.key_millis`, not here.
 """
 from __future__ import annotations
 

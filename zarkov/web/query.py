@@ -1,10 +1,10 @@
 """The read-only query API over ``zagg.*``: ``/q``, ``/qs``, ``/qr``, ``/collections``.
 
-``/q?p=&c=&b=&e=`` (SPEC §6) reads ``<p><c>`` (``p`` defaults to ``zagg.``), the
+``/q?p=&c=&b=&e=`` (README, "The web service") reads ``<p><c>`` (``p`` defaults to ``zagg.``), the
 keys from ``b`` to ``e`` inclusive, sorted by key, and returns
 ``{field: [[key, value], ...]}`` for each field of the stored ``value`` documents
 (a value that is not a document is the field ``value``).  Keys that are times
-(:mod:`zarkov.web.keys`) are given as milliseconds since the epoch.  ``b`` and ``e``
+(:mod:`zarkov.web.timekeys`) are given as milliseconds since the epoch.  ``b`` and ``e``
 compare as strings with string keys; a collection whose keys are datetimes takes
 them as ISO dates or date-times.  Beyond the original: either bound may be left out, and
 ``n`` keeps only the last ``n`` keys of the range.
@@ -21,9 +21,10 @@ from typing import Any, Mapping, Optional
 from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
 
+from zarkov.errors import BadInput
 from zarkov.eventlog.schema import Rejected, loads
 from zarkov.web import filters
-from zarkov.web.keys import key_millis, parse_bound
+from zarkov.web.timekeys import key_millis, parse_bound
 
 PREFIX = "zagg."
 MAX_KEYS = 100000       # keys one /q may return
@@ -36,7 +37,7 @@ KINDS_TTL = 60.0        # ... whether a collection's keys are datetimes
 ABOUT_TTL = 15.0        # ... a collection's count, first and last key
 
 
-class ApiError(Exception):
+class ApiError(BadInput):
     """A request the API refuses: ``parameter`` names the culprit."""
 
     def __init__(self, parameter: str, message: str, status: int = 400):
@@ -170,6 +171,7 @@ class QueryApi:
                 raise ApiError("f", str(e)) from None
         sort = parse_sort(_text(params, "s", "", "-value"))
         limit = int_param(params, "l", "", 10, 1, MAX_LIMIT)
+        assert limit is not None  # it has a default
         rows = list(self.db[name].find(flt).sort(sort).limit(limit).max_time_ms(MAX_TIME_MS))
         return {"rows": rows}
 

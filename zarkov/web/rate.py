@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 import gevent
 
-from zarkov import supervise
 from zarkov.eventlog.stats import FIELDS, read_stats, total
+from zarkov.runtime import loops
 
 KEEP = 1800.0      # seconds of history kept (the longest window that can be asked)
 TIMELINE = 64      # points a stats file keeps (Stats.commits maxlen)
@@ -36,7 +36,7 @@ class EventRate:
         self.latest: dict[tuple, dict[str, Any]] = {}
         self._sampled = 0.0
         self._greenlet: Optional[gevent.Greenlet] = None
-        self.errors = supervise.Errors()
+        self.errors = loops.Errors()
 
     def stats_dirs(self) -> list[str]:
         """The journal directory and the web intakes' directories under it."""
@@ -107,7 +107,7 @@ class EventRate:
 
     def start(self) -> "EventRate":
         """Sample every second in a greenlet, so history builds up while nobody looks."""
-        self._greenlet = supervise.spawn("web: event rate sampler", self._loop)
+        self._greenlet = loops.spawn("web: event rate sampler", self._loop)
         return self
 
     def _loop(self) -> None:

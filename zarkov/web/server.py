@@ -2,8 +2,9 @@
 
 ``WebServer(config).start()`` returns at once, serving in greenlets (so ``zcmd
 serve`` runs it beside the other parts); ``stop()`` stops taking requests, then
-commits what the intake journaled.  Call :func:`zarkov.web.app.bind_problem` first:
-a bind beyond loopback without ``web_token`` is refused.
+commits what the intake journaled.  A bind beyond loopback without ``web_token`` is
+refused (:func:`check_bind`, which ``start`` calls too: commands call it before
+starting anything).
 """
 from __future__ import annotations
 
@@ -14,13 +15,22 @@ import gevent.pool
 from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 from zarkov.config import Config
-from zarkov.web.app import create_app
+from zarkov.errors import ConfigError
+from zarkov.runtime import StartError
+from zarkov.web.app import bind_problem, create_app
 from zarkov.web.intake import WebIntake
 from zarkov.web.rate import EventRate
 
 MAX_CONNECTIONS = 256   # requests served at once; more wait in the listen backlog
 
 log = logging.getLogger("zarkov.web")
+
+
+def check_bind(config: Config) -> None:
+    """Raise ConfigError when the web service may not listen where the config says."""
+    problem = bind_problem(config)
+    if problem:
+        raise ConfigError(problem)
 
 
 class WebServer:
@@ -46,15 +56,17 @@ class WebServer:
     def start(self) -> "WebServer":
         """Listen (raises OSError when the port is taken), then serve in greenlets."""
         cfg = self.config
-        server = WSGIServer((cfg.web_bind, self.port), None, spawn=gevent.pool.Pool(MAX_CONNECTIONS),
+        check_bind(cfg)
+        server = WSGIServer((cfg.web_bind, self.port), None,
+                            spawn=gevent.pool.Pool(MAX_CONNECTIONS),
                             log=LoggingLogAdapter(logging.getLogger("zarkov.web.access"),
                                                   logging.DEBUG),
                             error_log=LoggingLogAdapter(log, logging.ERROR))
         try:
             server.init_socket()  # bind now: a taken port fails before anything else starts
         except OSError as e:
-            raise OSError(e.errno, f"web service: cannot listen on {cfg.web_bind}:{self.port}: "
-                                   f"{e.strerror or e}") from None
+            raise StartError(f"web service: cannot listen on {cfg.web_bind}:{self.port}: "
+                             f"{e.strerror or e}") from None
         self.intake = WebIntake(cfg, self.port).start()
         self.rate = EventRate(cfg.journal).start()
         server.application = create_app(cfg, self.intake, self.rate)

@@ -1,6 +1,6 @@
 """What the service is doing: ``/aggdefs``, ``/jobs`` and ``/health``.
 
-``/aggdefs`` joins the AggDefs with what their runs recorded (:mod:`zarkov.agg_status`),
+``/aggdefs`` joins the AggDefs with what their runs recorded (:mod:`zarkov.aggregation.status`),
 the pending run records (``agg_run``) and the leases (``agg_lease``): a ``running``
 entry counts only while its lease is held.  ``/jobs`` asks the map-reduce router
 for its running and recent jobs (``status`` without a job id) and names the AggDef
@@ -13,8 +13,9 @@ from typing import Any, Optional
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from zarkov import agg_status, security, wire
-from zarkov.aggregation import STAGING
+from zarkov import security, wire
+from zarkov.aggregation import status as agg_status
+from zarkov.aggregation.scope import STAGING_PREFIX as STAGING
 from zarkov.config import Config
 from zarkov.lease import is_stale
 
@@ -36,8 +37,9 @@ def aggdefs(db: Database) -> list[dict[str, Any]]:
         # reports none and is not worth showing.)
         report = st.get("running") or {}
         running: Optional[dict] = None
+        holder = (lease.get("pid"), lease.get("host")) if lease is not None else None
         if (lease is not None and report and not is_stale(lease)
-                and (report.get("pid"), report.get("host")) == (lease.get("pid"), lease.get("host"))):
+                and (report.get("pid"), report.get("host")) == holder):
             running = dict(report)
             run = pending.get(name)
             if run is not None:

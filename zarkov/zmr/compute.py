@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Mapping
 import bson
 
 from zarkov import functions
-from zarkov.wire import CODEC
 from zarkov.bsonkeys import group_key, partition_of
+from zarkov.wire import CODEC
 
 _CACHE: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _CACHE_MAX = 64
@@ -69,10 +69,10 @@ def _group(records: Iterable[Any], xmr: bool) -> dict:
                 entry[2].append(v)
     else:
         for k, v in records:
-            g = group_key(k)
-            entry = get(g)
+            key = group_key(k)
+            entry = get(key)
             if entry is None:
-                groups[g] = [None, k, [v]]
+                groups[key] = [None, k, [v]]
             else:
                 entry[2].append(v)
     return groups
@@ -129,9 +129,8 @@ def _reduce_groups(fns: Mapping[str, Callable[..., Any]], groups: dict, xmr: boo
             {"_id": entry[1], "value": _reduced(entry, fns["reduce"], xmr)})
     out = {}
     for c, docs in by_coll.items():
-        if finalize:
-            docs = _finalized(fns, c if xmr else None, docs, xmr)
-        out[c] = b"".join(bson.encode(d) for d in docs)
+        final = _finalized(fns, c if xmr else None, docs, xmr) if finalize else docs
+        out[c] = b"".join(bson.encode(d) for d in final)
     return out
 
 
@@ -170,9 +169,8 @@ def run_rereduce(fns: Mapping[str, Callable[..., Any]], new: bytes, old: bytes,
             values = [stored[g], d["value"]]
             d = {"_id": k, "value": reduce(collection, k, values) if xmr else reduce(k, values)}
         docs.append(d)
-    if finalize:
-        docs = _finalized(fns, collection, docs, xmr)
-    return b"".join(bson.encode(d) for d in docs)
+    final = _finalized(fns, collection, docs, xmr) if finalize else docs
+    return b"".join(bson.encode(d) for d in final)
 
 
 def run_basic(fns: Mapping[str, Callable[..., Any]], args: list, kwargs: dict) -> Any:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import bson
 import gevent
@@ -49,6 +49,7 @@ import gevent.event
 import gevent.lock
 
 from zarkov import wire
+from zarkov.errors import ZarkovError
 from zarkov.wire import CODEC
 
 log = logging.getLogger("zarkov.zmr.dispatch")
@@ -66,15 +67,15 @@ TIME_LIMIT = "time limit"
 LOST = "lost"
 
 
-class TaskFailed(Exception):
+class TaskFailed(ZarkovError):
     """A task of the set failed; ``traceback`` is the worker's (or the router's)."""
 
     def __init__(self, traceback: str):
-        super().__init__(traceback.strip().splitlines()[-1] if traceback.strip() else "task failed")
-        self.traceback = traceback
+        super().__init__(traceback.strip().splitlines()[-1] if traceback.strip()
+                         else "task failed", traceback)
 
 
-class Task:
+class Assignment:
     """One task of a set: its message, and where and since when it is out."""
 
     __slots__ = ("taskset", "task_id", "frames", "size", "sent_at", "started", "strikes",
@@ -109,7 +110,7 @@ class Conn:
         self.seen = seen     # tasks it has received (its own count, from its last message)
         self.free = 0        # tasks it could take when it last spoke
         self.sent = 0        # tasks sent on this connection
-        self.tasks: list[Task] = []  # sent here and not answered, in the order sent
+        self.tasks: list[Assignment] = []  # sent here and not answered, in the order sent
         self.heard = now     # when it last spoke
         self.gone = 0.0      # when its connection was found closed
 
@@ -142,7 +143,7 @@ class Dispatcher:
         # Frames of one multipart message must not interleave with another's.
         self._lock = gevent.lock.Semaphore()
         self.sets: dict[str, TaskSet] = {}
-        self.queue: collections.deque[Task] = collections.deque()
+        self.queue: collections.deque[Assignment] = collections.deque()
         self.conns: dict[bytes, Conn] = {}
         self.workers: dict[tuple[str, int], float] = {}  # (host, pid) -> last heartbeat
         self.errors_of: dict[tuple[str, int], int] = {}  # each worker's unexpected errors
@@ -164,7 +165,7 @@ class Dispatcher:
             del self.sets[taskset.job_id]
         self.discard(taskset)
 
-    def submit(self, task: Task) -> None:
+    def submit(self, task: Assignment) -> None:
         """Send ``task`` to a worker process as soon as one has room for it."""
         self.queue.append(task)
         self.dispatch()
@@ -212,7 +213,7 @@ class Dispatcher:
             raise
         return "sent"
 
-    def _send_task(self, conn: Conn, task: Task) -> None:
+    def _send_task(self, conn: Conn, task: Assignment) -> None:
         outcome = self._send(conn, task.frames)
         now = time.monotonic()
         if outcome != "sent":
@@ -245,7 +246,7 @@ class Dispatcher:
         for i in reversed(range(len(tasks))):  # to the queue's front, in their order
             self._again(tasks[i], now, reason, strike and i == 0, who)
 
-    def _again(self, task: Task, now: float, reason: str, strike: bool, why: str) -> None:
+    def _again(self, task: Assignment, now: float, reason: str, strike: bool, why: str) -> None:
         if not task.live:
             return
         ts = task.taskset
@@ -352,7 +353,8 @@ class Dispatcher:
         if not isinstance(ready, dict):
             self._drop("'ready' is not a document")
             return None
-        pid, host, seen, free = (ready.get(k) for k in ("pid", "host", "seen", "free"))
+        fields: list[Any] = [ready.get(k) for k in ("pid", "host", "seen", "free")]
+        pid, host, seen, free = fields
         # Why type(): bson's Code is an unhashable str subclass, Int64 an int one.
         if not _worker_id(pid, host) or type(seen) is not int or type(free) is not int \
                 or not 0 <= seen < 1 << 62 or not 0 <= free <= MAX_FREE:
@@ -451,7 +453,7 @@ class TaskSet:
         self.on_result = on_result
         self.limit = limit
         self.cap = float(cap)
-        self.pending: dict[int, Task] = {}
+        self.pending: dict[int, Assignment] = {}
         self.done: set[int] = set()
         self.recent: collections.deque[tuple[float, int]] = collections.deque(
             previous.recent if previous else (), maxlen=16)
@@ -478,7 +480,7 @@ class TaskSet:
             self._slot.wait(1.0)  # the limit grows as workers appear: look again
         if self.error is not None:
             raise self.error
-        task = Task(self, task_id, frames, size)
+        task = Assignment(self, task_id, frames, size)
         self.pending[task_id] = task
         self.dispatcher.submit(task)
 
@@ -505,7 +507,7 @@ class TaskSet:
 
     # -- the dispatcher's side ------------------------------------------------
 
-    def on_reply(self, task: Task, header: dict, frames: list[bytes], now: float) -> None:
+    def on_reply(self, task: Assignment, header: dict, frames: list[bytes], now: float) -> None:
         """The first answer to ``task`` (pending): its result, or the set's failure."""
         if not header.get("ok"):
             tb = header.get("traceback")
@@ -524,15 +526,16 @@ class TaskSet:
         self._slot.set()
         self._check_finished()
 
-    def _estimate(self, task: Task) -> float | None:
+    def _estimate(self, task: Assignment) -> float | None:
         """Seconds ``task`` should take, from the recent ones (None: no idea yet)."""
         if not self.recent:
             return None
         slowest = max(d for d, _ in self.recent)
-        per_byte = max(d / s for d, s in self.recent if s) if any(s for _, s in self.recent) else 0.0
+        per_byte = (max(d / s for d, s in self.recent if s)
+                    if any(s for _, s in self.recent) else 0.0)
         return max(slowest, per_byte * task.size)
 
-    def time_limit(self, task: Task) -> float:
+    def time_limit(self, task: Assignment) -> float:
         """Seconds ``task`` may run unanswered on a live worker before it is sent again."""
         estimate = self._estimate(task)
         if estimate is None:

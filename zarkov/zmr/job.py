@@ -28,6 +28,7 @@ import gevent
 import gevent.event
 import gevent.queue
 
+from zarkov.errors import ZarkovError
 from zarkov.zmr import commit, reader
 from zarkov.zmr.dispatch import TaskFailed, TaskSet
 from zarkov.zmr.jobspec import JobSpec
@@ -42,12 +43,12 @@ COMMIT_BATCH = 1000  # output documents per write / per re-reduce task
 _END = object()
 
 
-class JobFailed(Exception):
-    """The job cannot go on; ``traceback`` says why."""
+class JobHalted(ZarkovError):
+    """The job cannot go on; ``traceback`` says why (the job ends in state error)."""
 
     def __init__(self, traceback: str):
-        super().__init__(traceback)
-        self.traceback = traceback
+        super().__init__(traceback.strip().splitlines()[-1] if traceback.strip()
+                         else "job halted", traceback)
 
 
 class Job:
@@ -112,8 +113,8 @@ class Job:
                 self._map()  # and reduce
                 self._commit()
             self._phase("complete")
-        except (JobFailed, TaskFailed) as e:
-            self._failed(e.traceback)
+        except (JobHalted, TaskFailed) as e:
+            self._failed(e.traceback or str(e))
         except gevent.GreenletExit:
             self._failed("the router stopped before the job ended")
         except Exception:  # noqa: BLE001 - the router's own failures end the job too
@@ -126,6 +127,12 @@ class Job:
             self.done.set()
 
     # -- phases ------------------------------------------------------------------
+
+    @property
+    def spill(self) -> Spill:
+        """The job's files of intermediate results (made when a map-reduce job starts)."""
+        assert self._spill is not None, "the job has no spill files"
+        return self._spill
 
     def _phase(self, name: str) -> None:
         # Seconds spent in each phase so far: where a slow job spends its time.
@@ -149,7 +156,7 @@ class Job:
             try:
                 compile(text, f"<{what} {name}>", "exec")
             except SyntaxError:
-                raise JobFailed(traceback.format_exc()) from None
+                raise JobHalted(traceback.format_exc()) from None
 
     def _next_id(self) -> int:
         self._task_seq += 1
@@ -179,7 +186,8 @@ class Job:
 
     def _basic(self) -> None:
         self._phase("running")
-        ts = self._taskset("basic", lambda tid, h, f: self.info.__setitem__("result", h.get("result")))
+        ts = self._taskset("basic",
+                           lambda tid, h, f: self.info.__setitem__("result", h.get("result")))
         header = self._header("basic", args=self.spec.args, kwargs=self.spec.kwargs)
         self._run_tasks(ts, [(header, [], 0)])
 
@@ -243,18 +251,17 @@ class Job:
             for item in reader.cut_chunks(batches, self.zcfg.map_chunk_size):
                 queue.put(item)
             queue.put(_END)
-        except Exception as e:  # noqa: BLE001 - handed to the job's greenlet
-            e.traceback = traceback.format_exc()  # type: ignore[attr-defined]
-            queue.put(JobFailed(e.traceback))  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - handed to the job's greenlet
+            queue.put(JobHalted(traceback.format_exc()))
 
     def _on_map_result(self, tid: int, header: dict, frames: list[bytes]) -> None:
         for p, data in zip(header["parts"], frames):
-            self._spill.append(f"part-{p:04d}", data)
+            self.spill.append(f"part-{p:04d}", data)
         self.info["chunks_done"] += 1
 
     def _reduce(self) -> None:
         self._phase("reduce")
-        names = self._spill.names("part-")
+        names = self.spill.names("part-")
         self.info["partitions_total"] = len(names)
         if self.spec.kind == "mapreduce":
             self._out_index(self.spec.output_name, "")  # replace leaves it empty if no output
@@ -273,16 +280,17 @@ class Job:
         processes (at most ``map_chunk_size`` each) keep every process busy without a
         round trip per partition of a few keys.
         """
-        sizes = [os.path.getsize(self._spill.path(n)) for n in names]
+        sizes = [os.path.getsize(self.spill.path(n)) for n in names]
         workers = max(1, len(self.router.dispatcher.live_workers()))
         share = max(sum(sizes) // (2 * workers), 1)
         budget = min(self.zcfg.map_chunk_size, share)
-        batch, size = [], 0
+        batch: list[bytes] = []
+        size = 0
         for name, n in zip(names, sizes):
             if batch and size + n > budget:
                 yield b"".join(batch), len(batch)
                 batch, size = [], 0
-            batch.append(self._spill.read(name))
+            batch.append(self.spill.read(name))
             size += n
         if batch:
             yield b"".join(batch), len(batch)
@@ -297,7 +305,7 @@ class Job:
         if self.spec.kind == "mapreduce":
             return self.spec.output_name
         if not isinstance(coll, str) or not coll:
-            raise JobFailed(f"xmapreduce: map yielded collection name {coll!r}; "
+            raise JobHalted(f"xmapreduce: map yielded collection name {coll!r}; "
                             f"it must be a non-empty string")
         return self.spec.output_prefix + coll
 
@@ -310,7 +318,7 @@ class Job:
         """Reduced documents of a task, appended to their output's file."""
         for coll, data in zip(header["colls"], frames):
             idx = self._out_index(self._target(coll), coll)
-            self._spill.append(f"out-{idx:03d}", data)
+            self.spill.append(f"out-{idx:03d}", data)
 
     # -- commit ------------------------------------------------------------------
 
@@ -318,9 +326,9 @@ class Job:
         self.info["docs_written"] += n
 
     def _batches(self, name: str):
-        if not self._spill.exists(name):
+        if not self.spill.exists(name):
             return iter(())
-        return self._spill.iter_batches(name, COMMIT_BATCH)
+        return self.spill.iter_batches(name, COMMIT_BATCH)
 
     def _commit(self) -> None:
         self._phase("commit")
@@ -348,13 +356,13 @@ class Job:
         if not self.spec.inline_max:
             return False
         files = {t: f"out-{i:03d}" for t, i in self._outputs.items()}
-        size = sum(os.path.getsize(self._spill.path(f)) for f in files.values()
-                   if self._spill.exists(f))
+        size = sum(os.path.getsize(self.spill.path(f)) for f in files.values()
+                   if self.spill.exists(f))
         if size > self.spec.inline_max:
             return False
         self.info["inline"] = [
             {"name": t, "coll": self._colls[t],
-             "docs": self._spill.read(f) if self._spill.exists(f) else b""}
+             "docs": self.spill.read(f) if self.spill.exists(f) else b""}
             for t, f in files.items()]
         self.info["docs_written"] = 0
         self.info["write_path"] = INLINE
@@ -376,7 +384,7 @@ class Job:
                     yield header, [new, commit.existing(db[target], batch)], len(new)
 
         def on_result(tid: int, header: dict, frames: list[bytes]) -> None:
-            self._spill.append(f"final-{header['echo']['out']:03d}", frames[0])
+            self.spill.append(f"final-{header['echo']['out']:03d}", frames[0])
 
         self._run_tasks(self._taskset("rereduce", on_result), tasks())
 

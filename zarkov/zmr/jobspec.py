@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import bson
 
+from zarkov.errors import BadInput
 from zarkov.oneline import short_repr
 from zarkov.wire import CODEC
 
@@ -25,7 +26,7 @@ STATUS_WAIT_LIMIT = 60.0
 _DB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 
 
-class BadRequest(Exception):
+class BadRequest(BadInput):
     """A request the router cannot act on; the message says which field and why."""
 
 
@@ -61,10 +62,12 @@ def _str(doc: Mapping[str, Any], field: str, default: Any = None) -> Any:
     return value
 
 
-def _function(doc: Mapping[str, Any], what: str, prefix: str, required: bool) -> list[str] | None:
-    if not required and doc.get(f"{prefix}_text") is None and doc.get(f"{prefix}_name") is None:
-        return None
+def _function(doc: Mapping[str, Any], prefix: str) -> list[str]:
     return [_str(doc, f"{prefix}_text"), _str(doc, f"{prefix}_name")]
+
+
+def _has_function(doc: Mapping[str, Any], prefix: str) -> bool:
+    return doc.get(f"{prefix}_text") is not None or doc.get(f"{prefix}_name") is not None
 
 
 def _query(value: Any) -> dict:
@@ -117,7 +120,7 @@ def parse(command: str, doc: Mapping[str, Any], default_database: str = "zarkov"
     """The JobSpec of a job request; raises BadRequest naming the faulty field."""
     wait = _wait(doc)
     if command == "basic":
-        fns = {"func": _function(doc, "func", "func", True)}
+        fns = {"func": _function(doc, "func")}
         args = [] if doc.get("args") is None else doc["args"]
         kwargs = {} if doc.get("kwargs") is None else doc["kwargs"]
         if not isinstance(args, list):
@@ -127,11 +130,9 @@ def parse(command: str, doc: Mapping[str, Any], default_database: str = "zarkov"
         return JobSpec("basic", fns, args=list(args), kwargs=dict(kwargs), wait=wait)
     if command not in JOB_COMMANDS:
         raise BadRequest(f"unknown job command '{command}'")
-    fns = {"map": _function(doc, "map", "map", True),
-           "reduce": _function(doc, "reduce", "reduce", True)}
-    finalize = _function(doc, "finalize", "finalize", False)
-    if finalize:
-        fns["finalize"] = finalize
+    fns = {"map": _function(doc, "map"), "reduce": _function(doc, "reduce")}
+    if _has_function(doc, "finalize"):
+        fns["finalize"] = _function(doc, "finalize")
     database = _str(doc, "database", default_database)
     if not _DB_NAME.match(database):
         raise BadRequest(f"field 'database': not a valid database name: "

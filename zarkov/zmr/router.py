@@ -19,7 +19,7 @@ Runs under gevent (``zmq.green``).  Three sockets:
 Whatever arrives on its sockets, every request gets one reply (an ``error`` field
 when it is not one the router can act on) and the loops go on: an unexpected
 exception is logged with its traceback and counted (``errors`` in ``status``); should
-a loop die all the same, the process stops (:mod:`zarkov.supervise`).
+a loop die all the same, the process stops (:mod:`zarkov.runtime.loops`).
 
 With ``security.server_key`` set all three are CURVE servers (:mod:`zarkov.security`).
 """
@@ -36,10 +36,11 @@ import gevent.lock
 import gevent.pool
 import pymongo
 
-from zarkov import faults, security, storage, supervise, wire
+from zarkov import faults, runtime, security, storage, wire
 from zarkov.config import Config
 from zarkov.oneline import first_line
 from zarkov.oneline import short_repr as _short
+from zarkov.runtime import loops
 from zarkov.zmr import jobspec
 from zarkov.zmr.dispatch import Dispatcher
 from zarkov.zmr.job import Job
@@ -66,7 +67,7 @@ class Router:
         self.config = config
         self.zcfg = config.zmr
         self.jobs: dict[str, Job] = {}
-        self.dispatcher: Dispatcher | None = None
+        self._dispatcher: Dispatcher | None = None
         self.src_port = self.sink_port = 0
         self._mongo: pymongo.MongoClient | None = None
         self._sockets: list[Any] = []
@@ -75,7 +76,7 @@ class Router:
         self._requests = gevent.pool.Pool(self.zcfg.request_greenlets)
         self._stopped = gevent.event.Event()
         self._started = False
-        self.errors = supervise.Errors(log)
+        self.errors = loops.Errors(log)
 
     @property
     def mongo(self) -> pymongo.MongoClient:
@@ -89,6 +90,12 @@ class Router:
         return storage.writes(self.mongo[database])
 
     # -- life cycle ---------------------------------------------------------------
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """Hands the jobs' tasks to worker processes (made when the router starts)."""
+        assert self._dispatcher is not None, "the router has not started"
+        return self._dispatcher
 
     def start(self) -> "Router":
         """Bind the sockets and start serving in background greenlets.
@@ -106,11 +113,11 @@ class Router:
         self.sink = self._socket("PULL", "heartbeats")
         self.sink_port = self._bind(self.sink, self.zcfg.sink_port)
         self._sockets = [self.req, self.tasks, self.sink]
-        self.dispatcher = Dispatcher(self.tasks)
-        self._loops = [supervise.spawn("router: request loop", self._serve_requests),
-                       supervise.spawn("router: tasks loop", self._serve_tasks),
-                       supervise.spawn("router: sink loop", self._serve_sink),
-                       supervise.spawn("router: tick loop", self._tick)]
+        self._dispatcher = Dispatcher(self.tasks)
+        self._loops = [loops.spawn("router: request loop", self._serve_requests),
+                       loops.spawn("router: tasks loop", self._serve_tasks),
+                       loops.spawn("router: sink loop", self._serve_sink),
+                       loops.spawn("router: tick loop", self._tick)]
         self._started = True
         log.info("router: requests at %s, tasks on port %d, heartbeats on port %d%s",
                  self.zcfg.req_bind, self.src_port, self.sink_port,
@@ -132,16 +139,10 @@ class Router:
             return port
         return sock.bind_to_random_port(self.zcfg.worker_uri)
 
-    def serve_forever(self) -> None:
-        """Start if needed and block until ``stop()`` or a ``terminate`` request."""
-        if not self._started:
-            self.start()
-        self._stopped.wait()
-
-    def stop(self) -> None:
+    def stop(self) -> bool:
         """Abort running jobs (their files are removed), close the sockets."""
         if self._stopped.is_set():
-            return
+            return True
         running = [j.greenlet for j in self.jobs.values() if j.greenlet and not j.finished]
         gevent.killall(running, timeout=10)
         gevent.killall([g for g in self._loops if g is not gevent.getcurrent()], timeout=5)
@@ -151,6 +152,7 @@ class Router:
             self._mongo.close()
         self._stopped.set()
         log.info("router stopped")
+        return True
 
     # -- loops --------------------------------------------------------------------
 
@@ -197,12 +199,14 @@ class Router:
                 self.errors.record("tick loop")
 
     def _prune(self) -> None:
-        done = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: j.ended)
         now = time.time()
+        done = sorted((j for j in self.jobs.values() if j.finished),
+                      key=lambda j: j.ended or now)
         for i, job in enumerate(done):
-            if now - job.ended > KEEP_FINISHED or len(done) - i > MAX_FINISHED:
+            age = now - (job.ended or now)
+            if age > KEEP_FINISHED or len(done) - i > MAX_FINISHED:
                 del self.jobs[job.job_id]
-            elif now - job.ended > KEEP_INLINE:
+            elif age > KEEP_INLINE:
                 job.drop_inline()
 
     # -- requests -----------------------------------------------------------------
@@ -262,13 +266,15 @@ class Router:
         if command == "status":
             return self._status(request)
         if command == "terminate":
-            gevent.spawn_later(0.1, self.stop)  # after this reply has gone out
+            # After this reply has gone out: the process stops (zarkov.runtime), the
+            # router among its components.
+            gevent.spawn_later(0.1, runtime.request_stop)
             return {"ok": True, "message": "router stopping"}
         if command is None:
             return {"error": "bad request: no '$command' field"}
         return {"error": f"unknown command {_short(command)}"}
 
-    def _status(self, request: dict) -> dict:
+    def _status(self, request: dict) -> "dict | _Later":
         if "job_id" not in request:
             d = self.dispatcher
             workers = d.live_workers()

@@ -13,10 +13,12 @@ import struct
 from itertools import islice
 from typing import Iterator
 
+from zarkov.errors import ZarkovError
+
 _LEN = struct.Struct("<i")
 
 
-class SpillError(Exception):
+class SpillError(ZarkovError):
     """A spill file that does not hold whole BSON documents."""
 
 

@@ -1,7 +1,7 @@
 """One map-reduce worker process: ask for a task, run the shipped function, reply.
 
-Run as ``python -m zarkov.zmr.worker --req-uri URI [--server-key FILE --client-key
-FILE]``; :mod:`.pool` starts these.  With keys, every socket is a CURVE client.
+Run as ``python -m zarkov.zmr.worker`` by a :mod:`.pool`, which hands it the config
+(:mod:`zarkov.runtime.children`).  With keys, every socket is a CURVE client.
 The process is plain (no gevent) and single-threaded apart from a heartbeat thread.
 It asks the router for its ports with a ``config`` request, so only ``req_uri``
 needs to be known, then connects a DEALER to the router's source port (the
@@ -37,12 +37,9 @@ the pool starts another.
 """
 from __future__ import annotations
 
-import argparse
-import ctypes
 import logging
 import os
 import random
-import signal
 import socket
 import sys
 import threading
@@ -54,7 +51,8 @@ from urllib.parse import urlsplit
 import bson
 import zmq
 
-from zarkov import faults, supervise, wire
+from zarkov import faults, runtime, security, wire
+from zarkov.runtime import children, loops
 from zarkov.security import ClientKeys
 from zarkov.zmr import compute
 
@@ -72,15 +70,6 @@ def rss_kib() -> int:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (best effort)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the getppid() check in the loop still works
-        pass
 
 
 def handle(frames: list[bytes], extra: dict[str, Any] | None = None) -> list[bytes]:
@@ -145,14 +134,14 @@ class Worker:
         self.ctx = zmq.Context()
         self.ports: tuple[int, int] | None = None
         self.sink_uri: str | None = None
-        self.tasks = None
+        self.tasks: zmq.Socket | None = None  # to the router, once connected
         self.received = 0
         self.last_said = 0.0
         self.stopping = threading.Event()
-        self.errors = supervise.Errors(log)
+        self.errors = loops.Errors(log)
 
     def _orphaned(self) -> bool:
-        return self.parent_pid is not None and os.getppid() != self.parent_pid
+        return self.parent_pid is not None and children.orphaned()
 
     def _fetch_ports(self, timeout: float) -> tuple[int, int] | None:
         try:
@@ -161,7 +150,7 @@ class Worker:
         except (wire.WireError, KeyError, TypeError, ValueError):
             return None
 
-    def _socket(self, kind: int):
+    def _socket(self, kind: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         # Why heartbeats: after the router's host was cut off and came back, a silent
         # connection would never notice that the router dropped it.
@@ -175,9 +164,9 @@ class Worker:
         if self.tasks is not None:
             self.tasks.close(0)
         self.ports = ports
-        self.tasks = self._socket(zmq.DEALER)
-        self.tasks.setsockopt(zmq.LINGER, LINGER_MS)  # let the last reply out before exit
-        self.tasks.connect(f"tcp://{self.host}:{ports[0]}")
+        tasks = self.tasks = self._socket(zmq.DEALER)
+        tasks.setsockopt(zmq.LINGER, LINGER_MS)  # let the last reply out before exit
+        tasks.connect(f"tcp://{self.host}:{ports[0]}")
         self.sink_uri = f"tcp://{self.host}:{ports[1]}"
         log.info("worker %d: tasks from port %d, heartbeats to port %d of %s",
                  os.getpid(), ports[0], ports[1], self.host)
@@ -190,6 +179,7 @@ class Worker:
                 "free": max(0, min(WINDOW, self.max_requests - self.received))}
 
     def _say(self, frames: list[bytes], flags: int = 0) -> None:
+        assert self.tasks is not None, "not connected"
         self.tasks.send_multipart(frames, flags)
         self.last_said = time.monotonic()
 
@@ -202,11 +192,12 @@ class Worker:
             pass
 
     def _heartbeat(self) -> None:
-        sock, uri = None, None
+        sock: zmq.Socket | None = None
+        uri: str | None = None
         while not self.stopping.wait(HEARTBEAT_INTERVAL):
             msg = bson.encode({"hb": os.getpid(), "host": self.hostname,
                                "errors": self.errors.total})
-            if self.sink_uri != uri:
+            if self.sink_uri is not None and self.sink_uri != uri:
                 if sock is not None:
                     sock.close(0)
                 uri = self.sink_uri
@@ -214,6 +205,8 @@ class Worker:
                 sock.setsockopt(zmq.SNDHWM, 2)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(uri)
+            if sock is None:  # not connected yet
+                continue
             try:
                 sock.send(msg, zmq.NOBLOCK)
             except zmq.ZMQError:  # router away: heartbeats are not worth queueing
@@ -253,8 +246,10 @@ class Worker:
         heard = time.monotonic()  # last word from the router: a task or a probe
         try:
             while True:
-                if self.tasks.poll(1000):
-                    frames = self.tasks.recv_multipart()
+                tasks = self.tasks
+                assert tasks is not None  # connected above, and never unset
+                if tasks.poll(1000):
+                    frames = tasks.recv_multipart()
                     heard = time.monotonic()
                     if frames != [b""]:  # not the router's probe: a task
                         self._serve(frames)
@@ -291,31 +286,16 @@ class Worker:
             self.ctx.term()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of one worker process."""
-    p = argparse.ArgumentParser(description="one Zarkov map-reduce worker process")
-    p.add_argument("--req-uri", required=True, help="the router's zmr.req_uri")
-    p.add_argument("--max-requests", type=int, default=256)
-    p.add_argument("--suicide-kib", type=int, default=3145728)
-    p.add_argument("--parent-pid", type=int, default=None)
-    p.add_argument("--server-key", help="the router's public key file (CURVE)")
-    p.add_argument("--client-key", help="this worker's secret key file (CURVE)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
-    if args.parent_pid:
-        _die_with_parent()
-    keys = None
-    if args.server_key or args.client_key:
-        if not (args.server_key and args.client_key):
-            p.error("--server-key and --client-key go together")
-        try:
-            keys = ClientKeys.load(args.server_key, args.client_key)
-        except ValueError as e:
-            p.error(str(e))
-    return Worker(args.req_uri, args.max_requests, args.suicide_kib, args.parent_pid,
-                  keys).run()
+def main() -> int:
+    """Entry point of one worker process (started by a pool: its config in the
+    environment, see :mod:`zarkov.runtime.children`)."""
+    config = children.child_config("<worker pool>")
+    runtime.setup_logging(config)
+    if children.parent_pid():
+        children.die_with_parent()
+    z = config.zmr
+    return Worker(z.req_uri, z.requests_per_worker_process, z.suicide_level,
+                  children.parent_pid(), security.client_keys(config)).run()
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ On a terminal a live line shows the run's phase, documents and elapsed time; the
 one summary line.  Not on a terminal (cron), only the summary and errors.  Exit
 status: 0 done, 1 run failed (nothing changed), 2 bad definition, 3 busy.
 """
+from __future__ import annotations
+
 import argparse
 import sys
 
-from zarkov import aggregation
 from zarkov.config import Config
-
-SUMMARY = "run one aggregation definition incrementally, or in full ('full')"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,20 +46,16 @@ class _LiveLine:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    """One run; its errors (AggregationError: exit 1, 2 or 3) go to zcmd's handler."""
+    from zarkov import aggregation
     live = _LiveLine(args.name) if sys.stderr.isatty() else None
     try:
         result = aggregation.run(config, args.name, full=args.mode == "full",
                                  wait=args.wait, progress=live,
                                  sweep=True if args.sweep else None)
-    except aggregation.AggregationError as e:
+    finally:
         if live:
             live.clear()
-        print(f"zcmd aggregate: {e}", file=sys.stderr)
-        if e.traceback:
-            print(e.traceback.rstrip(), file=sys.stderr)
-        return e.exit_code
-    if live:
-        live.clear()
     note = f" (finished first a run left {result.resumed})" if result.resumed else ""
     print(f"{result.name}: {result.docs} documents in {result.seconds:.2f} s"
           f"{' (full)' if result.full else ''}{note}")

@@ -1,11 +1,9 @@
 """zcmd check-config: load and validate the configuration, then exit."""
+from __future__ import annotations
+
 import argparse
 
-import yaml
-
 from zarkov.config import Config
-
-SUMMARY = "load and validate the config, print it (secrets masked), and exit"
 
 # Values that are passwords: printed as "***" so that the output can be shared.
 SECRETS = ("shared_key", "web_token")
@@ -16,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    import yaml
     if not args.quiet:
         data = config.as_dict()
         for key in SECRETS:

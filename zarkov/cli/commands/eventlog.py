@@ -1,9 +1,9 @@
 """zcmd eventlog: run only the event logger until SIGTERM or SIGINT."""
+from __future__ import annotations
+
 import argparse
 
 from zarkov.config import Config
-
-SUMMARY = "run only the event logger (stop with SIGTERM or Ctrl-C; the journal is flushed)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,5 +12,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(config: Config, args: argparse.Namespace) -> int:
     """Serve until a signal; exit 0 when everything journaled was committed, else 3."""
-    from zarkov.eventlog.server import run_until_signal
-    return run_until_signal(config)
+    from zarkov import runtime
+    from zarkov.eventlog.server import EventLogger
+    return runtime.run([lambda: EventLogger(config)], "eventlog")

@@ -3,14 +3,13 @@
 On a terminal it asks for confirmation; ``--force`` skips it.  Not on a terminal and
 without ``--force`` it refuses (exit 2): a script must say it means it.
 """
+from __future__ import annotations
+
 import argparse
 import sys
 
-import pymongo
-
 from zarkov.config import Config
-
-SUMMARY = "drop the Zarkov database (all events and aggregates)"
+from zarkov.errors import BadInput, ZarkovError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,23 +17,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    import pymongo
     where = f"database '{config.mongo_database}' on {config.mongo_uri}"
     if not args.force:
         if not sys.stdin.isatty():
-            print(f"zcmd init: refusing to drop {where} without --force "
-                  f"(not on a terminal)", file=sys.stderr)
-            return 2
+            raise BadInput(f"refusing to drop {where} without --force (not on a terminal)")
         answer = input(f"Drop {where}, with every event and aggregate? "
                        f"Type the database name to confirm: ")
         if answer.strip() != config.mongo_database:
-            print("zcmd init: not confirmed; nothing dropped", file=sys.stderr)
-            return 1
-    client = pymongo.MongoClient(config.mongo_uri, serverSelectionTimeoutMS=10000)
+            raise ZarkovError("not confirmed; nothing dropped")
+    client: pymongo.MongoClient = pymongo.MongoClient(config.mongo_uri,
+                                                      serverSelectionTimeoutMS=10000)
     try:
         client.drop_database(config.mongo_database)
     except pymongo.errors.PyMongoError as e:
-        print(f"zcmd init: cannot drop {where}: {e}", file=sys.stderr)
-        return 1
+        raise ZarkovError(f"cannot drop {where}: {e}") from None
     finally:
         client.close()
     print(f"dropped {where}")

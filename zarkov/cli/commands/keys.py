@@ -10,10 +10,9 @@ import argparse
 import os
 import sys
 
-from zarkov import keys as K
+from zarkov import keyfiles as K
 from zarkov.config import Config
-
-SUMMARY = "make CURVE key pairs; authorise, revoke and list client keys"
+from zarkov.errors import EXIT_FAILED, EXIT_USAGE, BadInput
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", help="authorised directory (default: security.authorized_keys)")
 
 
-class _Usage(Exception):
+class _Usage(BadInput):
     """A missing argument or setting: exit 2."""
 
 
@@ -82,10 +81,10 @@ def run(config: Config, args: argparse.Namespace) -> int:
             for path in K.invalid_files(directory):
                 print(f"{os.path.basename(path)}: not a valid key file (ignored)",
                       file=sys.stderr)
-    except _Usage as e:
+    except _Usage as e:  # why here, not zcmd's handler: the line names the action
         print(f"zcmd keys {args.action}: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except (OSError, ValueError) as e:
         print(f"zcmd keys {args.action}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     return 0

@@ -1,16 +1,16 @@
 """zcmd script <file> [args]: run a Python file with the Zarkov model configured.
 
 The file runs as ``__main__`` with ``sys.argv`` = [file, args...]; ``zarkov.model``
-is bound to the configured database, so it can register AggDefs as the article does.
+is bound to the configured database, so it can register AggDefs (README, "Using it").
 """
+from __future__ import annotations
+
 import argparse
 import runpy
 import sys
 
-from zarkov import model as M
 from zarkov.config import Config
-
-SUMMARY = "run a Python file with the configured model"
+from zarkov.errors import BadInput
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,14 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    from zarkov import model as M
     M.configure(config)
     saved = sys.argv
     sys.argv = [args.file, *args.args]
     try:
         runpy.run_path(args.file, run_name="__main__")
     except FileNotFoundError:
-        print(f"zcmd script: {args.file}: no such file", file=sys.stderr)
-        return 2
+        raise BadInput(f"{args.file}: no such file") from None
     except SystemExit as e:
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)

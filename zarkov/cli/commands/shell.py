@@ -4,17 +4,16 @@ IPython when installed, the standard console otherwise.  The namespace holds
 ``M`` (zarkov.model, configured), ``ZM`` (the map-reduce client), ``session`` (Ming's
 ``ming.odm.session``, as in ``session(M.AggDef).flush()``), ``config`` and ``db``.
 """
+from __future__ import annotations
+
 import argparse
 import code
 
-from zarkov import model as M
 from zarkov.config import Config
-
-SUMMARY = "interactive Python (IPython if installed) with the model loaded"
 
 BANNER = """Zarkov shell: {db} on {uri}
   M        zarkov.model (M.AggDef, M.doc_session, M.orm_session)
-  ZM       the map-reduce client (zarkov.zmr.client, if present)
+  ZM       the map-reduce client (zarkov.zmr.jobclient)
   session  ming.odm.session: session(M.AggDef).flush()
   config   the configuration;  db  the pymongo Database
 """
@@ -28,18 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def namespace(config: Config) -> dict:
     """The names a shell session starts with."""
     from ming.odm import session
+
+    from zarkov import model as M
+    from zarkov.zmr import jobclient as ZM
     M.configure(config)
-    try:
-        from zarkov.zmr import client as ZM
-    except ImportError:
-        ZM = None
     return {"M": M, "ZM": ZM, "session": session, "config": config, "db": M.db()}
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    from zarkov import model as M
     ns = namespace(config)
     if args.command:
-        exec(compile(args.command, "<zcmd shell -c>", "exec"), ns)  # noqa: S102
+        exec(compile(args.command, "<zcmd shell -c>", "exec"), ns)
         M.orm_session.flush_all()
         return 0
     banner = BANNER.format(db=config.mongo_database, uri=config.mongo_uri)

@@ -1,16 +1,9 @@
 """zcmd web-server: only the web service (JSON API, dashboard, events over HTTP)."""
-import argparse
-import logging
-import sys
+from __future__ import annotations
 
-import gevent.event
+import argparse
 
 from zarkov.config import Config
-
-SUMMARY = ("run only the web service: JSON query API, dashboard and events over HTTP "
-           "on web_bind:web_port")
-
-log = logging.getLogger("zarkov.web")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,24 +12,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(config: Config, args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; exit 0 when every event taken was committed, else 3."""
-    from zarkov.web.app import bind_problem
-    from zarkov.web.server import WebServer
-    from zarkov.zmr.signals import on_stop_signals
+    from zarkov import runtime
+    from zarkov.errors import ConfigError
+    from zarkov.web.server import WebServer, check_bind
 
-    problem = bind_problem(config)
+    check_bind(config)
     port = args.port if args.port is not None else config.web_port
-    if not problem and not 0 < port < 65536:
-        problem = f"{config.source}: key 'web_port': the web server needs a port, got {port}"
-    if problem:
-        print(f"zcmd: {problem}", file=sys.stderr)
-        return 2
-    try:
-        server = WebServer(config, port).start()
-    except OSError as e:
-        print(f"zcmd: {e.strerror or e}", file=sys.stderr)
-        return 1
-    stop = gevent.event.Event()
-    on_stop_signals(stop.set)
-    stop.wait()
-    log.info("web: stopping")
-    return 0 if server.stop() else 3
+    if not 0 < port < 65536:
+        raise ConfigError(f"{config.source}: key 'web_port': the web server needs a port, "
+                          f"got {port}")
+    return runtime.run([lambda: WebServer(config, port)], "web-server")

@@ -1,10 +1,9 @@
 """zcmd zmr-clean: remove the router's temporary job files under zmr.job_root."""
+from __future__ import annotations
+
 import argparse
 
 from zarkov.config import Config
-from zarkov.zmr.spill import clean
-
-SUMMARY = "remove the router's temporary job files (zmr.job_root)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,6 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    from zarkov.zmr.spill import clean
     removed = clean(config.zmr.job_root)
     if not args.quiet:
         print(f"removed {len(removed)} job director{'y' if len(removed) == 1 else 'ies'} "

@@ -1,21 +1,17 @@
-"""zcmd zmr-router: run only the map-reduce router."""
+"""zcmd zmr-router: run only the map-reduce router (until a signal or ``terminate``)."""
+from __future__ import annotations
+
 import argparse
 
-from zarkov import supervise
 from zarkov.config import Config
-from zarkov.zmr.router import Router
-from zarkov.zmr.signals import on_stop_signals
-
-SUMMARY = "run the map-reduce router (clients and workers connect to zmr.req_uri)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    """No arguments: everything comes from the config."""
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    router = Router(config).start()
-    on_stop_signals(router.stop)
-    supervise.on_death(router.stop)
-    router.serve_forever()
-    return 0
+    """Route jobs until SIGTERM/SIGINT or a ``terminate`` request."""
+    from zarkov import runtime
+    from zarkov.zmr.router import Router
+    return runtime.run([lambda: Router(config)], "zmr-router")

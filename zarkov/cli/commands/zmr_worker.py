@@ -1,12 +1,9 @@
-"""zcmd zmr-worker: run a pool of map-reduce worker processes."""
+"""zcmd zmr-worker: run a pool of map-reduce worker processes (a plain process)."""
+from __future__ import annotations
+
 import argparse
 
-from zarkov import supervise
 from zarkov.config import Config
-from zarkov.zmr.pool import WorkerPool
-from zarkov.zmr.signals import on_stop_signals
-
-SUMMARY = "run zmr.processes_per_worker worker processes connected to zmr.req_uri"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    pool = WorkerPool(config, args.processes).start()
-    on_stop_signals(pool.stop)
-    supervise.on_death(pool.stop)
-    pool.run_forever()
-    return 0
+    """Keep the worker processes running until SIGTERM/SIGINT."""
+    from zarkov import runtime
+    from zarkov.zmr.pool import WorkerPool
+    return runtime.run([lambda: WorkerPool(config, args.processes)], "zmr-worker")

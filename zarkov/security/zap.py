@@ -37,7 +37,7 @@ import zmq
 import zmq.green as zgreen
 from zmq.utils import z85
 
-from zarkov import keys as K
+from zarkov import keyfiles as K
 from zarkov.config import Config
 
 log = logging.getLogger("zarkov.security")
@@ -48,7 +48,7 @@ LOG_INTERVAL = 1.0      # seconds between two refusal lines about one peer
 MONITOR_EVENTS = (zmq.EVENT_LISTENING | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                   | zmq.EVENT_MONITOR_STOPPED)
-_REASONS = {
+_REASONS: dict[int, str] = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "no CURVE key (a plain ZeroMQ peer)",
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its handshake does not decrypt (wrong server "
                                            "public key?)",
@@ -68,6 +68,8 @@ def gatekeeper(config: Config) -> "Gatekeeper":
     """The process's Gatekeeper (made on first use from ``config.security``)."""
     global _gate
     sec = config.security
+    # Only called for a guarded socket, which config validation gives both files.
+    assert sec.server_key is not None and sec.authorized_keys is not None
     if _gate is None:
         _gate = Gatekeeper(sec.server_key, sec.authorized_keys)
     elif (_gate.key_file, _gate.directory) != (sec.server_key, sec.authorized_keys):
@@ -86,7 +88,7 @@ class Gatekeeper:
 
     def __init__(self, key_file: str, directory: str):
         self.key_file = key_file
-        self.public, self.secret = K.read_key_file(key_file, secret=True)
+        self.public, self.secret = K.read_key_pair(key_file)
         self.directory = directory
         self.allowed: frozenset[bytes] = frozenset()
         self.refused: collections.Counter[str] = collections.Counter()
@@ -98,12 +100,15 @@ class Gatekeeper:
         self._handlers: dict[int, tuple[Any, Any, gevent.Greenlet]] = {}
         self._monitors: list[_Monitor] = []
         self._reloader: gevent.Greenlet | None = None
+        self._what: dict[str, str] = {}  # socket name -> what it is, for log lines
         self.reload(force=True)
 
     # -- sockets -------------------------------------------------------------------
 
-    def guard(self, sock, name: str) -> None:
-        """Make ``sock`` a CURVE server whose handshakes this gatekeeper decides."""
+    def guard(self, sock, name: str, what: str = "") -> None:
+        """Make ``sock`` a CURVE server whose handshakes this gatekeeper decides;
+        ``what`` says what it is in log lines."""
+        self._what[name] = what or name
         ctx = sock.context
         if id(ctx) not in self._handlers:
             rep = zgreen.Socket(ctx, zmq.REP)
@@ -157,7 +162,7 @@ class Gatekeeper:
             gevent.sleep(RELOAD_INTERVAL)
             try:
                 self.reload()
-            except Exception:  # noqa: BLE001 - keep guarding with the keys we have
+            except Exception:
                 log.exception("security: cannot read %s", self.directory)
 
     def _drop(self, revoked: frozenset[bytes]) -> None:
@@ -177,7 +182,7 @@ class Gatekeeper:
             msg = rep.recv_multipart()
             try:
                 rep.send_multipart(self.decide(msg))
-            except Exception:  # noqa: BLE001 - never leave libzmq without an answer
+            except Exception:
                 log.exception("security: ZAP request failed")
                 rep.send_multipart([b"1.0", msg[1] if len(msg) > 1 else b"", b"500",
                                     b"internal error", b"", b""])
@@ -232,8 +237,7 @@ class Gatekeeper:
         if hidden:
             more = (f" ({sum(hidden.values())} more since the last line: "
                     + ", ".join(f"{n} x {w}" for w, n in hidden.most_common()) + ")")
-        from zarkov.security import SOCKETS
-        log.warning("security: refused %s on %s: %s%s", peer, SOCKETS.get(name, name), why,
+        log.warning("security: refused %s on %s: %s%s", peer, self._what.get(name, name), why,
                     more)
         self._logged[(peer, name)] = (now, None)
         if len(self._logged) > 10000:  # a scan from many addresses: forget the old ones

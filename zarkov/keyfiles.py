@@ -23,6 +23,7 @@ import re
 import zmq
 from zmq.utils import z85
 
+from zarkov.errors import BadInput
 from zarkov.oneline import short_repr
 
 PUBLIC_SUFFIX = ".key"
@@ -32,7 +33,7 @@ _BANNER = ("#   Zarkov CURVE {what} key, made {when}{warning}\n"
            "#   (ZeroMQ certificate format: czmq and pyzmq's zmq.auth read it too)\n\n")
 
 
-class KeyFileError(ValueError):
+class KeyFileError(BadInput, ValueError):
     """A key file that is missing, unreadable or holds no valid key; names the file."""
 
 
@@ -79,6 +80,13 @@ def read_key_file(path: str, secret: bool = False) -> tuple[bytes, bytes | None]
         if not _valid(private) or zmq.curve_public(private) != public:
             raise KeyFileError(f"{path}: its secret-key is not valid or does not match "
                                f"its public-key")
+    return public, private
+
+
+def read_key_pair(path: str) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys of a secret key file; KeyFileError as read_key_file."""
+    public, private = read_key_file(path, secret=True)
+    assert private is not None  # read_key_file(secret=True) raised otherwise
     return public, private
 
 

@@ -30,7 +30,7 @@ EXIT_LOOP_DIED = 70          # EX_SOFTWARE (sysexits.h): an internal error
 HARD_EXIT_AFTER = 60.0       # seconds a clean stop may take after a loop died
 TRACEBACKS_PER_MINUTE = 5    # per loop; the count stays exact
 
-log = logging.getLogger("zarkov.supervise")
+log = logging.getLogger(__name__)
 
 _callbacks: list[Callable[[], None]] = []
 _died: list[str] = []
@@ -101,7 +101,7 @@ def loop_died(name: str, exc: BaseException | None = None) -> None:
     for callback in list(_callbacks):
         try:
             callback()
-        except Exception:  # noqa: BLE001 - the hard exit still comes
+        except Exception:
             log.exception("while stopping after %s died", name)
 
 

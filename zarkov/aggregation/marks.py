@@ -1,7 +1,7 @@
 """Marks and flags on the input documents that have no position (docs/exactly-once.md).
 
 Events the event logger stored have a position and are taken by it
-(:mod:`zarkov.agg.positions`): nothing is ever written to them.  The others (written
+(:mod:`zarkov.aggregation.positions`): nothing is ever written to them.  The others (written
 by other programs, imported, or stored before positions existed: no ``_seq``) are
 counted as follows.  A run *marks* those it takes that are not yet counted by adding
 its run id to their ``jobs``; its jobs read ``{jobs: run_id}`` (a full run's also
@@ -21,7 +21,8 @@ from typing import Iterator, Optional
 
 from pymongo import UpdateOne
 
-from zarkov.agg import Scope, batches, records
+from zarkov.aggregation import records
+from zarkov.aggregation.scope import Scope, batches
 from zarkov.lease import Lease
 from zarkov.positions import SEQ_FIELD, Range
 

@@ -28,7 +28,12 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 
 from zarkov import storage
+from zarkov.errors import ZarkovError
 from zarkov.lease import Lease
+
+#: Prefix of the staging collections of every run: ``zstage.<run_id>.<attempt>.<n>``
+#: (:mod:`.staging`); here, so that readers of the names need not import the engine.
+STAGING_PREFIX = "zstage."
 
 #: Where a run can be stopped by a test (see :func:`pause_from_env`).
 PAUSE_POINTS = ("marking", "running", "staged", "applying", "flagging")
@@ -39,7 +44,7 @@ Hook = Callable[[str], None]
 Report = Callable[[str, int], None]
 
 
-class StepFailed(Exception):
+class StepFailed(ZarkovError):
     """A step that cannot be done; the message names the culprit.
 
     ``bad_definition``: the AggDef's Task is at fault (``zcmd aggregate`` exits 2).
@@ -47,8 +52,7 @@ class StepFailed(Exception):
 
     def __init__(self, message: str, traceback: Optional[str] = None,
                  bad_definition: bool = False):
-        super().__init__(message)
-        self.traceback = traceback
+        super().__init__(message, traceback)
         self.bad_definition = bad_definition
 
 

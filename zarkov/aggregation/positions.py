@@ -3,14 +3,15 @@
 One document per AggDef: ``{_id: name, streams: {<stream>: <seq>, …}, swept}`` —
 every event of a stream at or below its number has been counted by the AggDef (a
 stream not named: none); ``swept`` is when its last sweep (the look for events
-without a position, :mod:`zarkov.agg.marks`) began.  An incremental run takes, for each stream whose stored bound
-(:mod:`zarkov.streams`) is past the AggDef's position, the range between the two
-(:func:`new_ranges`, at most ``zmr.event_limit`` events in all); a full run takes
-every stream from its start.  The ranges are kept in the run record, and the
-position moves to their ends (:func:`advance`) in the run's last step, after its
-outputs are applied: the run record makes that step idempotent, so a killed run's
-successor takes the same ranges and counts them once (docs/exactly-once.md).
-Nothing is written to the events themselves.
+without a position, :mod:`zarkov.aggregation.marks`) began. An incremental run
+takes, for each stream whose stored bound (:mod:`zarkov.streams`) is past the
+AggDef's position, the range between the two (:func:`new_ranges`, at most
+``zmr.event_limit`` events in all); a full run takes every stream from its start.
+The ranges are kept in the run record, and the position moves to their ends
+(:func:`advance`) in the run's last step, after its outputs are applied: the run
+record makes that step idempotent, so a killed run's successor takes the same ranges
+and counts them once (docs/exactly-once.md). Nothing is written to the events
+themselves.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Optional
 from pymongo.database import Database
 
 from zarkov import streams
-from zarkov.agg import Scope
+from zarkov.aggregation.scope import Scope
 from zarkov.positions import Range
 
 COLLECTION = "agg_position"

@@ -2,10 +2,11 @@
 
 ``{_id: name, run_id, full, attempt, state, started, marked, ranges, host, pid,
 outputs}``; ``ranges`` are the positions the run takes (``{stream, after, upto}``,
-:mod:`zarkov.agg.positions`), ``marked`` the documents without a position it marked
-(:mod:`zarkov.agg.marks`); docs/exactly-once.md gives the states.  Only the holder of the AggDef's lease writes
-its record, and every write is filtered on the run id, so a process that lost the
-lease (it stalled past the lease's term) finds its writes matching nothing and stops.
+:mod:`zarkov.aggregation.positions`), ``marked`` the documents without a position it
+marked (:mod:`zarkov.aggregation.marks`); docs/exactly-once.md gives the states.
+Only the holder of the AggDef's lease writes its record, and every write is filtered
+on the run id, so a process that lost the lease (it stalled past the lease's term)
+finds its writes matching nothing and stops.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import uuid
 from datetime import datetime
 from typing import Optional, Sequence
 
-from zarkov.agg import Scope
+from zarkov.aggregation.scope import Scope
 from zarkov.lease import HOST, LeaseLost, utcnow
 from zarkov.positions import Range
 

@@ -25,19 +25,19 @@ import bson
 from bson.binary import Binary
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
-
 from pymongo.errors import PyMongoError
 
 from zarkov import security, wire
-from zarkov.zmr import client
-from zarkov.agg import Scope, StepFailed, records
+from zarkov.aggregation import records
+from zarkov.aggregation.scope import STAGING_PREFIX, Scope, StepFailed
 from zarkov.lease import LeaseLost
 from zarkov.task import JobFailed, RunContext, TaskError
+from zarkov.zmr import jobclient
 
 log = logging.getLogger(__name__)
 
 #: Prefix of the staging collections of every run.
-PREFIX = "zstage."
+PREFIX = STAGING_PREFIX
 #: Bytes of output (all of a run's jobs together, and again of after-images) kept
 #: in the run record rather than in collections; well below MongoDB's 16 MB.
 INLINE_MAX = 256 * 1024
@@ -98,7 +98,7 @@ def socket(config: Any) -> Iterator[Any]:
     keys = security.client_keys(config)
     key = (config.zmr.req_uri, wire.zmq_module().__name__, keys)
     idle = _idle_sockets.setdefault(key, [])
-    sock = idle.pop() if idle else client.connect(config, keys=keys)
+    sock = idle.pop() if idle else jobclient.connect(config, keys=keys)
     ok = False
     try:
         yield sock

@@ -7,7 +7,7 @@ only loopback (any local user can still connect) and refuses to start on another
 address (:func:`check_binds`).  With ``security.server_key`` set, every socket that a
 server binds uses CURVE (authentication and encryption) and admits only clients
 whose public key is in ``security.authorized_keys`` (the ZAP handler of
-:mod:`zarkov.zap`); the servers' own key is always admitted.
+:mod:`zarkov.security.zap`); the servers' own key is always admitted.
 
 Sites that create sockets call :func:`secure_server` before binding a server socket
 and use :class:`ClientKeys` (from :func:`client_keys`) on client sockets; nothing
@@ -24,7 +24,7 @@ from typing import Iterable, NamedTuple
 import zmq
 from zmq.utils import z85
 
-from zarkov import keys as K
+from zarkov import keyfiles as K
 from zarkov.config import Config, ConfigError
 
 log = logging.getLogger("zarkov.security")
@@ -70,7 +70,13 @@ def is_loopback(address: str) -> bool:
         host = rest[1:rest.find("]")] if "]" in rest else rest[1:]
     else:
         host = rest.rsplit(":", 1)[0] if ":" in rest else rest
-    if host in ("localhost", "lo"):
+    return host == "lo" or is_loopback_host(host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is loopback."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -136,7 +142,7 @@ class ClientKeys(NamedTuple):
                 raise K.KeyFileError(f"{server_key!r}: not a Z85 public key nor a key file")
         else:
             server = K.read_key_file(os.fspath(server_key))[0]
-        public, secret = K.read_key_file(os.fspath(client_key), secret=True)
+        public, secret = K.read_key_pair(os.fspath(client_key))
         return cls(server, public, secret)
 
     def apply(self, sock) -> None:
@@ -229,8 +235,8 @@ def secure_server(config: Config, sock, name: str) -> None:
         return
     if name not in SOCKETS:
         raise ValueError(f"unknown server socket name {name!r}")
-    from zarkov import zap
-    zap.gatekeeper(config).guard(sock, name)
+    from zarkov.security import zap
+    zap.gatekeeper(config).guard(sock, name, SOCKETS[name])
 
 
 def admitted(frame, name: str) -> bool:
@@ -240,14 +246,14 @@ def admitted(frame, name: str) -> bool:
     For the router's requests, whose connections are not closed on revocation (a
     reply in flight to another client on the same address would be lost).
     """
-    from zarkov import zap
+    from zarkov.security import zap
     gate = zap.current()
     return gate is None or gate.admits(frame, name)
 
 
 def refusals(names: Iterable[str] | None = None) -> dict[str, int]:
     """Connections refused in this process so far, by socket name (all names or ``names``)."""
-    from zarkov import zap
+    from zarkov.security import zap
     gate = zap.current()
     counts = dict(gate.refused) if gate is not None else {}
     wanted = SOCKETS if names is None else names
@@ -256,7 +262,7 @@ def refusals(names: Iterable[str] | None = None) -> dict[str, int]:
 
 def release(ctx) -> None:
     """Close the ZAP handler and monitors of ``ctx`` (before ``ctx.term()``)."""
-    from zarkov import zap
+    from zarkov.security import zap
     gate = zap.current()
     if gate is not None:
         gate.release(ctx)

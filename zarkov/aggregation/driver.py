@@ -20,11 +20,11 @@ then deleted.  Until ``staged`` a failure rolls the run back (marks pulled, stag
 dropped); from ``staged`` on it can only go forward.
 
 :class:`_Run` drives a record through these states; the work of each is done by the
-helpers of :mod:`zarkov.agg` (marks and flags, staging, merging and applying), and
+helpers of :mod:`zarkov.aggregation` (marks and flags, staging, merging and applying), and
 failures become :class:`AggregationError` in one place, :func:`_error`.
 
 A test hook: ``hook(point)`` is called at each of :data:`PAUSE_POINTS`; by default it
-is the one ``ZARKOV_TEST_PAUSE_AT`` asks for (:func:`zarkov.agg.pause_from_env`), with
+is the one ``ZARKOV_TEST_PAUSE_AT`` asks for (:func:`zarkov.aggregation.scope.pause_from_env`), with
 which kill tests stop ``zcmd aggregate`` at a chosen step and SIGKILL it there.
 """
 from __future__ import annotations
@@ -37,10 +37,13 @@ from typing import Any, Callable, Optional
 
 from pymongo.errors import PyMongoError
 
-from zarkov import agg_status, model as M, wire
-from zarkov.agg import PAUSE_POINTS, Hook, Scope, StepFailed, marks, merge, pause_from_env
-from zarkov.agg import positions as agg_positions
-from zarkov.agg import records, staging
+from zarkov import model as M
+from zarkov import wire
+from zarkov.aggregation import marks, merge, records, staging
+from zarkov.aggregation import positions as agg_positions
+from zarkov.aggregation import status as agg_status
+from zarkov.aggregation.scope import PAUSE_POINTS, Hook, Scope, StepFailed, pause_from_env
+from zarkov.errors import EXIT_BUSY, EXIT_USAGE, ZarkovError
 from zarkov.eventlog.rotate import chain
 from zarkov.lease import Lease, LeaseBusy, LeaseLost, utcnow
 from zarkov.task import JobFailed, Task, TaskError
@@ -56,26 +59,20 @@ STAGING = staging.PREFIX
 Progress = Callable[[dict], None]
 
 
-class AggregationError(Exception):
-    """A run that could not be done; ``exit_code`` for zcmd, ``traceback`` if any."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, traceback: Optional[str] = None):
-        super().__init__(message)
-        self.traceback = traceback
+class AggregationError(ZarkovError):
+    """A run that could not be done (``exit_code`` 1), ``traceback`` if any."""
 
 
 class BadDefinition(AggregationError):
     """Unknown AggDef, or a task_name that is not a usable Task subclass."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class Busy(AggregationError):
     """Another process is running the same AggDef."""
 
-    exit_code = 3
+    exit_code = EXIT_BUSY
 
 
 @dataclass
@@ -318,7 +315,7 @@ def run(config: Any, name: str, full: bool = False, wait: bool = False,
     of ``ZARKOV_TEST_PAUSE_AT``).  Raises AggregationError (BadDefinition, Busy) with
     a one-line message; usable from a gevent process (``zcmd serve``'s real-time
     loop) as from a plain one.  The run's progress, outcome or error is recorded in
-    ``agg_status`` for the dashboard (:mod:`zarkov.agg_status`).
+    ``agg_status`` for the dashboard (:mod:`zarkov.aggregation.status`).
     """
     M.configure(config)
     recorder = agg_status.Recorder(M.db(), name, full)

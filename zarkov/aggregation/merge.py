@@ -21,7 +21,7 @@ from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 
 from zarkov import functions, storage
-from zarkov.agg import Scope, StepFailed
+from zarkov.aggregation.scope import Scope, StepFailed
 from zarkov.bsonkeys import group_key
 
 #: Documents merged per batch (one look-up of the old values per batch).
@@ -69,11 +69,11 @@ def after_images(scope: Scope, out: dict, inline_max: int = 0) -> Optional[Binar
     for docs in _staged(scope, out):
         old = {group_key(d["_id"]): d
                for d in target.find({"_id": {"$in": [d["_id"] for d in docs]}})}
-        images = []
+        images: list[bytes] = []
         for d in docs:
             prev = old.get(group_key(d["_id"]))
             if prev is None:
-                images.append(d.raw)
+                images.append(bytes(d.raw))
                 continue
             values = [prev.get("value"), d.get("value")]
             try:

@@ -6,10 +6,10 @@ The requests are those of README "The map-reduce protocol" (their fields:
 answer makes them raise :class:`zarkov.wire.RouterTimeout` (its message names the
 URI) within ``request_timeout`` seconds.  Example::
 
-    sock = client.connect(config)   # zmr.req_uri, with the CURVE keys of the config
-    job_id = client.submit(sock, client.mapreduce_request(my_map, my_reduce,
-                                                          output_name="zagg.x"))
-    client.wait(sock, [job_id], timeout=600)
+    sock = jobclient.connect(config)   # zmr.req_uri, with the config's CURVE keys
+    job_id = jobclient.submit(sock, jobclient.mapreduce_request(my_map, my_reduce,
+                                                                output_name="zagg.x"))
+    jobclient.wait(sock, [job_id], timeout=600)
 
 :class:`zarkov.task.Task` builds its requests and waits for its jobs with these same
 functions.
@@ -23,6 +23,7 @@ import bson
 
 from zarkov import functions, security, wire
 from zarkov.config import Config
+from zarkov.errors import ZarkovError
 
 FINAL_STATES = ("complete", "error")
 
@@ -35,7 +36,7 @@ LONG_POLL = 0.5
 Shippable = Union[Callable[..., Any], str]
 
 
-class ZmrError(Exception):
+class ZmrError(ZarkovError):
     """The router refused a request (its ``error`` reply) or a job failed."""
 
 
@@ -47,10 +48,10 @@ class JobError(ZmrError):
     """A job ended in state ``error``; ``status`` is its status document."""
 
     def __init__(self, job_id: str, status: Mapping[str, Any]):
-        super().__init__(f"job {job_id} failed: {last_line(status.get('traceback'))}")
+        super().__init__(f"job {job_id} failed: {last_line(status.get('traceback'))}",
+                         status.get("traceback"))
         self.job_id = job_id
         self.status = dict(status)
-        self.traceback = status.get("traceback")
 
 
 class JobLost(ZmrError):
@@ -150,7 +151,7 @@ def status(sock, job_id: str, timeout: float = 10.0, wait: float = 0.0) -> dict[
     A job the router does not know has state ``UNKNOWN``.  With ``wait`` (seconds),
     the router answers when the job ends, or after ``wait`` if it is still running.
     """
-    request = {"$command": "status", "job_id": job_id}
+    request: dict[str, Any] = {"$command": "status", "job_id": job_id}
     if wait:
         request["wait"] = wait
     reply = wire.call(sock, request, timeout, held=wait)
