@@ -10,13 +10,13 @@ PYTEST_ARGS ?=
 TEST_SERVERS ?= ferretdb java
 export PYTEST_ARGS
 
-.PHONY: venv db browser test fuzz demo bench screenshot clean stop
+.PHONY: venv db browser test lint fuzz demo bench screenshot clean stop
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,dev]'
 	touch $@
 
 db: venv
@@ -30,6 +30,12 @@ browser:
 test: venv browser
 	@scripts/test-servers $(TEST_SERVERS)
 
+# The linter, the type checker and the layers' contract (pyproject.toml says which).
+lint: venv
+	$(VENV)/bin/ruff check zarkov tests bench scripts/demo scripts/zcmd scripts/zsend
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
 # make fuzz: only the fuzz tests, with random inputs and ZARKOV_FUZZ_FACTOR (default
 # 50) times the examples that make test runs; the time limit per test is lifted.
 fuzz: venv db
@@ -40,6 +46,7 @@ demo: venv db
 
 # Each bench measures both bundled servers and prints their figures side by side.
 bench: venv
+	$(PY) bench/cli.py
 	$(PY) bench/zmr.py
 	$(PY) bench/aggregate.py
 	$(PY) bench/ingest.py
