@@ -1,7 +1,13 @@
-"""The config schema and the zcmd front door: defaults, validation, help, exit codes."""
+"""The config schema and the zcmd front door: defaults, validation, help, exit codes,
+logging to the configured file."""
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
-from tests.support import run_zcmd
+from tests.support import ROOT, ZCMD, proc_env, run_zcmd, wait_for
 from zarkov import config as C
 
 
@@ -105,3 +111,54 @@ def test_help_lists_every_command_and_one_command_help():
 def test_unknown_command_exits_2():
     out = run_zcmd(None, "frobnicate")
     assert out.returncode == 2 and "unknown command 'frobnicate'" in out.stderr
+
+
+@pytest.mark.parametrize("text, name", [
+    ("journal_min_files: 4\n", "journal_min_files"),
+    ("zmr:\n  compress: true\n", "zmr.compress"),
+    ("zmr:\n  map_chunks_per_page: 10\n", "zmr.map_chunks_per_page"),
+])
+def test_a_removed_key_exits_2_saying_to_delete_it(tmp_path, text, name):
+    path = tmp_path / "old.yaml"
+    path.write_text(text)
+    out = run_zcmd(str(path), "check-config")
+    assert out.returncode == 2
+    line = out.stderr.strip()
+    assert "\n" not in line and str(path) in line
+    assert f"key '{name}' was removed" in line and "delete it" in line
+
+
+def test_python_dash_m_zarkov_is_zcmd():
+    out = subprocess.run([sys.executable, "-m", "zarkov", "help"], capture_output=True,
+                         text=True, timeout=60, env=proc_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "  aggregate " in out.stdout
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    # `zcmd help | head -1`: the reader closes the pipe before zcmd writes.
+    p = subprocess.Popen(ZCMD + ["help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=proc_env(), cwd=ROOT)
+    p.stdout.close()
+    _, err = p.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
+def test_log_file_relative_to_the_config_gets_every_line(procs, config_file, tmp_path):
+    path = config_file(log_file="logs/zarkov.log")
+    log_path = os.path.join(os.path.dirname(path), "logs", "zarkov.log")
+    p = procs.zcmd("eventlog", path, "eventlog")
+
+    def logged() -> str:
+        try:
+            with open(log_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+    wait_for(lambda: "event logger: BSON on" in logged(), timeout=60, what="the log file")
+    # logrotate moves the file away: the next lines go to a new one at the same path.
+    os.rename(log_path, log_path + ".1")
+    procs.kill(p, signal.SIGTERM)
+    assert p.returncode == 0
+    assert "stopped" in logged()
+    assert "event logger: BSON on" not in procs.log("eventlog")  # not on stderr

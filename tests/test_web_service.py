@@ -196,3 +196,20 @@ def test_the_event_rate_counts_what_is_stored(served, zconfig, db):
                       ["totals"]["committed"] == 300 and r, what="the stats to say 300")
     assert sum(rate * 5 for _, rate in report["series"]) == pytest.approx(300)
     assert report["now"] > 0 and len(report["series"]) == 12
+
+
+def test_web_server_exits_70_when_its_committer_dies(procs, config_file, zconfig, db):
+    from zarkov.errors import EXIT_LOOP_DIED
+    from zarkov.faults import MARK
+    path = config_file()
+    p = procs.zcmd("web", path, "web-server", env={"ZARKOV_FAULTS": "commit.insert:die"})
+    base = web_base(zconfig)
+    wait_for(lambda: get(base, "/health").status in (200, 503), what="zcmd web-server")
+    assert post_json(base, [{"type": "marked", "extra": MARK.decode()}]).status == 202
+    wait_for(lambda: p.poll() is not None, timeout=60, what="web-server to exit")
+    assert p.returncode == EXIT_LOOP_DIED, procs.log("web")
+    assert "died" in procs.log("web")
+    # Accepted means journaled: the next web-server on the port stores it.
+    procs.zcmd("web2", path, "web-server")
+    wait_for(lambda: db.event.count_documents({"type": "marked"}) == 1, timeout=30,
+             what="the journaled event stored")
