@@ -167,3 +167,23 @@ def test_several_event_servers_share_the_work(procs, config_file, db):
     procs.kill(p, signal.SIGTERM)
     assert p.returncode == 0, procs.log("eventlog")
     assert procs.log("eventlog").count("stopped: accepted") == 2
+
+
+def test_a_stop_signal_to_the_whole_group_starts_no_event_server_again(procs, config_file):
+    # Ctrl-C or systemd signal every process of the group: the event servers may see
+    # it, stop and exit before their parent gets to its own handler.
+    path = config_file(num_event_servers=2)
+    cfg = load(path)
+    p = procs.zcmd("eventlog", path, "eventlog")
+    pids = wait_for(lambda: all(found := [stats(cfg["journal"], i).get("pid") for i in (0, 1)])
+                    and found, timeout=30, what="two event servers")
+    children = [pid for pid in pids if pid != p.pid]
+    assert children, pids
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: procs.log("eventlog").count("exited with status 0") == len(children),
+             what="the servers' exits seen by their parent")
+    procs.kill(p, signal.SIGTERM)
+    log = procs.log("eventlog")
+    assert p.returncode == 0, log
+    assert log.count("stopped: accepted") == 2, log

@@ -17,6 +17,8 @@ Exit statuses, for every ``zcmd`` command:
 :data:`EXIT_BUSY`   another process holds what was asked for (an AggDef being
                     run), or a stop left work behind (events still journaled)
 :data:`EXIT_LOOP_DIED` a loop of the process died (its supervisor restarts it)
+:data:`EXIT_RECYCLE` a child process asks its supervisor for a fresh one (a worker
+                   that served its quota of tasks)
 ==================  ========================================================
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BUSY = 3
 EXIT_LOOP_DIED = 70      # EX_SOFTWARE (sysexits.h): an internal error
+EXIT_RECYCLE = 75        # EX_TEMPFAIL: done for now, start me again
 EXIT_INTERRUPTED = 130   # Ctrl-C
 
 

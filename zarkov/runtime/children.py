@@ -9,10 +9,14 @@ back with :func:`child_config`), with the child's index and the parent's pid, so
 that a child needs no argument and cannot disagree with its parent about a key.
 
 Restart policy, the same for every kind: a child that exits is started again — at
-once when it lived long or exited 0 (a worker recycling itself), else after a
-delay that doubles from :data:`MIN_BACKOFF` to :data:`MAX_BACKOFF` while it keeps
-dying within :data:`QUICK_DEATH` seconds, so that a child failing at start-up does
-not spin.  Stopping sends SIGTERM, then SIGKILL to those still alive after the
+once when it asked for it (:data:`~zarkov.errors.EXIT_RECYCLE`: a worker recycling
+itself) or failed after a long life; after :data:`STOPPED_GRACE` when it exited 0
+(it was stopped by a signal, and a signal to the whole process group — Ctrl-C, a
+``kill`` of the group, systemd stopping the unit — is on its way to this process
+too: it must not start a child again while stopping); else after a delay that
+doubles from :data:`MIN_BACKOFF` to :data:`MAX_BACKOFF` while it keeps dying
+within :data:`QUICK_DEATH` seconds, so that a child failing at start-up does not
+spin.  Stopping sends SIGTERM, then SIGKILL to those still alive after the
 grace time.  A child whose parent is gone (SIGKILLed: it could not stop them)
 stops by itself (:func:`watch_parent`).
 
@@ -33,6 +37,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import zarkov
+from zarkov import errors
 from zarkov.runtime import loops
 
 log = logging.getLogger("zarkov.runtime.children")
@@ -46,6 +51,7 @@ POLL = 0.25          # seconds between two looks at the children
 MIN_BACKOFF = 0.5    # first delay before restarting a child that keeps failing
 MAX_BACKOFF = 10.0   # longest delay
 QUICK_DEATH = 5.0    # a child that lived less than this and failed counts as failing
+STOPPED_GRACE = 2.0  # wait before starting again a child that was stopped (exit 0)
 
 # The directory that holds the zarkov package, whether installed or a checkout.
 _TOP = os.path.dirname(os.path.dirname(os.path.abspath(zarkov.__file__)))
@@ -167,11 +173,10 @@ class Children:
                 continue
             if p is not None:  # just died: decide when to replace it
                 lived = now - self._started_at[i]
-                failing = lived < QUICK_DEATH and p.returncode != 0
-                self._backoff[i] = (min(MAX_BACKOFF, max(MIN_BACKOFF, self._backoff[i] * 2))
-                                    if failing else 0.0)
+                self._backoff[i] = self._delay(i, p.returncode, lived)
                 self._not_before[i] = now + self._backoff[i]
-                level = logging.INFO if p.returncode == 0 else logging.ERROR
+                level = (logging.INFO if p.returncode in (errors.EXIT_OK, errors.EXIT_RECYCLE)
+                         else logging.ERROR)
                 log.log(level, "%s %d exited with status %s; starting it again%s (pid %d, "
                         "up %.1f s)", self.what, i, p.returncode,
                         f" in {self._backoff[i]:.1f} s" if self._backoff[i] else "", p.pid,
@@ -180,6 +185,16 @@ class Children:
             if now >= self._not_before[i]:
                 self._spawn(i)
                 self.restarts += 1
+
+    def _delay(self, i: int, status: int, lived: float) -> float:
+        """How long to wait before starting child ``i`` again (the policy above)."""
+        if status == errors.EXIT_RECYCLE:
+            return 0.0
+        if status == errors.EXIT_OK:
+            return STOPPED_GRACE
+        if lived >= QUICK_DEATH:
+            return 0.0
+        return min(MAX_BACKOFF, max(MIN_BACKOFF, self._backoff[i] * 2))
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the monitor, then the children: SIGTERM, SIGKILL after ``timeout`` s.

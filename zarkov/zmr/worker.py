@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 import bson
 import zmq
 
-from zarkov import faults, runtime, security, wire
+from zarkov import errors, faults, runtime, security, wire
 from zarkov.runtime import children, loops
 from zarkov.security import ClientKeys
 from zarkov.zmr import compute
@@ -234,7 +234,8 @@ class Worker:
             self._announce()  # unanswered: the router must still know our room
 
     def run(self) -> int:
-        """Serve tasks until recycled, orphaned or interrupted."""
+        """Serve tasks until recycled (:data:`~zarkov.errors.EXIT_RECYCLE`), orphaned or
+        interrupted (0)."""
         while self.ports is None:
             ports = self._fetch_ports(2.0)
             if ports:
@@ -257,12 +258,12 @@ class Worker:
                             log.info("worker %d: recycled after %d tasks", os.getpid(),
                                      self.received)
                             self._goodbye()
-                            return 0
+                            return errors.EXIT_RECYCLE
                         if rss_kib() > self.suicide_kib:
                             log.info("worker %d: recycled at %d KiB RSS", os.getpid(),
                                      rss_kib())
                             self._goodbye()
-                            return 0
+                            return errors.EXIT_RECYCLE
                 if self._orphaned():
                     return 0
                 now = time.monotonic()
