@@ -187,3 +187,4 @@ def test_a_stop_signal_to_the_whole_group_starts_no_event_server_again(procs, co
     log = procs.log("eventlog")
     assert p.returncode == 0, log
     assert log.count("stopped: accepted") == 2, log
+    assert "Traceback" not in log and "ContextTerminated" not in log, log

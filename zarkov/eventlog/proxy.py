@@ -51,10 +51,12 @@ class Proxy:
         self.control = ctx.socket(zmq_plain.PAIR)
         self.control.bind(self.control_uri)
         self.result: Any = None  # gevent's ThreadResult, once started
+        self.stopping: Callable[[], bool] = lambda: False
 
     def start(self, stopping: Callable[[], bool]) -> None:
         """Run the proxy in a thread of gevent's pool; its end before ``stopping()``
         is a dead loop (the process stops, see :mod:`zarkov.runtime.loops`)."""
+        self.stopping = stopping
         result = self.result = gevent.get_hub().threadpool.spawn(self._run)
 
         def ended(result) -> None:
@@ -67,6 +69,11 @@ class Proxy:
     def _run(self) -> None:
         try:
             zmq_plain.proxy_steerable(self.front, self.back, None, self.control)
+        except zmq_plain.ContextTerminated:
+            # The process is stopping (its context terminated before our TERMINATE
+            # arrived): an end, not an error worth a traceback on stderr.
+            if not self.stopping():
+                raise
         finally:
             self.front.close(0)
             # Why a linger: hand what is queued to the servers before they stop.
