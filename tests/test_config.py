@@ -145,7 +145,9 @@ def test_a_reader_that_goes_away_gets_no_traceback():
 
 
 def test_log_file_relative_to_the_config_gets_every_line(procs, config_file, tmp_path):
-    path = config_file(log_file="logs/zarkov.log")
+    # Two event servers: the second is a child process, started from the test's
+    # working directory, not the config's; its lines go to the same file.
+    path = config_file(log_file="logs/zarkov.log", num_event_servers=2)
     log_path = os.path.join(os.path.dirname(path), "logs", "zarkov.log")
     p = procs.zcmd("eventlog", path, "eventlog")
 
@@ -156,6 +158,10 @@ def test_log_file_relative_to_the_config_gets_every_line(procs, config_file, tmp
         except FileNotFoundError:
             return ""
     wait_for(lambda: "event logger: BSON on" in logged(), timeout=60, what="the log file")
+    wait_for(lambda: logged().count(": new stream ") == 2, timeout=60,
+             what="both event servers' lines")
+    pids = {line.split()[2] for line in logged().splitlines() if ": new stream " in line}
+    assert len(pids) == 2, logged()
     # logrotate moves the file away: the next lines go to a new one at the same path.
     os.rename(log_path, log_path + ".1")
     procs.kill(p, signal.SIGTERM)

@@ -337,11 +337,15 @@ def from_dict(data: Optional[Mapping[str, Any]] = None, source: str = "<config>"
 
 
 def _resolve_paths(data: dict[str, Any], path: str) -> None:
-    """Make the relative key paths of ``data['security']`` relative to ``path``'s directory."""
+    """Make the relative paths of ``data`` (the key files of ``security``, ``log_file``)
+    relative to ``path``'s directory, so that children started elsewhere agree."""
+    base = os.path.dirname(os.path.abspath(path))
+    log_file = data.get("log_file")
+    if isinstance(log_file, str) and log_file not in ("", "-"):
+        data["log_file"] = os.path.join(base, os.path.expanduser(log_file))
     sec = data.get("security")
     if not isinstance(sec, dict):
         return
-    base = os.path.dirname(os.path.abspath(path))
     for name in SECURITY_PATHS:
         value = sec.get(name)
         if isinstance(value, str) and value:

@@ -44,6 +44,7 @@ log = logging.getLogger("zarkov.runtime.children")
 
 #: The environment variables a child reads: its config (JSON), index, parent's pid.
 CONFIG_ENV = "ZARKOV_CONFIG"
+SOURCE_ENV = "ZARKOV_CONFIG_SOURCE"   # the file it came from, for error messages
 INDEX_ENV = "ZARKOV_CHILD_INDEX"
 PARENT_ENV = "ZARKOV_PARENT_PID"
 
@@ -66,10 +67,18 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def child_config(source: str = "<parent>") -> Any:
-    """The config a parent handed to this child (:data:`CONFIG_ENV`)."""
+def config_env(config: Any) -> dict[str, str]:
+    """The environment variables that hand ``config`` to a child."""
+    data = config.as_dict()
+    data.pop("source", None)
+    return {CONFIG_ENV: json.dumps(data), SOURCE_ENV: config.source}
+
+
+def child_config(what: str = "<parent>") -> Any:
+    """The config a parent handed to this child (:data:`CONFIG_ENV`); errors name the
+    parent's file, else ``what``."""
     from zarkov import config as C
-    return C.from_dict(json.loads(os.environ[CONFIG_ENV]), source)
+    return C.from_dict(json.loads(os.environ[CONFIG_ENV]), os.environ.get(SOURCE_ENV, what))
 
 
 def child_index() -> int:
@@ -123,9 +132,7 @@ class Children:
         self.module = module
         self.count = count
         self.args = args
-        data = config.as_dict()
-        data.pop("source", None)
-        self._config = json.dumps(data)
+        self._config_env = config_env(config)
         self.procs: list[Optional[subprocess.Popen]] = [None] * count
         self._started_at = [0.0] * count
         self._backoff = [0.0] * count
@@ -148,8 +155,8 @@ class Children:
         return self
 
     def _spawn(self, i: int) -> None:
-        env = child_env(**{CONFIG_ENV: self._config, INDEX_ENV: str(i),
-                           PARENT_ENV: str(os.getpid())})
+        env = child_env(**self._config_env, **{INDEX_ENV: str(i),
+                                               PARENT_ENV: str(os.getpid())})
         argv = [sys.executable, "-m", self.module, *self.args(i)]
         self.procs[i] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
         self._started_at[i] = time.monotonic()

@@ -24,10 +24,8 @@ def log_path(config: Any) -> Optional[str]:
     name = getattr(config, "log_file", "-") or "-"
     if name == "-":
         return None
-    source = getattr(config, "source", None)
-    base = os.path.dirname(os.path.abspath(source)) if source and os.path.exists(source) \
-        else os.getcwd()
-    return os.path.join(base, os.path.expanduser(name))
+    # Loading the file made a relative path relative to it (zarkov.config).
+    return os.path.abspath(os.path.expanduser(name))
 
 
 def setup_logging(config: Any = None, verbose: Optional[bool] = None) -> None:
