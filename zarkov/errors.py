@@ -63,3 +63,12 @@ class Busy(ZarkovError):
 class JobFailed(ZarkovError):
     """A map-reduce job reported an error, or the router lost it or stopped
     answering; ``traceback`` holds the worker's when there is one."""
+
+
+class JobHalted(ZarkovError):
+    """A job cannot go on (inside the engine that runs it: the router's or Dask's);
+    ``traceback`` says why and the job ends in state ``error``."""
+
+    def __init__(self, traceback: str):
+        super().__init__(traceback.strip().splitlines()[-1] if traceback.strip()
+                         else "job halted", traceback)

@@ -11,7 +11,8 @@ e.g. ``security.client_keys(config)``) to :func:`req_socket` and :func:`request`
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import bson
 import zmq
@@ -59,6 +60,42 @@ def decode(data: bytes) -> dict:
         return bson.decode(data, CODEC)
     except Exception as e:  # noqa: BLE001 - bson raises InvalidBSON and friends
         raise WireError(f"not a BSON document: {e}") from None
+
+
+def split_request(frames: list[bytes]) -> tuple[list[bytes], bytes]:
+    """A request as a ROUTER socket receives it: (envelope, body).  REQ peers put an
+    empty delimiter (after a correlation id) before the body."""
+    try:
+        split = frames.index(b"") + 1
+    except ValueError:
+        split = 1
+    return frames[:split], frames[split] if split < len(frames) else b""
+
+
+def encode_reply(doc: Mapping[str, Any]) -> bytes:
+    """A reply's BSON; one that cannot be encoded (a basic job's result, say) becomes
+    an ``error`` reply, so that every request still gets its one answer."""
+    try:
+        return bson.encode(doc)
+    except Exception as e:  # noqa: BLE001 - any value a job may hand back
+        return bson.encode({"error": f"reply not BSON-encodable: {e}"})
+
+
+@contextmanager
+def pooled_socket(idle: list, make: Callable[[], Any]) -> Iterator[Any]:
+    """A REQ socket taken from ``idle`` (or ``make()``), put back after a use that
+    ended cleanly and closed after one that did not (a REQ socket left waiting for a
+    reply cannot send again)."""
+    sock = idle.pop() if idle else make()
+    ok = False
+    try:
+        yield sock
+        ok = True
+    finally:
+        if ok:
+            idle.append(sock)
+        else:
+            sock.close(0)
 
 
 def req_socket(uri: str, ctx=None, keys=None):

@@ -246,7 +246,7 @@ class Reads:
         """Every document of the named collections that matches ``query``, as raw
         BSON arrays, read the cheapest way the server allows."""
         plan = None if self.caps.id_reads == ID_RANGE else split(query)
-        if plan is None or plan[2] is not None or not self._by_id_pays(names, plan[0]):
+        if plan is None or plan[2] is not None or not self.by_id_pays(names, plan[0]):
             yield from find_arrays(self.db, names, query, batch_size)
             return
         ranges, others, _ = plan
@@ -254,7 +254,7 @@ class Reads:
         if others is not None:
             yield from find_arrays(self.db, names, others, batch_size)
 
-    def _by_id_pays(self, names: Sequence[str], ranges: list) -> bool:
+    def by_id_pays(self, names: Sequence[str], ranges: list) -> bool:
         ids = sum(len(r) for r in ranges)
         if ids <= FEW_IDS:
             return True

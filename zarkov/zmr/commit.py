@@ -19,6 +19,8 @@ from bson.raw_bson import RawBSONDocument
 
 from zarkov.storage.writes import Batches, Writes
 
+COMMIT_BATCH = 1000  # output documents per write / per re-reduce task
+
 
 def temp_name(job_id: str, index: int) -> str:
     """The collection a ``replace`` job builds output ``index`` in."""

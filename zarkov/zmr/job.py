@@ -20,7 +20,6 @@ import logging
 import os
 import time
 import traceback
-import uuid
 from typing import Any, Callable
 
 import bson
@@ -28,45 +27,32 @@ import gevent
 import gevent.event
 import gevent.queue
 
-from zarkov.errors import ZarkovError
+from zarkov.errors import JobHalted
 from zarkov.zmr import commit, reader
+from zarkov.zmr.commit import COMMIT_BATCH
 from zarkov.zmr.dispatch import TaskFailed, TaskSet
 from zarkov.zmr.jobspec import JobSpec
+from zarkov.zmr.jobstate import JobState
+from zarkov.zmr.jobtable import INLINE
 from zarkov.zmr.spill import Spill
 
 log = logging.getLogger("zarkov.zmr.job")
 
 READ_AHEAD = 2      # chunks read and waiting for a free slot
-INLINE = "inline"   # write_path of an output handed back in the status
-COMMIT_BATCH = 1000  # output documents per write / per re-reduce task
 
 _END = object()
 
 
-class JobHalted(ZarkovError):
-    """The job cannot go on; ``traceback`` says why (the job ends in state error)."""
-
-    def __init__(self, traceback: str):
-        super().__init__(traceback.strip().splitlines()[-1] if traceback.strip()
-                         else "job halted", traceback)
-
-
-class Job:
+class Job(JobState):
     """One mapreduce, xmapreduce or basic job owned by a router."""
 
     def __init__(self, router, spec: JobSpec):
+        super().__init__(spec)
         self.router = router
-        self.spec = spec
-        self.job_id = uuid.uuid4().hex
         self.zcfg = router.config.zmr
-        self.info: dict[str, Any] = {"state": "ready", "phase": "ready", "kind": spec.kind}
         if spec.kind != "basic":
-            self.info.update(docs_read=0, chunks_done=0, chunks_total=0, partitions_done=0,
-                             partitions_total=0, docs_written=0, chunks_resent=0,
-                             resent_lost=0, resent_for_time_limit=0, duplicates_ignored=0)
-        self.created = time.time()
-        self.started: float | None = None
-        self.ended: float | None = None
+            self.info.update(chunks_resent=0, resent_lost=0, resent_for_time_limit=0,
+                             duplicates_ignored=0)
         self.done = gevent.event.Event()
         self.greenlet: gevent.Greenlet | None = None
         self._task_seq = 0
@@ -74,7 +60,6 @@ class Job:
         self._spill: Spill | None = None
         self._outputs: dict[str, int] = {}     # target collection -> out file index
         self._colls: dict[str, str] = {}       # target collection -> name the map gave
-        self._phase_start = self.created
 
     # -- public ------------------------------------------------------------------
 
@@ -84,21 +69,14 @@ class Job:
         return self
 
     def status(self) -> dict[str, Any]:
-        """The job's state and progress, as the ``status`` request reports it."""
-        out = dict(self.info)
+        """The job's state and progress, with what its task sets sent again."""
+        out = super().status()
         for ts in self._sets:
             for key, n in (("chunks_resent", ts.resent), ("resent_lost", ts.resent_lost),
                            ("resent_for_time_limit", ts.resent_for_time_limit),
                            ("duplicates_ignored", ts.duplicates)):
                 out[key] = out.get(key, 0) + n
-        if self.started is not None:
-            out["elapsed"] = round((self.ended or time.time()) - self.started, 3)
         return out
-
-    @property
-    def finished(self) -> bool:
-        """Whether the job has ended (complete or error)."""
-        return self.done.is_set()
 
     def run(self) -> None:
         """All phases; the outcome is recorded in ``info``, never raised."""
@@ -133,30 +111,6 @@ class Job:
         """The job's files of intermediate results (made when a map-reduce job starts)."""
         assert self._spill is not None, "the job has no spill files"
         return self._spill
-
-    def _phase(self, name: str) -> None:
-        # Seconds spent in each phase so far: where a slow job spends its time.
-        now = time.time()
-        times = self.info.setdefault("phase_seconds", {})
-        if self.info["phase"] in times:
-            times[self.info["phase"]] = round(now - self._phase_start, 3)
-        if name not in ("complete", "error"):
-            times[name] = 0.0
-        self._phase_start = now
-        self.info["state"] = self.info["phase"] = name
-
-    def _failed(self, tb: str) -> None:
-        self._phase("error")
-        self.info["traceback"] = tb
-
-    def _check_sources(self) -> None:
-        # Compiling (not running) the sources here fails a job with a syntax error
-        # at once, instead of once per chunk on the workers.
-        for what, (text, name) in self.spec.fns.items():
-            try:
-                compile(text, f"<{what} {name}>", "exec")
-            except SyntaxError:
-                raise JobHalted(traceback.format_exc()) from None
 
     def _next_id(self) -> int:
         self._task_seq += 1
@@ -301,14 +255,6 @@ class Job:
             self._colls[target] = coll
         return self._outputs[target]
 
-    def _target(self, coll: str) -> str:
-        if self.spec.kind == "mapreduce":
-            return self.spec.output_name
-        if not isinstance(coll, str) or not coll:
-            raise JobHalted(f"xmapreduce: map yielded collection name {coll!r}; "
-                            f"it must be a non-empty string")
-        return self.spec.output_prefix + coll
-
     def _on_reduce_result(self, tid: int, header: dict, frames: list[bytes]) -> None:
         self._store_outputs(header, frames)
         echo = header.get("echo")
@@ -367,11 +313,6 @@ class Job:
         self.info["docs_written"] = 0
         self.info["write_path"] = INLINE
         return True
-
-    def drop_inline(self) -> None:
-        """Forget an inline output nobody fetched in time (the router's memory)."""
-        if self.info.pop("inline", None) is not None:
-            self.info["inline_dropped"] = True
 
     def _rereduce(self, db) -> None:
         """Reduce mode: fold the stored values in, on workers, before any write."""

@@ -29,7 +29,6 @@ import logging
 import time
 from typing import Any
 
-import bson
 import gevent
 import gevent.event
 import gevent.lock
@@ -44,6 +43,7 @@ from zarkov.runtime import loops
 from zarkov.zmr import jobspec
 from zarkov.zmr.dispatch import Dispatcher
 from zarkov.zmr.job import Job
+from zarkov.zmr.jobtable import JobTable
 
 log = logging.getLogger("zarkov.zmr.router")
 
@@ -52,12 +52,6 @@ TICK = 0.2                 # seconds between two looks at overdue tasks
 # FIN) is dropped within HEARTBEAT_TIMEOUT instead of swallowing tasks for minutes.
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5000
-KEEP_FINISHED = 3600.0     # seconds a finished job's status stays available
-MAX_FINISHED = 1000        # finished jobs remembered at most
-RECENT_JOBS = 20           # finished jobs listed by ``status`` without a job id
-KEEP_INLINE = 60.0         # seconds a finished job's inline output stays available
-SUMMARY_COUNTS = ("docs_read", "chunks_done", "chunks_total", "partitions_done",
-                  "partitions_total", "docs_written")
 
 
 class Router:
@@ -66,7 +60,7 @@ class Router:
     def __init__(self, config: Config):
         self.config = config
         self.zcfg = config.zmr
-        self.jobs: dict[str, Job] = {}
+        self.table = JobTable()
         self._dispatcher: Dispatcher | None = None
         self.src_port = self.sink_port = 0
         self._mongo: pymongo.MongoClient | None = None
@@ -143,7 +137,7 @@ class Router:
         """Abort running jobs (their files are removed), close the sockets."""
         if self._stopped.is_set():
             return True
-        running = [j.greenlet for j in self.jobs.values() if j.greenlet and not j.finished]
+        running = [j.greenlet for j in self.table.running() if j.greenlet]
         gevent.killall(running, timeout=10)
         gevent.killall([g for g in self._loops if g is not gevent.getcurrent()], timeout=5)
         for s in self._sockets:
@@ -193,39 +187,20 @@ class Router:
             try:
                 self.dispatcher.tick()
                 if time.monotonic() - last_prune > 10:
-                    self._prune()
+                    self.table.prune()
                     last_prune = time.monotonic()
             except Exception:  # noqa: BLE001 - the next tick tries again
                 self.errors.record("tick loop")
 
-    def _prune(self) -> None:
-        now = time.time()
-        done = sorted((j for j in self.jobs.values() if j.finished),
-                      key=lambda j: j.ended or now)
-        for i, job in enumerate(done):
-            age = now - (job.ended or now)
-            if age > KEEP_FINISHED or len(done) - i > MAX_FINISHED:
-                del self.jobs[job.job_id]
-            elif age > KEEP_INLINE:
-                job.drop_inline()
-
     # -- requests -----------------------------------------------------------------
 
     def _reply(self, envelope: list[bytes], doc: dict) -> None:
-        try:
-            body = bson.encode(doc)
-        except Exception as e:  # noqa: BLE001 - e.g. a basic job's result echoed back
-            body = bson.encode({"error": f"reply not BSON-encodable: {e}"})
+        body = wire.encode_reply(doc)
         with self._reply_lock:
             self.req.send_multipart([*envelope, body])
 
     def _handle(self, frames: list[bytes]) -> None:
-        # REQ peers put an empty delimiter (after a correlation id) before the body.
-        try:
-            split = frames.index(b"") + 1
-        except ValueError:
-            split = 1
-        envelope, body = frames[:split], frames[split] if split < len(frames) else b""
+        envelope, body = wire.split_request(frames)
         try:
             request = wire.decode(body)
         except wire.WireError as e:
@@ -260,7 +235,7 @@ class Router:
             except jobspec.BadRequest as e:
                 return {"error": f"{command}: {e}"}
             job = Job(self, spec)
-            self.jobs[job.job_id] = job
+            self.table.add(job)
             job.start()
             return _Later(job) if spec.wait else {"job_id": job.job_id, "status": job.status()}
         if command == "status":
@@ -280,39 +255,16 @@ class Router:
             workers = d.live_workers()
             refused = security.refusals()
             return {"workers": len(workers), "worker_pids": [pid for _, pid in workers],
-                    "jobs_running": sum(1 for j in self.jobs.values() if not j.finished),
-                    "jobs_known": len(self.jobs), "jobs": self._recent_jobs(request),
+                    "jobs_running": len(self.table.running()),
+                    "jobs_known": len(self.table.jobs), "jobs": self.table.recent(request),
                     "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
                     "sink_dropped": d.dropped, "worker_errors": d.worker_errors(),
                     "tasks_waiting": d.waiting(), "tasks_resent_lost": d.resent_lost,
                     "tasks_resent_for_time_limit": d.resent_for_time_limit,
                     "curve": security.curve_on(self.config),
                     "refused": sum(refused.values()), "refused_by_socket": refused}
-        job_id = request["job_id"]
-        # Why type() and not isinstance: bson's Code is an unhashable str subclass.
-        job = self.jobs.get(job_id) if type(job_id) is str else None
-        if job is None:
-            return {"job_id": job_id, "status": {"state": "UNKNOWN"},
-                    "error": f"unknown job id {_short(job_id)}"}
-        try:
-            wait = jobspec.status_wait(request)
-        except jobspec.BadRequest as e:
-            return {"job_id": job.job_id, "status": job.status(), "error": f"status: {e}"}
-        if wait and not job.finished:
-            # A long poll: the client learns that the job ended at once, not at its
-            # next poll, and asks less often while it runs.
-            return _Later(job, wait)
-        return {"job_id": job.job_id, "status": job.status()}
-
-    def _recent_jobs(self, request: dict) -> list[dict]:
-        """Running jobs, then the ``recent`` (default 20) last finished, newest first."""
-        recent = request.get("recent", RECENT_JOBS)
-        if not isinstance(recent, int) or isinstance(recent, bool) or recent < 0:
-            recent = RECENT_JOBS
-        jobs = sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
-        running = [j for j in jobs if not j.finished]
-        finished = [j for j in jobs if j.finished][:min(recent, MAX_FINISHED)]
-        return [job_summary(j) for j in running + finished]
+        reply, job, wait = self.table.status_reply(request)
+        return _Later(job, wait) if reply is None else reply
 
 
 class _Later:
@@ -323,18 +275,3 @@ class _Later:
     def __init__(self, job: Job, timeout: float | None = None):
         self.job = job
         self.timeout = timeout
-
-
-def job_summary(job: Job) -> dict[str, Any]:
-    """One line of the ``jobs`` list of ``status``: what the job is and how far it got."""
-    st = job.status()
-    out = {"job_id": job.job_id, "kind": job.spec.kind, "database": job.spec.database,
-           "input": list(job.spec.input_names), "output": job.spec.output_name,
-           "created": job.created, "started": job.started, "ended": job.ended}
-    for key in ("state", "phase", "elapsed", *SUMMARY_COUNTS):
-        if key in st:
-            out[key] = st[key]
-    if st.get("traceback"):
-        out["error"] = st["traceback"].strip().splitlines()[-1][:300]
-    return out
-
