@@ -16,7 +16,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,dev,dask]'
 	touch $@
 
 db: venv

@@ -75,6 +75,29 @@ def networks(value: list) -> Optional[str]:
     return None
 
 
+def one_of(*choices: str) -> Check:
+    """One of ``choices``."""
+    def check(value: Any) -> Optional[str]:
+        if value in choices:
+            return None
+        return f"must be one of {', '.join(choices)}, got {short_repr(value)}"
+    return check
+
+
+#: The map-reduce engines (``zmr.engine``).
+ENGINES = ("router", "dask")
+
+
+def dask_address(value: str) -> Optional[str]:
+    """``local``, or a Dask scheduler's ``tcp://`` or ``tls://`` address."""
+    if value == "local":
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("tcp", "tls") or not rest:
+        return f"'local', tcp://host:port or tls://host:port, got {short_repr(value)}"
+    return None
+
+
 def key(default: Any, *checks: Check, doc: str = "") -> Any:
     """A config key: its default, its checks beyond the type, what it is for."""
     meta = {"checks": checks, "doc": doc}
@@ -117,6 +140,14 @@ class ZmrConfig(_Section):
                                            doc="tasks after which a worker recycles itself")
     suicide_level: int = key(3145728, positive,
                              doc="KiB of RSS after which a worker recycles itself")
+    engine: str = key("router", one_of(*ENGINES), doc="what runs map-reduce jobs: the "
+                      "ZeroMQ router, or Dask distributed (pip install 'zarkov[dask]'; "
+                      "docs/dask-engine.md)")
+    dask_scheduler: str = key("local", dask_address, doc="the Dask scheduler: 'local' (a "
+                              "cluster of this process on 127.0.0.1), tcp://host:port "
+                              "(loopback, unless allow_insecure) or tls://host:port")
+    dask_workers: int = key(0, not_negative, doc="worker processes of a 'local' Dask "
+                            "cluster (0: one per core)")
 
 
 @dataclasses.dataclass
@@ -137,6 +168,10 @@ class SecurityConfig(_Section):
                                     "(default: server_key)")
     allow_insecure: bool = key(False, doc="bind beyond loopback without keys anyway "
                                           "(warned about at every start)")
+    dask_tls_ca: Optional[str] = key(None, doc="Dask's TLS (zmr.engine: dask): the CA "
+                                     "that signed the scheduler's and workers' certificates")
+    dask_tls_cert: Optional[str] = key(None, doc="this host's certificate (PEM) for Dask")
+    dask_tls_key: Optional[str] = key(None, doc="this host's private key (PEM) for Dask")
 
     def validate(self, source: str) -> None:
         """The keys name readable key files of the right kind, and go together."""
@@ -157,6 +192,15 @@ class SecurityConfig(_Section):
                  "client public keys allowed in (zcmd keys authorize <file>)")
         if self.authorized_keys is not None and not os.path.isdir(self.authorized_keys):
             fail("authorized_keys", f"{self.authorized_keys}: no such directory")
+        tls = ("dask_tls_ca", "dask_tls_cert", "dask_tls_key")
+        given = [name for name in tls if getattr(self, name) is not None]
+        if given and len(given) < len(tls):
+            missing = next(name for name in tls if name not in given)
+            fail(missing, "dask_tls_ca, dask_tls_cert and dask_tls_key go together (Dask's "
+                 "TLS: a CA, and this host's certificate and key)")
+        for name in given:
+            if not os.path.isfile(getattr(self, name)):
+                fail(name, f"{getattr(self, name)}: no such file")
         if self.server_key is None:
             for have, need in (("client_key", "server_public_key"),
                                ("server_public_key", "client_key")):
@@ -166,7 +210,8 @@ class SecurityConfig(_Section):
 
 
 #: The security keys that name files or directories (relative to the config file).
-SECURITY_PATHS = ("server_key", "authorized_keys", "server_public_key", "client_key")
+SECURITY_PATHS = ("server_key", "authorized_keys", "server_public_key", "client_key",
+                  "dask_tls_ca", "dask_tls_cert", "dask_tls_key")
 
 
 @dataclasses.dataclass

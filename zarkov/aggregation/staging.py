@@ -90,24 +90,22 @@ def sweep(scope: Scope, live_run_ids, force: bool = False) -> None:
 @contextmanager
 def socket(config: Any) -> Iterator[Any]:
     """A REQ socket to the router of ``config`` (``zmr.req_uri``, CURVE keys), kept
-    for the next run of this process.
+    for the next run of this process; with ``zmr.engine: dask``, to this process's
+    Dask gateway (:mod:`zarkov.dask_engine.link`), which answers the same requests.
 
     A socket whose request failed is closed rather than kept (its reply may still
     come).  Under gevent each greenlet takes its own from the idle ones.
     """
+    if config.zmr.engine == "dask":
+        from zarkov.dask_engine import link
+        with link.socket(config) as sock:
+            yield sock
+        return
     keys = security.client_keys(config)
     key = (config.zmr.req_uri, wire.zmq_module().__name__, keys)
-    idle = _idle_sockets.setdefault(key, [])
-    sock = idle.pop() if idle else jobclient.connect(config, keys=keys)
-    ok = False
-    try:
+    with wire.pooled_socket(_idle_sockets.setdefault(key, []),
+                            lambda: jobclient.connect(config, keys=keys)) as sock:
         yield sock
-        ok = True
-    finally:
-        if ok:
-            idle.append(sock)
-        else:
-            sock.close(0)
 
 
 def run_jobs(scope: Scope, agg: Any, task_cls: type, record: dict,

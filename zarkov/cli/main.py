@@ -106,7 +106,8 @@ def _run(opts: argparse.Namespace, args: argparse.Namespace) -> int:
     except ZarkovError as e:
         where = "zcmd" if isinstance(e, ConfigError) else f"zcmd {opts.command}"
         print(f"{where}: {e}", file=sys.stderr)
-        if e.traceback:
+        # A one-line "traceback" (a lost Dask scheduler, say) is the message already.
+        if e.traceback and e.traceback.strip() not in str(e):
             print(e.traceback.rstrip(), file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
 On a terminal a live line shows the run's phase, documents and elapsed time; then
 one summary line.  Not on a terminal (cron), only the summary and errors.  Exit
-status: 0 done, 1 run failed (nothing changed), 2 bad definition, 3 busy.
+status: 0 done, 1 run failed (nothing changed), 2 bad definition or config (the Dask
+engine refused or not installed), 3 busy.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true",
                         help="if another process runs this AggDef, wait for it "
                              "instead of exiting with status 3")
+    parser.add_argument("--engine", choices=["router", "dask"],
+                        help="run the jobs on the router or on Dask (default: zmr.engine)")
     parser.add_argument("--sweep", action="store_true",
                         help="look for events without a position (written by other "
                              "programs) now, whatever sweep_interval says")
@@ -48,6 +51,13 @@ class _LiveLine:
 def run(config: Config, args: argparse.Namespace) -> int:
     """One run; its errors (AggregationError: exit 1, 2 or 3) go to zcmd's handler."""
     from zarkov import aggregation
+    if args.engine:
+        config.zmr.engine = args.engine
+    if config.zmr.engine == "dask":
+        # Started before the run, so that a refused address or a missing Dask is
+        # a ConfigError (exit 2) and not a failed run.
+        from zarkov.dask_engine import link
+        link.gateway(config)
     live = _LiveLine(args.name) if sys.stderr.isatty() else None
     try:
         result = aggregation.run(config, args.name, full=args.mode == "full",
