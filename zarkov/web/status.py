@@ -17,6 +17,7 @@ from zarkov import security, wire
 from zarkov.aggregation import status as agg_status
 from zarkov.aggregation.scope import STAGING_PREFIX as STAGING
 from zarkov.config import Config
+from zarkov.dask_engine import registry
 from zarkov.lease import is_stale
 
 ROUTER_TIMEOUT = 2.0
@@ -94,27 +95,38 @@ class RunNames:
 
 def jobs(config: Config, db: Database, recent: int = 20,
          runs: Optional[RunNames] = None) -> dict[str, Any]:
-    """Running and recent jobs of this database, each with the AggDef it works for."""
+    """Running and recent jobs of this database on both engines (the router's, and
+    the Dask engine's from ``dask_job``), newest first, each with the AggDef it works
+    for."""
     reply = router_status(config, recent)
     if "error" in reply:
-        return {"router": {"ok": False, "uri": config.zmr.req_uri, "error": reply["error"]},
-                "jobs": []}
+        router = {"ok": False, "uri": config.zmr.req_uri, "error": reply["error"]}
+    else:
+        router = {"ok": True, "uri": config.zmr.req_uri, "workers": reply.get("workers", 0),
+                  "jobs_running": reply.get("jobs_running", 0)}
+    found = [{"engine": "router", **job} for job in reply.get("jobs", [])]
+    try:
+        dask_jobs = registry.read(db, recent)
+    except PyMongoError:
+        dask_jobs = []  # the router's are still worth showing
+    found += dask_jobs
     runs = runs or RunNames()
     try:
         runs.refresh(db)
     except PyMongoError:
         pass  # the jobs are still worth showing
     out = []
-    for job in reply.get("jobs", []):
+    for job in found:
         if job.get("database") != config.mongo_database:
             continue
         output = str(job.get("output") or "")
         if output.startswith(STAGING):
             job["aggdef"] = runs.names.get(output[len(STAGING):].split(".", 1)[0])
         out.append(job)
-    return {"router": {"ok": True, "uri": config.zmr.req_uri,
-                       "workers": reply.get("workers", 0),
-                       "jobs_running": reply.get("jobs_running", 0)},
+    out.sort(key=lambda j: (j.get("ended") is None, j.get("created") or 0), reverse=True)
+    return {"router": router,
+            "dask": {"jobs_running": sum(1 for j in dask_jobs if j.get("state") != "lost"
+                                         and j.get("ended") is None)},
             "jobs": out}
 
 

@@ -150,17 +150,19 @@
 
   async function refreshJobs() {
     const r = await api("/jobs?recent=6");
-    document.getElementById("router").textContent = r.router.ok
+    const dask = r.dask && r.dask.jobs_running ? ` · Dask: ${r.dask.jobs_running} running` : "";
+    document.getElementById("router").textContent = (r.router.ok
       ? `· router ${r.router.uri}: ${r.router.workers} worker process(es), ${r.router.jobs_running} running`
-      : `· router ${r.router.uri} does not answer`;
+      : `· router ${r.router.uri} does not answer`) + dask;
     document.getElementById("jobs-empty").hidden = r.jobs.length > 0;
     fillBody(document.querySelector("#jobs tbody"), r.jobs, (j) => j.job_id, (j) => {
       const [done, totalN, label] = progressOf(j);
       const bar = el("progress", { max: totalN || 1 });
       if (totalN || j.state === "complete") bar.value = done; // no value: indeterminate
-      const state = j.state === "error" ? `error: ${j.error || ""}` : j.state;
+      const state = j.state === "error" || j.state === "lost" ? `${j.state}: ${j.error || ""}` : j.state;
       return el("tr", { dataset: { job: j.job_id, state: j.state }, className: `job ${j.state}` },
-        el("td", { text: j.job_id.slice(0, 8), title: j.job_id, className: "mono nowrap" }),
+        el("td", { title: j.job_id, className: "mono nowrap" }, j.job_id.slice(0, 8),
+          j.engine === "dask" ? el("small", { text: " dask", className: "engine" }) : ""),
         el("td", { text: j.aggdef || short(j.output || j.kind, 24), title: `${j.kind} → ${j.output || ""}`,
                    className: j.aggdef ? "for" : "for mono" }),
         el("td", { text: state, className: "jobstate" }),
