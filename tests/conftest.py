@@ -62,6 +62,10 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        engine = getattr(item, "callspec", None) and item.callspec.params.get("engine")
+        if engine not in (None, "router") and item.get_closest_marker("any_engine"):
+            item.add_marker(pytest.mark.skip(
+                reason="any_engine: the aggregation's own step, run on the router engine"))
         for mark in item.iter_markers("server_limit"):
             kind = mark.args[0]
             if test_server().kind == kind:
@@ -211,16 +215,28 @@ def module_procs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shared_cluster(module_procs, mongo_uri, tmp_path_factory) -> Cluster:
+def engine() -> str:
+    """The map-reduce engine of ``shared_cluster``: ``router`` here; a module that
+    overrides this fixture with params (tests/dasktools.engines()) runs on each."""
+    return "router"
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(module_procs, mongo_uri, tmp_path_factory, engine) -> Cluster:
     """A router and 2 worker processes serving every test of a module (a Cluster).
 
-    For tests that do not kill them.  The router takes the database from each job
-    request, so each test still uses its own database: write the test's config with
+    For tests that do not kill them.  On the Dask engine (``engine`` fixture): a Dask
+    scheduler and 2 workers, and ``zmr.engine: dask`` in the config.  The router
+    takes the database from each job request, so each test still uses its own
+    database: write the test's config with
     ``shared_config_file``.  ``zmr.max_chunk_timeout`` is short (4 s) so that a dead
     router is noticed fast; ``agg_lease_seconds`` is 30.
     """
     tmp = str(tmp_path_factory.mktemp("cluster"))
     base = make_config(tmp, mongo_uri, "zt_shared_cluster_unused")
+    if engine == "dask":  # a Dask scheduler and 2 workers; zcmd starts its gateway
+        from tests.dasktools import DaskAggCluster
+        return DaskAggCluster(module_procs, base, tmp)
     path = config_writer(base, os.path.join(tmp, "zarkov.yaml"))(
         zmr={"max_chunk_timeout": 4}, agg_lease_seconds=30)
     return Cluster(module_procs, path).start()

@@ -291,3 +291,72 @@ def test_an_open_bind_needs_keys_or_allow_insecure(net, cluster):
     wait_for(lambda: wire.request(c.uri, {"$command": "echo"}, 1.0), timeout=60,
              what="the insecure router")
     assert "security.allow_insecure is true: " + c.uri in c.procs.log("router")
+
+
+# -- the Dask engine across hosts ----------------------------------------------------------
+
+# Seconds, so that a host cut off (no FIN: its connections just go silent) is noticed
+# in seconds rather than Dask's defaults of minutes (docs/dask-engine.md, "Several hosts").
+DASK_TIMEOUTS = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "5s",
+                 "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s",
+                 "DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP": "12s"}  # ≥ 11 s: Dask asserts it
+
+
+def test_dask_engine_across_hosts_over_tls_survives_a_worker_host_cut_off(net, cluster,
+                                                                          tmp_path):
+    """A Dask scheduler on the server host, one Dask worker on the workers host and one on
+    the app host, TLS between all of them; ``zcmd aggregate`` on the app host runs the
+    article's count (slowed down) there and the workers read FerretDB themselves.  The
+    workers host is cut off mid-map: the scheduler gives its work to the other worker,
+    and the count is exact, once."""
+    from tests.dasktools import dask_installed, make_tls
+    if not dask_installed():
+        pytest.skip("dask is not installed")
+    c = cluster
+    ca, cert, key = make_tls(tmp_path, (net.hosts["server"], net.hosts["workers"],
+                                        net.hosts["app"]))
+    tls = ["--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key]
+    port = free_port()
+    address = f"tls://{net.hosts['server']}:{port}"
+    dask = os.path.join(os.path.dirname(sys.executable), "dask")
+    c.procs.start("dask-scheduler", net.network.argv("server", [
+        dask, "scheduler", "--host", net.hosts["server"], "--port", str(port),
+        "--protocol", "tls", "--no-dashboard", "--no-show", *tls]), env=DASK_TIMEOUTS)
+    for host in ("workers", "app"):
+        c.procs.start(f"dask-worker-{host}", net.network.argv(host, [
+            dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+            "--host", net.hosts[host], *tls]), env=DASK_TIMEOUTS)
+
+    # The test runs outside the namespaces: it reads the scheduler's log.
+    def registered() -> set[str]:
+        return {host for host in ("workers", "app")
+                if f"Register worker addr: tls://{net.hosts[host]}:" in
+                c.procs.log("dask-scheduler")}
+    wait_for(lambda: registered() == {"workers", "app"}, timeout=90,
+             what="a Dask worker on each of the workers and app hosts")
+
+    path = write_config(str(tmp_path / "dask.yaml"), {
+        **c.base, "zmr": {**c.base["zmr"], "engine": "dask", "dask_scheduler": address},
+        "security": {"dask_tls_ca": ca, "dask_tls_cert": cert, "dask_tls_key": key}})
+    c.db.event.insert_many([{"foo": "abcdefg"[i % 7], "type": "t"} for i in range(400)])
+    c.db.agg_def.insert_one({"name": "slow", "object": "event",
+                             "task_name": "my.slow.SlowTask"})
+    agg = c.start("app", "aggregate", path, "aggregate", "slow", env={**TASKS_ENV,
+                                                                      **DASK_TIMEOUTS})
+    # The job as the web service sees it: its line in dask_job.
+    wait_for(lambda: c.db.dask_job.find_one({"state": "map", "chunks_done": {"$gte": 2}}),
+             timeout=120, what=f"two map chunks done: {c.procs.log('aggregate')[-1000:]}")
+    net.network.set_link("workers", False)
+    try:
+        assert agg.wait(timeout=240) == 0, c.procs.log("aggregate")[-2000:]
+    finally:
+        net.network.set_link("workers", True)
+    want = collections.Counter("abcdefg"[i % 7] for i in range(400))
+    assert {d["_id"]: d["value"] for d in c.db["zagg.my_agg"].find()} == dict(want)
+    assert c.db.event.count_documents({"aggregates": "slow"}) == 400
+    line = c.db.dask_job.find_one({"state": "complete"})
+    assert line is not None and line["engine"] == "dask" and line["docs_read"] == 400
+    out = c.run("app", ZCMD + ["-y", path, "aggregate", "slow"], env={**TASKS_ENV,
+                                                                     **DASK_TIMEOUTS})
+    assert out.returncode == 0 and "slow: 0 documents" in out.stdout, out.stderr
+    assert {d["_id"]: d["value"] for d in c.db["zagg.my_agg"].find()} == dict(want)

@@ -1,5 +1,7 @@
 """The map-reduce cluster end to end: a real router and a pool of 2 worker processes
-on loopback, against the test database server."""
+on loopback, against the test database server; the same tests again on the Dask
+engine (a Dask scheduler and 2 worker processes behind the gateway, which answers the
+same protocol), except those of the router's own machinery."""
 from __future__ import annotations
 
 import collections
@@ -13,6 +15,7 @@ import bson
 import pytest
 import zmq
 
+from tests.dasktools import DaskCluster, Gateway, dask_config, engines, worker_pids_of
 from tests.fixtures import zmr_functions as F
 from tests.support import (
     Processes,
@@ -68,8 +71,11 @@ class Cluster:
         return child_asleep(self.pool_proc.pid)
 
 
-@pytest.fixture(scope="module")
-def zmr(tmp_path_factory, mongo_uri, mongo_client):
+@pytest.fixture(scope="module", params=engines())
+def zmr(request, tmp_path_factory, mongo_uri, mongo_client):
+    """The cluster of one engine: a router and a pool of 2 worker processes, or (dask)
+    a Dask scheduler, 2 Dask worker processes and the gateway at the same req_uri."""
+    engine = request.param
     tmp = tmp_path_factory.mktemp("zmr")
     name = "zt_" + uuid.uuid4().hex[:12]
     port = free_port()
@@ -78,12 +84,19 @@ def zmr(tmp_path_factory, mongo_uri, mongo_client):
                    "worker_uri": "tcp://127.0.0.1", "job_root": str(tmp / "jobs"),
                    "reduce_count": 8, "processes_per_worker": 2, "map_chunk_size": 200000,
                    "max_chunk_timeout": 60}}
-    path = write_config(str(tmp / "zarkov.yaml"), cfg)
     procs = Processes(str(tmp))
     db = mongo_client[name]
     try:
-        procs.zcmd("router", path, "zmr-router")
-        pool = procs.zcmd("worker", path, "zmr-worker")
+        gateway = pool = None
+        if engine == "dask":
+            dask = DaskCluster(procs).start()
+            cfg = dask_config(cfg, dask.address)
+        path = write_config(str(tmp / "zarkov.yaml"), cfg)
+        if engine == "dask":
+            gateway = Gateway(procs, path)
+        else:
+            procs.zcmd("router", path, "zmr-router")
+            pool = procs.zcmd("worker", path, "zmr-worker")
         docs = make_docs(N_BIG)
         for i in range(0, N_BIG, 5000):
             db.event.insert_many(docs[i:i + 5000], ordered=False)
@@ -92,12 +105,18 @@ def zmr(tmp_path_factory, mongo_uri, mongo_client):
         wait_for(lambda: wire.request(uri, {"$command": "status"}, 1.0).get("workers", 0) >= 2,
                  timeout=60, what="2 worker processes")
         c = Cluster(path, cfg, db, procs, pool, str(tmp / "jobs"))
-        c.docs = docs
+        c.docs, c.engine, c.gateway = docs, engine, gateway
         yield c
         c.sock.close(0)
     finally:
         procs.stop_all()
         mongo_client.drop_database(name)
+
+
+def router_only(zmr) -> None:
+    """Skip a test of the router's own machinery on the Dask engine."""
+    if zmr.engine != "router":
+        pytest.skip("the router's own machinery (worker pool, ports, job files)")
 
 
 def expected(docs, keyf):
@@ -151,6 +170,7 @@ def test_xmapreduce_feeds_several_collections(zmr):
 
 
 def test_worker_killed_mid_job_output_exact(zmr):
+    router_only(zmr)
     job_id = client.submit(zmr.sock, zmr.request((F.map_slow, F.reduce_sum),
                                                  output_name="zagg.kill"))
     wait_for(lambda: client.status(zmr.sock, job_id)["chunks_done"] >= 2, timeout=120,
@@ -168,6 +188,28 @@ def test_worker_killed_mid_job_output_exact(zmr):
     # The pool replaced the killed process.
     wait_for(lambda: len(zmr.worker_pids()) == 2 and victim not in zmr.worker_pids(),
              timeout=30, what="the pool to replace the killed process")
+
+
+def test_dask_worker_killed_mid_job_output_exact(zmr):
+    """SIGKILL a Dask worker process while it maps: Dask computes what it held again
+    elsewhere (its nanny starts it again), and the output is exact."""
+    if zmr.engine != "dask":
+        pytest.skip("the Dask engine's recovery")
+    job_id = client.submit(zmr.sock, zmr.request((F.map_slow, F.reduce_sum),
+                                                 output_name="zagg.dkill"))
+    wait_for(lambda: client.status(zmr.sock, job_id)["chunks_done"] >= 2, timeout=120,
+             what="two chunks done")
+    pids = worker_pids_of(zmr.gateway.status())
+    assert len(pids) == 2
+    assert client.status(zmr.sock, job_id)["state"] == "map"  # killed mid-map
+    os.kill(pids[0], signal.SIGKILL)
+    st = client.wait(zmr.sock, [job_id], timeout=180)[job_id]
+    assert st["state"] == "complete", st.get("traceback")
+    assert st["docs_read"] == N_BIG and st["chunks_done"] == st["chunks_total"]
+    assert zmr.output("zagg.dkill") == expected(zmr.docs, lambda d: d["s"])
+    wait_for(lambda: (lambda now: len(now) == 2 and pids[0] not in now)(
+        worker_pids_of(zmr.gateway.status())), timeout=60,
+        what="the nanny to start the killed worker again")
 
 
 SMALL = expected(make_docs(N_SMALL), lambda d: d["s"])
@@ -365,6 +407,7 @@ def test_bad_requests_get_error_replies(zmr):
 
 
 def test_config_reply_gives_ports(zmr):
+    router_only(zmr)
     r = wire.call(zmr.sock, {"$command": "config"}, 10)
     assert r["src_port"] > 0 and r["sink_port"] > 0 and r["reduce_count"] == 8
 
@@ -381,6 +424,7 @@ def test_router_unreachable_fails_fast_naming_req_uri():
 
 
 def test_zmr_clean_removes_job_files(zmr, tmp_path):
+    router_only(zmr)
     root = tmp_path / "jobs"
     (root / "deadbeef").mkdir(parents=True)
     (root / "deadbeef" / "part-0001").write_bytes(b"x")
