@@ -132,8 +132,8 @@ def events(n: int, rnd: random.Random, **extra) -> list[dict]:
 #: --events: how events are stored (set by main).
 KIND = "logged"
 #: Whether incremental runs sweep (set by main): not with logged events, as runs
-#: between two sweeps (sweep_interval) do; with the others, they must.
-SWEEP: bool | None = False
+#: between two sweeps (sweep_interval) do; with the others, they must (every run).
+SWEEP = False
 _streams: dict[str, Stream] = {}
 
 
@@ -279,7 +279,8 @@ def incremental(client, cluster: Cluster, args, rnd, figures: dict) -> None:
 def small_runs(db, cfg, args, rnd, figures: dict, where: str) -> None:
     """Runs over ``--small`` new events: wall time and its phases (medians), taking
     positions alone and looking for events without a position too."""
-    for sweep in (False, True):
+    # Events of another program have no position: only a run that sweeps counts them.
+    for sweep in (False, True) if KIND == "logged" else (True,):
         times, phases = [], []
         for _ in range(max(args.runs, 5)):
             insert(db, events(args.small, rnd))
@@ -450,7 +451,7 @@ def main() -> None:
     args.full_n = args.full_n or args.n
     global KIND, SWEEP
     KIND = args.events
-    SWEEP = None if KIND == "other" else False
+    SWEEP = KIND == "other"
     chosen = servers.chosen(args)
     figures = {server.label: measure(server, args) for server in chosen}
     servers.side_by_side(f"bench/aggregate.py: the article's count per foo, {args.events} "

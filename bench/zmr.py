@@ -9,24 +9,33 @@ N event documents (the event logger's shape) are counted per (type, day) key:
   completion, output checked against the baseline's counts;
 * the same with CURVE: a second router whose sockets are CURVE servers, its workers
   and the bench's client authorised CURVE clients (keys made for the run), for the
-  ratio CURVE / plain (target >= 0.8); ``--no-curve`` skips it.
+  ratio CURVE / plain (target >= 0.8); ``--no-curve`` skips it;
+* the Dask engine (``--engine router,dask``, the default when Dask is installed): a
+  ``dask scheduler``, ``dask worker`` with 1 and then 2 single-threaded worker
+  processes, and the gateway (``python -m zarkov.dask_engine.gateway``) answering the
+  same requests; its ratio to the router with as many workers (target on 2 cores:
+  >= 0.9).
 
 Each is run ``--runs`` times; the median documents/s and the ratio to the
-baseline are printed, then the router's peak RSS (VmHWM).  The whole is done
-twice: with a cheap map, and with a map that burns about 20 µs of CPU per
-document.  ``--rss-n M`` adds one 2-worker run over M documents, for the
+baseline are printed, then the router's peak RSS (VmHWM).  With 2 workers, the CPU
+per document of the coordinating processes is measured in the same runs (from
+/proc/<pid>/stat): the router; the Dask scheduler and the gateway (the Dask client).
+The whole is done twice: with a cheap map, and with a map that burns about 20 µs of
+CPU per document.  ``--rss-n M`` adds one 2-worker run over M documents, for the
 router's peak RSS at that size.
 
 All of it runs on each server (``--server``, see bench/servers.py: both bundled
 servers by default), then the figures are printed side by side, a column a server.
 
-Usage: ``python bench/zmr.py [--server both] [--n 200000] [--runs 3] [--rss-n 1000000]``.
+Usage: ``python bench/zmr.py [--server both] [--engine router,dask] [--n 200000]
+[--runs 3] [--rss-n 1000000]``.
 A database of its own is created and dropped on each server.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import os
 import shutil
 import signal
@@ -131,6 +140,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) that process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Cluster:
     """A router and (re)startable worker pools of the bench's own; with ``curve``,
     every socket is CURVE (the workers and the bench's client use a client key)."""
@@ -161,6 +177,7 @@ class Cluster:
                 yaml.safe_dump({**cfg, "security": {"server_public_key": server_public,
                                                     "client_key": client_secret}}, f)
         self.log = open(os.path.join(tmp, "cluster.log"), "ab")
+        self.cpu: list[float] = []  # CPU seconds of the coordinating processes per run
         self.router = self._zcmd("zmr-router")
         self.pool = None
         self.sock = wire.req_socket(self.req_uri, keys=self.keys)
@@ -202,9 +219,17 @@ class Cluster:
         req = {"$command": "mapreduce", "database": database, "input_names": ["event"],
                "map_text": map_text, "map_name": "map_type_day",
                "reduce_text": REDUCE, "reduce_name": "count", "output_name": "zagg.bench"}
+        pids = self.coordinators()
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         t0 = time.perf_counter()
         jobclient.run(self.sock, req, timeout=3600)
-        return time.perf_counter() - t0
+        secs = time.perf_counter() - t0
+        self.cpu.append(sum(cpu_seconds(p) for p in pids) - cpu0)
+        return secs
+
+    def coordinators(self) -> list[int]:
+        """The processes that coordinate jobs: the router."""
+        return [self.router.pid]
 
     def close(self) -> None:
         self.stop_pool()
@@ -214,6 +239,61 @@ class Cluster:
         except (wire.WireError, subprocess.TimeoutExpired):
             self.router.kill()
         self.sock.close(0)
+
+
+class DaskBench(Cluster):
+    """The Dask engine: a scheduler, restartable ``dask worker`` processes, and the
+    gateway answering the router's protocol (so :meth:`Cluster.run` is the same)."""
+
+    # Cluster.__init__ (a router) is not called: the gateway takes its place.
+    def __init__(self, uri: str, database: str, tmp: str):
+        os.makedirs(tmp, exist_ok=True)
+        self.label = "dask"
+        self.keys = None
+        self.cpu = []
+        self.req_uri = f"tcp://127.0.0.1:{free_port()}"
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.path = os.path.join(tmp, "zarkov.yaml")
+        with open(self.path, "w") as f:
+            yaml.safe_dump({"mongo_uri": uri, "mongo_database": database,
+                            "zmr": {"req_uri": self.req_uri, "req_bind": self.req_uri,
+                                    "engine": "dask", "dask_scheduler": self.address}}, f)
+        self.log = open(os.path.join(tmp, "cluster.log"), "ab")
+        bin_dir = os.path.dirname(sys.executable)
+        self.dask = os.path.join(bin_dir, "dask")
+        self.scheduler = self._start([self.dask, "scheduler", "--host", "127.0.0.1", "--port",
+                                      self.address.rsplit(":", 1)[1], "--no-dashboard",
+                                      "--no-show"])
+        self.router = self._start([sys.executable, "-m", "zarkov.dask_engine.gateway", "-y",
+                                   self.path])  # "router": what close() stops
+        self.pool = None
+        self.sock = wire.req_socket(self.req_uri)
+        self._wait(lambda: jobclient.call(self.sock, {"$command": "status"}, 2)["connected"],
+                   "Dask gateway")
+
+    def _start(self, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": ROOT})
+
+    def workers(self, n: int) -> None:
+        self.stop_pool()
+        self.pool = self._start([self.dask, "worker", self.address, "--nworkers", str(n),
+                                 "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"])
+        self._wait(lambda: jobclient.call(self.sock, {"$command": "status"}, 10)["workers"] == n,
+                   f"{n} Dask workers")
+
+    def coordinators(self) -> list[int]:
+        """The Dask scheduler and the gateway (the Dask client)."""
+        return [self.scheduler.pid, self.router.pid]
+
+    def close(self) -> None:
+        super().close()
+        self.scheduler.send_signal(signal.SIGTERM)
+        try:
+            self.scheduler.wait(15)
+        except subprocess.TimeoutExpired:
+            self.scheduler.kill()
 
 
 def output_counts(db) -> dict:
@@ -263,12 +343,20 @@ def series(label: str, n: int, runs: int, db, clusters: list[Cluster], map_text:
                 figures[f"{name} map: zmr, {workers}{target}"] = f"{r:,.0f} docs/s {r / b:.2f}x"
             else:
                 ratio = statistics.median(p / m for p, m in zip(plain, mine))
-                figures[f"{name} map: zmr {cluster.label}, {workers}"] = (
-                    f"{r:,.0f} docs/s {r / plain_rate:.2f}x plain")
-                vs_plain = (f"   {r / plain_rate:5.2f}x plain (median of the runs' ratios "
-                            f"{ratio:.2f}; target >= 0.8)")
-            print(f"  zmr {cluster.label:5}, {procs} worker process{'es' if procs > 1 else '  '}"
+                versus = "router" if cluster.label == "dask" else "plain"
+                goal = 0.9 if cluster.label == "dask" else 0.8
+                figures[f"{name} map: {cluster.label}, {workers}"
+                        f"{f' (target >= {goal:g}x router)' if versus == 'router' else ''}"] = (
+                    f"{r:,.0f} docs/s {r / b:.2f}x; {r / plain_rate:.2f}x {versus}")
+                vs_plain = (f"   {r / plain_rate:5.2f}x {versus} (median of the runs' ratios "
+                            f"{ratio:.2f}; target >= {goal:g})")
+            print(f"  {cluster.label:9}, {procs} worker process{'es' if procs > 1 else '  '}"
                   f" {r:10,.0f} docs/s   {r / b:5.2f}x baseline{target}{vs_plain}", flush=True)
+            if procs == 2:
+                us = statistics.median(cluster.cpu[-runs:]) / n * 1e6
+                who = "scheduler + gateway" if cluster.label == "dask" else "router"
+                figures[f"{name} map: CPU/doc of the {cluster.label} {who}"] = f"{us:.2f} us"
+                print(f"    CPU of the {who}: {us:.2f} us per document", flush=True)
     rss = peak_rss_mb(clusters[0].router.pid)
     figures["router peak RSS"] = f"{rss:.0f} MB"
     print(f"  router peak RSS so far: {rss:.0f} MB", flush=True)
@@ -290,9 +378,13 @@ def measure(server: servers.Server, args) -> dict[str, str]:
         secs = time.perf_counter() - t0
         figures["insert_many, batches of 10,000"] = f"{args.n / secs:,.0f} docs/s"
         print(f"inserted {args.n} events in {secs:.1f} s (about {size} bytes each)", flush=True)
-        clusters.append(Cluster(server.uri, name, os.path.join(tmp, "plain")))
-        if not args.no_curve:
-            clusters.append(Cluster(server.uri, name, os.path.join(tmp, "curve"), curve=True))
+        if "router" in args.engine:
+            clusters.append(Cluster(server.uri, name, os.path.join(tmp, "plain")))
+            if not args.no_curve:
+                clusters.append(Cluster(server.uri, name, os.path.join(tmp, "curve"),
+                                        curve=True))
+        if "dask" in args.engine:
+            clusters.append(DaskBench(server.uri, name, os.path.join(tmp, "dask")))
         series("cheap", args.n, args.runs, db, clusters, MAP, figures)
         if not args.cheap_only:
             series(f"costly (~20 us/doc, {args.spin} loop turns)", args.n, args.runs, db,
@@ -324,7 +416,14 @@ def main() -> int:
                    help="also one 2-worker run over this many documents for the router's RSS")
     p.add_argument("--cheap-only", action="store_true", help="skip the costly map")
     p.add_argument("--no-curve", action="store_true", help="skip the CURVE cluster")
+    have_dask = all(importlib.util.find_spec(m) for m in ("dask", "distributed"))
+    p.add_argument("--engine", default="router,dask" if have_dask else "router",
+                   help="engines to measure, comma separated: router, dask "
+                        "(default: both when Dask is installed)")
     args = p.parse_args()
+    args.engine = [e for e in args.engine.split(",") if e]
+    if not set(args.engine) <= {"router", "dask"} or not args.engine:
+        p.error("--engine: router, dask or router,dask")
     # A timeout's SIGTERM must still stop the router and workers started here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     chosen = servers.chosen(args)
