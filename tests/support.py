@@ -71,6 +71,31 @@ def wait_for(cond: Callable[[], object], timeout: float = 30.0, interval: float 
                          + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
+def subscriber(address: str, keys=None, timeout: float = 30.0):
+    """A SUB socket subscribed to everything at ``address``, returned once its
+    handshake with the publisher has succeeded: a PUB drops what it publishes before
+    a subscriber has joined (ZeroMQ's slow joiner), and a fast run would announce
+    itself before a socket only just connected hears it."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    if keys is not None:
+        keys.apply(sub)
+    monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    sub.connect(address)
+    try:
+        if not monitor.poll(timeout * 1000):
+            sub.close(0)
+            raise AssertionError(f"no handshake with the publisher at {address} in {timeout} s")
+        recv_monitor_message(monitor)
+    finally:
+        sub.disable_monitor()
+        monitor.close(0)
+    return sub
+
+
 def children(pid: int) -> list[int]:
     """Process ids of the children of ``pid`` (a worker pool's processes), whichever of
     its threads started them."""

@@ -21,7 +21,16 @@ import zmq
 from tests.curvetools import client_section, make_keys, server_section
 from tests.eventlog_util import load, push, start_logger, stats
 from tests.fixtures import zmr_functions as F
-from tests.support import ROOT, Cluster, free_port, proc_env, run_zcmd, wait_for, write_config
+from tests.support import (
+    ROOT,
+    Cluster,
+    free_port,
+    proc_env,
+    run_zcmd,
+    subscriber,
+    wait_for,
+    write_config,
+)
 from zarkov import config as C
 from zarkov import keyfiles as K
 from zarkov import security, wire
@@ -340,14 +349,11 @@ def test_serve_with_curve_events_aggregates_and_announcements(procs, config_file
     wait_for(lambda: wire.request(uri, {"$command": "echo"}, 1.0, curve.app), timeout=60,
              what="the router of zcmd serve")
     subs = {}
-    for name, keys in (("app", curve.app), ("nokey", None)):
-        sub = zmq.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        if keys is not None:
-            keys.apply(sub)
-        sub.connect(zconfig["publish_bind_address"])
-        subs[name] = sub
+    subs["app"] = subscriber(zconfig["publish_bind_address"], curve.app)
+    nokey = subs["nokey"] = zmq.Context.instance().socket(zmq.SUB)  # its handshake fails
+    nokey.setsockopt(zmq.LINGER, 0)
+    nokey.setsockopt(zmq.SUBSCRIBE, b"")
+    nokey.connect(zconfig["publish_bind_address"])
     db.agg_def.insert_one({"name": "per_type", "object": "event", "realtime": True,
                            "task_name": "zarkov.examples.EventsPerTypePerDay"})
     app_cfg = C.from_dict({**zconfig, "security": client_section(curve, "app")})

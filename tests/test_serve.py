@@ -4,10 +4,9 @@ import signal
 import time
 
 import pytest
-import zmq
 
 from tests import aggtools as A
-from tests.support import wait_for
+from tests.support import subscriber, wait_for
 from zarkov import streams, wire
 from zarkov.aggregation import positions
 from zarkov.client import ZarkovClient
@@ -25,10 +24,7 @@ def served(procs, config_file, zconfig):
 
 def test_realtime_aggdef_produces_its_aggregate_and_announces_it(served, zconfig, db, procs):
     proc, _ = served
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(zconfig["publish_bind_address"])
+    sub = subscriber(zconfig["publish_bind_address"])
     db.agg_def.insert_one({"name": "per_type", "object": "event", "realtime": True,
                            "task_name": "zarkov.examples.EventsPerTypePerDay"})
     client = ZarkovClient(zconfig["bson_uri"])
