@@ -29,7 +29,7 @@ latency p99 ≤ 250 ms at half the ceiling).
 All of it runs on each database server (``--server``, see bench/servers.py: both
 bundled servers by default), then the figures are printed side by side.  Usage:
 ``python bench/ingest.py [--server both] [--events 100000] [--runs 3]
-[--event-servers 1]``; ``ZARKOV_BENCH_PROFILE=FILE`` profiles the logger (cProfile).
+[--event-servers 1]``; ``ZARKOV_BENCH_PROFILE=PREFIX`` profiles the logger (cProfile, a file per run).
 """
 from __future__ import annotations
 
@@ -192,10 +192,11 @@ def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
         yaml.safe_dump(cfg, f)
     env = dict(os.environ, PYTHONPATH=ROOT)
     log = open(os.path.join(tmp, "eventlog.log"), "wb")
-    # ZARKOV_BENCH_PROFILE=FILE: the logger runs under cProfile, its profile written
-    # to FILE when it stops (every greenlet's time, all in the one thread).
+    # ZARKOV_BENCH_PROFILE=PREFIX: the logger runs under cProfile, its profile written
+    # to PREFIX.<database> when it stops (every greenlet's time: they share a thread).
     profile = os.environ.get("ZARKOV_BENCH_PROFILE")
-    under = [sys.executable, "-m", "cProfile", "-o", profile] if profile else [sys.executable]
+    under = ([sys.executable, "-m", "cProfile", "-o", f"{profile}.{db_name}"] if profile
+             else [sys.executable])
     logger = subprocess.Popen([*under, os.path.join(ROOT, "scripts", "zcmd"), "-y", path,
                                "eventlog"], stdout=log, stderr=subprocess.STDOUT, env=env,
                               start_new_session=True)
