@@ -29,7 +29,8 @@ latency p99 ≤ 250 ms at half the ceiling).
 All of it runs on each database server (``--server``, see bench/servers.py: both
 bundled servers by default), then the figures are printed side by side.  Usage:
 ``python bench/ingest.py [--server both] [--events 100000] [--runs 3]
-[--event-servers 1]``; ``ZARKOV_BENCH_PROFILE=PREFIX`` profiles the logger (cProfile, a file per run).
+[--event-servers 1]``; ``ZARKOV_BENCH_PROFILE=PREFIX`` profiles the logger (cProfile,
+a file per run).
 """
 from __future__ import annotations
 
