@@ -321,6 +321,10 @@ class EventLogger:
         try:
             if self.server is not None:
                 return self.server.stop(timeout)
+            if self.children is not None:
+                # The servers stop after the proxies (which hand them what is queued);
+                # meanwhile none that a group signal stopped is started again.
+                self.children.hold()
             for p in self._proxies:
                 p.terminate()
             # libzmq 4.3.5's steerable proxy can miss TERMINATE when its servers

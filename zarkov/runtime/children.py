@@ -203,6 +203,11 @@ class Children:
             return 0.0
         return min(MAX_BACKOFF, max(MIN_BACKOFF, self._backoff[i] * 2))
 
+    def hold(self) -> None:
+        """Start no child again from now on (the parent is stopping; the children
+        are stopped later, by :meth:`stop`)."""
+        self._stop.set()
+
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the monitor, then the children: SIGTERM, SIGKILL after ``timeout`` s.
 
