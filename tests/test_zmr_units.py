@@ -152,6 +152,10 @@ def test_jobspec_defaults_and_errors():
     with pytest.raises(jobspec.BadRequest, match="func_text"):
         jobspec.parse("basic", {})
     assert jobspec.parse("mapreduce", {**req, "inline_max": 4096}).inline_max == 4096
+    # A driver may send any integer as a BSON Int64: it is an integer all the same.
+    assert jobspec.parse("mapreduce", {**req, "inline_max": bson.Int64(4096)}).inline_max == 4096
+    assert jobspec.status_wait({"wait": bson.Int64(5)}) == 5.0
+    assert jobspec.parse("mapreduce", {**req, "wait": bson.Int64(1)}).wait is True
     for bad in (-1, "1", 1.5, True, jobspec.INLINE_LIMIT + 1):
         with pytest.raises(jobspec.BadRequest, match="inline_max"):
             jobspec.parse("mapreduce", {**req, "inline_max": bad})

@@ -62,6 +62,12 @@ def decode(data: bytes) -> dict:
         raise WireError(f"not a BSON document: {e}") from None
 
 
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a BSON integer: an int32 or an Int64 (``bson.Int64``, an
+    int subclass, which a client's driver may send for any integer), never a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def split_request(frames: list[bytes]) -> tuple[list[bytes], bytes]:
     """A request as a ROUTER socket receives it: (envelope, body).  REQ peers put an
     empty delimiter (after a correlation id) before the body."""

@@ -14,7 +14,7 @@ because the parent is slow, only means the loop runs at its next
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import bson
 import gevent
@@ -93,8 +93,9 @@ class Receiver:
         while True:
             try:
                 msg = bson.decode(self.sock.recv())
-                collection, n = msg.get("c"), msg.get("n")
-                if type(collection) is str and type(n) is int:
+                collection = msg.get("c")
+                n: Any = msg.get("n")
+                if type(collection) is str and wire.is_int(n):
                     committed(collection, n)
             except Exception:  # noqa: BLE001 - one bad message must not stop the news
                 self.errors.record("news of commits")

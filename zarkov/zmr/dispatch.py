@@ -50,7 +50,7 @@ import gevent.lock
 
 from zarkov import wire
 from zarkov.errors import ZarkovError
-from zarkov.wire import CODEC
+from zarkov.wire import CODEC, is_int
 
 log = logging.getLogger("zarkov.zmr.dispatch")
 
@@ -339,7 +339,7 @@ class Dispatcher:
         is_reply = "j" in header or "t" in header
         if is_reply:
             job_id, task_id = header.get("j"), header.get("t")
-            if type(job_id) is not str or type(task_id) is not int:
+            if type(job_id) is not str or not is_int(task_id):
                 self._drop("a reply without a job id string and a task number")
                 return
             self._on_reply(conn, job_id, task_id, header, frames[2:], now)
@@ -355,8 +355,8 @@ class Dispatcher:
             return None
         fields: list[Any] = [ready.get(k) for k in ("pid", "host", "seen", "free")]
         pid, host, seen, free = fields
-        # Why type(): bson's Code is an unhashable str subclass, Int64 an int one.
-        if not _worker_id(pid, host) or type(seen) is not int or type(free) is not int \
+        # Why type() for strings: bson's Code is an unhashable str subclass.
+        if not _worker_id(pid, host) or not is_int(seen) or not is_int(free) \
                 or not 0 <= seen < 1 << 62 or not 0 <= free <= MAX_FREE:
             self._drop("'ready' without a process id, a host name, and counts in range")
             return None
@@ -370,6 +370,8 @@ class Dispatcher:
             # after this connection began.  Count from here.
             conn.base = seen - conn.sent
         conn.seen, conn.free, conn.heard = seen, free, now
+        # A worker asking for tasks is alive: counted before its first heartbeat.
+        self.workers[(host, pid)] = time.monotonic()
         return conn
 
     def _on_reply(self, conn: "Conn | None", job_id: str, task_id: int, header: dict,
@@ -401,7 +403,7 @@ class Dispatcher:
             return
         self.workers[(host, pid)] = time.monotonic()
         errors = header.get("errors", 0)
-        if type(errors) is int:
+        if is_int(errors):
             self.errors_of[(host, pid)] = errors
 
     def _drop(self, why: str) -> None:
@@ -438,7 +440,7 @@ class Dispatcher:
 
 def _worker_id(pid, host) -> bool:
     """Whether (pid, host) can name a worker process."""
-    return type(pid) is int and 0 < pid < 1 << 31 and type(host) is str and 0 < len(host) < 256
+    return is_int(pid) and 0 < pid < 1 << 31 and type(host) is str and 0 < len(host) < 256
 
 
 class TaskSet:

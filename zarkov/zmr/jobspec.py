@@ -14,7 +14,7 @@ import bson
 
 from zarkov.errors import BadInput
 from zarkov.oneline import short_repr
-from zarkov.wire import CODEC
+from zarkov.wire import CODEC, is_int
 
 OUTPUT_TYPES = ("replace", "merge", "reduce")
 JOB_COMMANDS = ("mapreduce", "xmapreduce", "basic")
@@ -96,13 +96,13 @@ def _inline_max(doc: Mapping[str, Any], output_type: str) -> int:
     value = doc.get("inline_max")
     if value is None:
         return 0
-    if type(value) is not int or not 0 <= value <= INLINE_LIMIT:
+    if not is_int(value) or not 0 <= value <= INLINE_LIMIT:
         raise BadRequest(f"field 'inline_max' must be a number of bytes from 0 to "
                          f"{INLINE_LIMIT}, got {short_repr(value)}")
     if value and output_type != "replace":
         raise BadRequest(f"field 'inline_max' needs output_type 'replace', got "
                          f"{short_repr(output_type)}")
-    return value
+    return int(value)
 
 
 def status_wait(doc: Mapping[str, Any]) -> float:
@@ -110,7 +110,7 @@ def status_wait(doc: Mapping[str, Any]) -> float:
     value = doc.get("wait")
     if value is None:
         return 0.0
-    if type(value) not in (int, float) or not 0 <= value <= STATUS_WAIT_LIMIT:
+    if not (is_int(value) or type(value) is float) or not 0 <= value <= STATUS_WAIT_LIMIT:
         raise BadRequest(f"field 'wait' must be a number of seconds from 0 to "
                          f"{STATUS_WAIT_LIMIT:g}, got {short_repr(value)}")
     return float(value)
