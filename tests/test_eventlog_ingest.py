@@ -140,13 +140,19 @@ def test_client_events_and_noval(procs, config_file, db):
         client.event("download", {"user": "bob"}, extra={"seq": 0})
         client.event("login", {"user": "ann"}, extra={"seq": 1}, timestamp=when)
         client.event_noval({"kind": "raw", "extra": {"seq": 2}}, note="kw")
-    assert client.sent == 3 and client.dropped == 0
-    wait_for(lambda: db.event.count_documents({}) == 3, what="3 events stored")
+        # The original ZarkovClient's form (2011-2012): event_noval(type, context, extra=None).
+        client.event_noval("legacy", {"user": "cy"}, {"seq": 3})
+        client.event_noval(type="legacy_kw", context={"user": "di"}, extra={"seq": 4})
+    assert client.sent == 5 and client.dropped == 0
+    wait_for(lambda: db.event.count_documents({}) == 5, what="5 events stored")
     docs = {d["extra"]["seq"]: d for d in db.event.find()}
     assert docs[0]["type"] == "download" and docs[0]["context"] == {"user": "bob"}
     assert docs[1]["timestamp"] == when
     assert {k: v for k, v in docs[2].items() if k not in ("_id", "_seq")} == \
         {"kind": "raw", "extra": {"seq": 2}, "note": "kw"}
+    for seq, kind, user in ((3, "legacy", "cy"), (4, "legacy_kw", "di")):
+        assert {k: v for k, v in docs[seq].items() if k not in ("_id", "_seq")} == \
+            {"type": kind, "context": {"user": user}, "extra": {"seq": seq}}
 
 
 def test_several_event_servers_share_the_work(procs, config_file, db):

@@ -19,6 +19,7 @@ is on, so it is no authentication by itself.
 
 >>> client = ZarkovClient("tcp://127.0.0.1:6543")
 >>> client.event("download", {"user": "bob", "project": "zarkov"}, extra={"file": "a.tgz"})
+>>> client.event_noval("raw", {"user": "bob"}, [1, 2])     # the original call form
 >>> client.event_noval({"type": "raw", "anything": [1, 2]})
 >>> client.close()
 """
@@ -89,13 +90,24 @@ class ZarkovClient:
             doc["timestamp"] = timestamp
         return self.send_raw(bson.encode(doc))
 
-    def event_noval(self, doc: Mapping[str, Any] | None = None, **fields: Any) -> bool:
+    def event_noval(self, type: str | Mapping[str, Any] | None = None, context: Any = None,
+                    extra: Any = None, **fields: Any) -> bool:
         """Send a document that the logger stores as sent, without validation.
 
-        Give it as a mapping, as keyword arguments, or both (keywords win).
+        Two call forms: the original client's ``event_noval(type, context,
+        extra=None)`` (positional or keyword; ``extra`` left out when None), and a
+        whole document, ``event_noval(doc)``, keyword fields, or both (keywords win).
         """
-        out = {"$command": "event_noval"}
-        out.update(doc or {})
+        out: dict[str, Any] = {"$command": "event_noval"}
+        if isinstance(type, Mapping):
+            if context is not None or extra is not None:
+                raise TypeError("event_noval(doc) takes no context or extra: put them "
+                                "in the document")
+            out.update(type)
+        else:
+            for key, value in (("type", type), ("context", context), ("extra", extra)):
+                if value is not None:
+                    out[key] = value
         out.update(fields)
         return self.send_raw(bson.encode(out))
 
