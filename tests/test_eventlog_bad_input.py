@@ -3,6 +3,7 @@ event loggers with the default two event servers, and a database hiccup."""
 from __future__ import annotations
 
 import json
+import os
 
 import pymongo
 import pytest
@@ -146,3 +147,25 @@ def test_a_control_character_in_a_top_level_field_name_is_rejected(procs, config
     assert db.event.count_documents({"type": "after"}) == 1  # a scan: still readable
     [reject] = rejects(cfg["journal"])
     assert reject["reason"] == "field name 'a\\x1bb' holds a control character"
+
+
+def test_the_rejects_file_is_rotated_by_size_and_count(procs, config_file, db):
+    # A sender gone mad must not fill the journal's disk with rejects.
+    path = config_file(num_event_servers=2, rejects_file_size=4000, rejects_files=2)
+    p, journal, _ = start_two_servers(procs, path)
+    bad = [json.dumps({"type": "bad", "nosuch": i}).encode() for i in range(300)]
+    push(load(path)["json_bind_address"], bad + [json.dumps({"type": "ok"}).encode()])
+    wait_for(lambda: summed(journal, "rejected") == 300, what="300 rejects counted")
+    wait_for(lambda: db.event.count_documents({"type": "ok"}) == 1, what="the good event")
+    files = sorted(f for f in os.listdir(journal) if f.startswith("rejects.jsonl"))
+    assert files == ["rejects.jsonl", "rejects.jsonl.1", "rejects.jsonl.2"], files
+    lines = []
+    for name in files:
+        size = os.path.getsize(os.path.join(journal, name))
+        with open(os.path.join(journal, name)) as f:
+            kept = [json.loads(line) for line in f]
+        assert size < 4000 + 2 * 400, (name, size)  # rotated once past the limit
+        assert all(r["reason"] == "unknown field 'nosuch'" for r in kept)
+        lines += kept
+    assert 0 < len(lines) < 300  # the oldest were deleted
+    assert p.poll() is None

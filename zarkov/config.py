@@ -232,8 +232,14 @@ class Config(_Section):
                                    "dashboard require (always, when set)")
     web_trusted_proxies: list = key([], networks, doc="reverse proxies (addresses or "
                                     "networks) whose X-Forwarded-For the beacon believes")
+    lag_warning_seconds: float = key(60.0, positive, doc="an AggDef whose oldest waiting "
+                                     "event is older than this is shown late (dashboard)")
     journal: str = key("journal", doc="directory of the write-ahead journal")
     journal_file_size: int = key(262144, positive, doc="bytes of a journal file")
+    rejects_file_size: int = key(16 << 20, positive, doc="bytes of the rejects file "
+                                 "(journal/rejects.jsonl) before it is rotated")
+    rejects_files: int = key(4, not_negative, doc="rotated rejects files kept "
+                             "(rejects.jsonl.1 …)")
     num_event_servers: int = key(0, not_negative,
                                  doc="event-server processes (0: one per core)")
     num_event_logs: int = key(4, positive, doc="rotated event collections kept")

@@ -66,7 +66,8 @@ class Intake:
         self.stats = Stats(index)
         self.stats_file = stats_file
         os.makedirs(config.journal, exist_ok=True)
-        self.rejects = RejectLog(rejects_path(config.journal), self.stats)
+        self.rejects = RejectLog(rejects_path(config.journal), self.stats,
+                                 config.rejects_file_size, config.rejects_files)
         self.journal = J.Journal(directory, config.journal_file_size)
         self._replay = replay if replay is not None else [directory]
         self._replay_files: list[str] = []
@@ -78,6 +79,12 @@ class Intake:
     def stream(self) -> Stream:
         """The stream that gives this intake's events their positions."""
         return self.journal.stream
+
+    def replay_also(self, directories: list[str]) -> None:
+        """Commit the journal files of ``directories`` too (their writers are gone and
+        the caller holds their locks); before :meth:`lock`."""
+        assert self.journal.fd is None, "replay_also() after lock()"
+        self._replay = [*self._replay, *directories]
 
     def lock(self) -> "Intake":
         """Take the journal directory (its lock and stream): before anything else, so
