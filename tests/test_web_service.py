@@ -14,7 +14,7 @@ import signal
 import pytest
 
 from tests.aggtools import ENV, add_events, register
-from tests.support import run_zcmd, wait_for
+from tests.support import free_port, run_zcmd, wait_for
 from tests.webtools import get, post_json, request, start_serve, web_base
 from zarkov.eventlog import journal as J
 
@@ -181,6 +181,9 @@ def test_aggdefs_and_jobs_show_a_finished_run_and_a_failed_one(served, db):
     (job,) = [j for j in jobs["jobs"] if j.get("aggdef") == "my_agg_def"]
     assert job["state"] == "complete" and job["docs_read"] == 200
     assert job["chunks_done"] == job["chunks_total"] >= 1 and job["kind"] == "mapreduce"
+    # An incremental run's small output comes back inline: the job says how much.
+    assert job["write_path"] == "inline" and job["docs_written"] == 0
+    assert job["docs_inline"] == db["zagg.my_agg"].count_documents({}) == 7
 
 
 def test_the_event_rate_counts_what_is_stored(served, zconfig, db):
@@ -198,18 +201,37 @@ def test_the_event_rate_counts_what_is_stored(served, zconfig, db):
     assert report["now"] > 0 and len(report["series"]) == 12
 
 
-def test_web_server_exits_70_when_its_committer_dies(procs, config_file, zconfig, db):
-    from zarkov.errors import EXIT_LOOP_DIED
+def journal_one_then_die(procs, path: str, zconfig: dict):
+    """A ``zcmd web-server`` whose committer dies on the one event posted to it (it
+    is journaled: 202); returns the exited process."""
     from zarkov.faults import MARK
-    path = config_file()
     p = procs.zcmd("web", path, "web-server", env={"ZARKOV_FAULTS": "commit.insert:die"})
     base = web_base(zconfig)
     wait_for(lambda: get(base, "/health").status in (200, 503), what="zcmd web-server")
     assert post_json(base, [{"type": "marked", "extra": MARK.decode()}]).status == 202
     wait_for(lambda: p.poll() is not None, timeout=60, what="web-server to exit")
+    return p
+
+
+def test_web_server_exits_70_when_its_committer_dies(procs, config_file, zconfig, db):
+    from zarkov.errors import EXIT_LOOP_DIED
+    path = config_file()
+    p = journal_one_then_die(procs, path, zconfig)
     assert p.returncode == EXIT_LOOP_DIED, procs.log("web")
     assert "died" in procs.log("web")
     # Accepted means journaled: the next web-server on the port stores it.
     procs.zcmd("web2", path, "web-server")
     wait_for(lambda: db.event.count_documents({"type": "marked"}) == 1, timeout=30,
              what="the journaled event stored")
+
+
+def test_a_web_service_on_a_new_port_stores_what_the_former_port_journaled(
+        procs, config_file, zconfig, db):
+    journal_one_then_die(procs, config_file(), zconfig)
+    assert db.event.count_documents({"type": "marked"}) == 0  # journaled only
+    # The operator moves the web service to another port.
+    zconfig["web_port"] = free_port()
+    procs.zcmd("web2", config_file(), "web-server")
+    wait_for(lambda: db.event.count_documents({"type": "marked"}) == 1, timeout=30,
+             what="the former port's journal replayed")
+    assert "replaying the journal of web-" in procs.log("web2")

@@ -6,7 +6,10 @@ web-server``) as inside ``zcmd serve`` without a new socket: a durable
 :class:`~zarkov.eventlog.intake.Intake` (journal, committer, counters, rejects) in
 ``<journal>/web-<port>/``, whose stats file is ``<journal>/web-<port>/stats-0.json``.
 :meth:`WebIntake.accept` returns once the events are written to the journal, so the
-202 that follows acknowledges nothing that a crash could lose.
+202 that follows acknowledges nothing that a crash could lose.  What the intakes of
+other ports left journaled (``web_port`` changed after a crash or an outage) is
+committed too: at start, the intake takes the lock of each ``web-<port>/`` directory
+that no running process holds and replays its files.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import os
 from typing import Optional
 
 from zarkov import config as C
+from zarkov.eventlog import journal as J
+from zarkov.eventlog import stream as S
 from zarkov.eventlog.intake import Intake
 from zarkov.eventlog.schema import Rejected, event_from_json, now_millis, prepare_doc
 from zarkov.eventlog.stats import stats_path
@@ -31,6 +36,28 @@ def intake_dir(journal_dir: str, port: int) -> str:
     return os.path.join(journal_dir, f"web-{port}")
 
 
+def former_dirs(journal_dir: str, own: str) -> list[tuple[str, int]]:
+    """The directories of web intakes on other ports that hold journal files and that
+    no process holds, each with its lock now taken (released by :func:`S.unlock`)."""
+    out: list[tuple[str, int]] = []
+    try:
+        names = sorted(os.listdir(journal_dir))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        path = os.path.join(journal_dir, name)
+        if not (name.startswith("web-") and name[4:].isdigit()) or path == own:
+            continue
+        if not J.list_files(path):
+            continue
+        try:
+            fd = S.lock(path)
+        except S.JournalBusy:
+            continue  # a web service on that port runs: its own intake commits it
+        out.append((path, fd))
+    return out
+
+
 class WebIntake:
     """The HTTP event intake of one web-service process (start it under gevent): a
     durable :class:`~zarkov.eventlog.intake.Intake` of its own, in
@@ -39,6 +66,7 @@ class WebIntake:
     def __init__(self, config: C.Config, port: int):
         self.config = config
         self.directory = intake_dir(config.journal, port)
+        self._former: list[tuple[str, int]] = []
         self.intake = Intake(config, self.directory, stats_path(self.directory, 0),
                              "web intake")
 
@@ -48,9 +76,26 @@ class WebIntake:
         return self.intake.stats
 
     def start(self) -> "WebIntake":
-        """Open the journal, replay what an earlier run left, start committing."""
-        self.intake.start()
+        """Open the journal, replay what an earlier run left (on this port or another
+        that no process serves now), start committing."""
+        self._former = former_dirs(self.config.journal, self.directory)
+        if self._former:
+            log.info("web intake: replaying the journal of %s",
+                     ", ".join(os.path.basename(d) for d, _ in self._former))
+        # The other directories stay locked until this intake stops: no second web
+        # service replays them meanwhile.
+        self.intake.replay_also([d for d, _ in self._former])
+        try:
+            self.intake.start()
+        except BaseException:
+            self._release()
+            raise
         return self
+
+    def _release(self) -> None:
+        for _, fd in self._former:
+            S.unlock(fd)
+        self._former = []
 
     def accept(self, items: list, body: Optional[bytes] = None) -> int:
         """Journal parsed JSON events, all or none; return how many.
@@ -85,7 +130,10 @@ class WebIntake:
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Close the journal and commit what it holds within ``timeout``; True if all was."""
-        return self.intake.stop(timeout)
+        try:
+            return self.intake.stop(timeout)
+        finally:
+            self._release()
 
 
 class BadEvent(Rejected):
