@@ -40,7 +40,6 @@ from zarkov.zmr import commit
 from zarkov.zmr.commit import COMMIT_BATCH
 from zarkov.zmr.jobspec import JobSpec
 from zarkov.zmr.jobstate import JobState
-from zarkov.zmr.jobtable import INLINE
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +244,8 @@ class DaskJob(JobState):
             for coll in sorted(outputs):
                 by_target[self._target(coll)] = (coll, outputs[coll])
         if spec.inline_max and sum(len(d) for _, d in by_target.values()) <= spec.inline_max:
-            with self._lock:
-                self.info["inline"] = [{"name": t, "coll": c, "docs": d}
-                                       for t, (c, d) in by_target.items()]
-                self.info["docs_written"] = 0
-                self.info["write_path"] = INLINE
+            self._hand_back([{"name": t, "coll": c, "docs": d}
+                             for t, (c, d) in by_target.items()])
             return
         db = self.mongo[spec.database]
         if spec.output_type == "reduce":

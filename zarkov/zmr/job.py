@@ -33,7 +33,6 @@ from zarkov.zmr.commit import COMMIT_BATCH
 from zarkov.zmr.dispatch import TaskFailed, TaskSet
 from zarkov.zmr.jobspec import JobSpec
 from zarkov.zmr.jobstate import JobState
-from zarkov.zmr.jobtable import INLINE
 from zarkov.zmr.spill import Spill
 
 log = logging.getLogger("zarkov.zmr.job")
@@ -306,12 +305,10 @@ class Job(JobState):
                    if self.spill.exists(f))
         if size > self.spec.inline_max:
             return False
-        self.info["inline"] = [
+        self._hand_back([
             {"name": t, "coll": self._colls[t],
              "docs": self.spill.read(f) if self.spill.exists(f) else b""}
-            for t, f in files.items()]
-        self.info["docs_written"] = 0
-        self.info["write_path"] = INLINE
+            for t, f in files.items()])
         return True
 
     def _rereduce(self, db) -> None:

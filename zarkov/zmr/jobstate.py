@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from zarkov.errors import JobHalted
 from zarkov.zmr.jobspec import JobSpec
+from zarkov.zmr.jobtable import INLINE
 
 #: The counters of a map-reduce job (a basic job has none).
 COUNTERS = ("docs_read", "chunks_done", "chunks_total", "partitions_done",
@@ -98,6 +99,22 @@ class JobState:
                 compile(text, f"<{what} {name}>", "exec")
             except SyntaxError:
                 raise JobHalted(traceback.format_exc()) from None
+
+    def _hand_back(self, outputs: list[dict]) -> None:
+        """Outputs handed back in the status instead of written (``inline_max``):
+        ``[{name, coll, docs}]``, ``docs`` concatenated BSON; ``docs_inline`` counts
+        them (the summary line's figure once the outputs are fetched and dropped)."""
+        count = 0
+        for out in outputs:
+            data, at = out["docs"], 0
+            while at + 4 <= len(data):
+                at += int.from_bytes(data[at:at + 4], "little")
+                count += 1
+        with self._lock:
+            self.info["inline"] = outputs
+            self.info["docs_written"] = 0
+            self.info["docs_inline"] = count
+            self.info["write_path"] = INLINE
 
     def _target(self, coll: str) -> str:
         """The output collection of what the map named ``coll``."""

@@ -18,7 +18,7 @@ MAX_FINISHED = 1000        # finished jobs remembered at most
 RECENT_JOBS = 20           # finished jobs listed by ``status`` without a job id
 KEEP_INLINE = 60.0         # seconds a finished job's inline output stays available
 SUMMARY_COUNTS = ("docs_read", "chunks_done", "chunks_total", "partitions_done",
-                  "partitions_total", "docs_written")
+                  "partitions_total", "docs_written", "docs_inline")
 
 
 class KnownJob(Protocol):
@@ -44,7 +44,7 @@ def job_summary(job: KnownJob) -> dict[str, Any]:
     out = {"job_id": job.job_id, "kind": job.spec.kind, "database": job.spec.database,
            "input": list(job.spec.input_names), "output": job.spec.output_name,
            "created": job.created, "started": job.started, "ended": job.ended}
-    for key in ("state", "phase", "elapsed", "engine", *SUMMARY_COUNTS):
+    for key in ("state", "phase", "elapsed", "engine", "write_path", *SUMMARY_COUNTS):
         if key in st:
             out[key] = st[key]
     if st.get("traceback"):
