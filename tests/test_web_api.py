@@ -330,3 +330,31 @@ def test_the_dashboard_page_loads_everything_from_this_service(web):
     zipped = client.get(plotly_url, headers={"Accept-Encoding": "gzip"})
     assert zipped.headers["Content-Encoding"] == "gzip" and len(zipped.data) < len(lib.data) / 2
     assert client.get("/static/../setup.py").status_code == 404
+
+
+def test_aggdefs_shows_each_aggdefs_lag_from_reads_by_id(web):
+    from bson import ObjectId
+
+    from tests import aggtools as A
+    from zarkov import positions
+    client, listener, db = web
+    db.agg_def.insert_many([{"name": "current", "task_name": "m.T"},
+                            {"name": "lagging", "task_name": "m.T"}])
+    now = dt.datetime.utcnow().replace(microsecond=0)
+    A.add_events(db, 10, kind="logged", timestamp=now - dt.timedelta(seconds=120))
+    A.add_events(db, 5, kind="logged", timestamp=now - dt.timedelta(seconds=10))
+    A.add_events(db, 1000)  # history without positions: not read for the lag
+    stream = positions.key(A.logger_stream(db).stream)
+    A.count_all_logged(db, "current")
+    db.agg_position.insert_one({"_id": "lagging", "streams": {stream: 10}})
+    listener.sent.clear()
+    rows = {a["name"]: a["lag"] for a in client.get("/aggdefs").json["aggdefs"]}
+    assert rows["current"] == {"waiting": 0, "oldest_age": None, "late": False}
+    lag = rows["lagging"]
+    assert lag["waiting"] == 5 and 10 <= lag["oldest_age"] < 60 and lag["late"] is False
+    # Cheap at any history size: the event collection is read by _id alone.
+    finds = [c["filter"] for c in listener.named("find") if c["find"] == "event"]
+    assert finds and all(list(f) == ["_id"] and isinstance(f["_id"], ObjectId) for f in finds)
+    db.agg_position.update_one({"_id": "lagging"}, {"$set": {"streams": {stream: 3}}})
+    lag = {a["name"]: a["lag"] for a in client.get("/aggdefs").json["aggdefs"]}["lagging"]
+    assert lag["waiting"] == 12 and lag["oldest_age"] >= 120 and lag["late"] is True

@@ -20,7 +20,7 @@ from typing import Optional
 
 from pymongo.database import Database
 
-from zarkov import streams
+from zarkov import positions, streams
 from zarkov.aggregation.scope import Scope
 from zarkov.positions import Range
 
@@ -45,6 +45,39 @@ def waiting(db: Database, name: str, collection: str = "event") -> int:
     done = counted_by(db, name)
     return sum(max(0, bound - done.get(stream, 0))
                for stream, bound in streams.bounds(db, collection).items())
+
+
+#: Positions tried after an AggDef's, to find its oldest waiting event (a position
+#: whose event the database refused holds none).
+LAG_PROBES = 4
+
+
+def lag(db: Database, name: str, collection: str = "event",
+        now: Optional[datetime] = None) -> dict:
+    """How far AggDef ``name`` is behind what the event logger stored in ``collection``:
+    ``waiting`` (positions stored, not yet counted) and ``oldest_age`` (seconds since
+    the ``timestamp`` of the oldest waiting event — its receive time unless its sender
+    gave one; None when nothing waits).  A few reads by ``_id``, whatever the history;
+    events without a position (other programs') are not in these figures."""
+    now = now or datetime.utcnow()
+    done = counted_by(db, name)
+    waiting, oldest = 0, None
+    for key, bound in streams.bounds(db, collection).items():
+        after = done.get(key, 0)
+        if bound <= after:
+            continue
+        waiting += bound - after
+        stream = positions.stream_of(key)
+        for seq in range(after + 1, min(bound, after + LAG_PROBES) + 1):
+            doc = db[collection].find_one({"_id": positions.oid(stream, seq)},
+                                          {"timestamp": 1})
+            if doc is not None:
+                when = doc.get("timestamp")
+                if isinstance(when, datetime) and (oldest is None or when < oldest):
+                    oldest = when.replace(tzinfo=None)
+                break
+    age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else None
+    return {"waiting": waiting, "oldest_age": age}
 
 
 def new_ranges(scope: Scope, limit: Optional[int] = None) -> list[Range]:

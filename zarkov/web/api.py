@@ -67,7 +67,7 @@ def register(app: Flask, st: State) -> None:
     @app.get("/aggdefs")
     def aggdefs():
         _params("aggdefs")
-        return json_response({"aggdefs": status.aggdefs(st.db)})
+        return json_response({"aggdefs": status.aggdefs(st.db, st.config.lag_warning_seconds)})
 
     @app.get("/jobs")
     def jobs():

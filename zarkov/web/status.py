@@ -2,7 +2,9 @@
 
 ``/aggdefs`` joins the AggDefs with what their runs recorded (:mod:`zarkov.aggregation.status`),
 the pending run records (``agg_run``) and the leases (``agg_lease``): a ``running``
-entry counts only while its lease is held.  ``/jobs`` asks the map-reduce router
+entry counts only while its lease is held; and each AggDef's ``lag``: the events
+waiting to be counted and the age of the oldest (:func:`zarkov.aggregation.positions.lag`),
+``late`` past ``lag_warning_seconds``.  ``/jobs`` asks the map-reduce router
 for its running and recent jobs (``status`` without a job id) and names the AggDef
 each aggregation job works for.
 """
@@ -14,6 +16,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from zarkov import security, wire
+from zarkov.aggregation import positions
 from zarkov.aggregation import status as agg_status
 from zarkov.aggregation.scope import STAGING_PREFIX as STAGING
 from zarkov.config import Config
@@ -23,8 +26,9 @@ from zarkov.lease import is_stale
 ROUTER_TIMEOUT = 2.0
 
 
-def aggdefs(db: Database) -> list[dict[str, Any]]:
-    """Every AggDef with its last run, last error and the run going on, if any."""
+def aggdefs(db: Database, late_after: float = 60.0) -> list[dict[str, Any]]:
+    """Every AggDef with its last run, last error, the run going on, if any, and its
+    lag (``late`` when its oldest waiting event is older than ``late_after`` s)."""
     statuses = agg_status.read_all(db)
     pending = {d["_id"]: d for d in db.agg_run.find({}) if isinstance(d.get("_id"), str)}
     leases = {d["_id"]: d for d in db.agg_lease.find({}) if isinstance(d.get("_id"), str)}
@@ -46,7 +50,9 @@ def aggdefs(db: Database) -> list[dict[str, Any]]:
             if run is not None:
                 running.update(state=run.get("state"), marked=run.get("marked"),
                                run_id=run.get("run_id"))
-        out.append({"name": name, "object": d.get("object") or "event",
+        lag = positions.lag(db, name, d.get("object") or "event")
+        lag["late"] = lag["oldest_age"] is not None and lag["oldest_age"] > late_after
+        out.append({"name": name, "object": d.get("object") or "event", "lag": lag,
                     "task_name": d.get("task_name"), "realtime": bool(d.get("realtime")),
                     "last_run": d.get("last_run"), "last": st.get("last"),
                     "last_work": st.get("last_work"),

@@ -128,10 +128,16 @@
       const current = err && (!last || Date.parse(err.at) > Date.parse(last.ended));
       const errCell = el("td", { className: err ? (current ? "error" : "muted") : "" },
         err ? `${ago(err.at)}: ${err.message}` : "");
+      // Lag: events stored and not yet counted, and how old the oldest of them is.
+      const lag = a.lag || {};
+      const lagCell = el("td", { className: lag.late ? "lag late" : "lag",
+                                 dataset: { waiting: String(lag.waiting ?? "") } },
+        lag.waiting ? `${num(lag.waiting)} · oldest ${secs(lag.oldest_age)}` : "none");
+      if (lag.late) lagCell.title = "older than lag_warning_seconds";
       const tr = el("tr", { dataset: { name: a.name, state: run ? "running" : "idle" } },
         el("td", { text: a.name, className: "name" }), el("td", { text: a.task_name || "", className: "mono" }),
         el("td", { text: a.object }), el("td", { text: a.realtime ? "yes" : "no" }),
-        nowCell, lastCell, errCell);
+        nowCell, lagCell, lastCell, errCell);
       return tr;
     });
   }
@@ -168,7 +174,10 @@
         el("td", { text: state, className: "jobstate" }),
         el("td", { className: "progress" }, bar, el("span", { text: ` ${label}` })),
         el("td", { text: num(j.docs_read || 0), className: "docs-read" }),
-        el("td", { text: num(j.docs_written || 0) }),
+        // What the job produced: documents written, or handed back to its AggDef's
+        // run (inline outputs, which the run applies itself).
+        el("td", { className: "written", text: j.write_path === "inline"
+          ? `${num(j.docs_inline || 0)} handed back` : num(j.docs_written || 0) }),
         el("td", { text: secs(j.elapsed), className: "nowrap" }));
     });
   }
