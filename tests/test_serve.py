@@ -1,12 +1,14 @@
 """zcmd serve: the whole service in one command, real-time aggregation included."""
 import collections
+import json
+import re
 import signal
 import time
 
 import pytest
 
 from tests import aggtools as A
-from tests.support import subscriber, wait_for
+from tests.support import run_zcmd, subscriber, wait_for
 from zarkov import streams, wire
 from zarkov.aggregation import positions
 from zarkov.client import ZarkovClient
@@ -147,3 +149,33 @@ def test_ten_realtime_aggdefs_over_one_stream_and_a_cron_run_beside_them(
     assert "sending it again" not in procs.log("serve")
     procs.kill(proc, signal.SIGTERM)
     assert proc.returncode == 0, procs.log("serve")[-2000:]
+
+
+def test_zcmd_status_shows_the_service_and_fails_once_it_is_down(served, zconfig, db, procs):
+    proc, path = served
+    db.agg_def.insert_one({"name": "per_type", "object": "event", "realtime": True,
+                           "task_name": "zarkov.examples.EventsPerTypePerDay"})
+    with ZarkovClient(zconfig["bson_uri"]) as client:
+        for i in range(30):
+            client.event("login", {"user": f"u{i}"})
+    wait_for(lambda: positions.waiting(db, "per_type") == 0
+             and db["zagg.events_per_day"].count_documents({}) > 0,
+             timeout=60, what="the 30 events counted")
+    out = run_zcmd(path, "status", timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert text.startswith("zarkov: ok") and "problem" not in text, text
+    # (A worker process may be recycling itself at this moment: 1 or 2.)
+    assert re.search(rf"router      {re.escape(zconfig['zmr']['req_uri'])}: [12] worker "
+                     r"process\(es\), \d+ job\(s\) running", text), text
+    assert "events      server 0 (pid " in text and "NOT RUNNING" not in text, text
+    assert "aggdef      per_type: last run" in text and "up to date" in text, text
+    report = json.loads(run_zcmd(path, "status", "--json", timeout=60).stdout)
+    (agg,) = report["aggdefs"]
+    assert agg["lag"] == {"waiting": 0, "oldest_age": None, "late": False}
+    assert sum(s["committed"] for s in report["event_servers"]) == 30
+    procs.kill(proc, signal.SIGTERM)
+    down = run_zcmd(path, "status", timeout=60)
+    assert down.returncode == 1, down.stdout
+    assert down.stdout.startswith("zarkov: DOWN") and "does not answer" in down.stdout
+    assert "NOT RUNNING" in down.stdout, down.stdout

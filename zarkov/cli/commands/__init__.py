@@ -40,6 +40,9 @@ COMMANDS: dict[str, Command] = {
                      "loaded"),
     "script": Command("script", "run a Python file with the configured model"),
     "init": Command("init", "drop the Zarkov database (all events and aggregates)"),
+    "status": Command("status", "the service on one screen: event servers, router and "
+                      "workers, running jobs, each AggDef's last run and lag (--json); exit "
+                      "1 when something is down"),
     "check-config": Command("check_config", "load and validate the config, print it "
                             "(secrets masked), and exit"),
     "keys": Command("keys", "make CURVE key pairs; authorise, revoke and list client keys"),
