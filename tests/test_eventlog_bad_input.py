@@ -158,7 +158,9 @@ def test_the_rejects_file_is_rotated_by_size_and_count(procs, config_file, db):
     wait_for(lambda: summed(journal, "rejected") == 300, what="300 rejects counted")
     wait_for(lambda: db.event.count_documents({"type": "ok"}) == 1, what="the good event")
     files = sorted(f for f in os.listdir(journal) if f.startswith("rejects.jsonl"))
-    assert files == ["rejects.jsonl", "rejects.jsonl.1", "rejects.jsonl.2"], files
+    # The current file is missing when the last reject filled it and it was rotated.
+    assert files in (["rejects.jsonl", "rejects.jsonl.1", "rejects.jsonl.2"],
+                     ["rejects.jsonl.1", "rejects.jsonl.2"]), files
     lines = []
     for name in files:
         size = os.path.getsize(os.path.join(journal, name))
