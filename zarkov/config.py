@@ -215,6 +215,19 @@ SECURITY_PATHS = ("server_key", "authorized_keys", "server_public_key", "client_
 
 
 @dataclasses.dataclass
+class MetricsConfig(_Section):
+    """Prometheus ``/metrics`` of the processes run apart (``metrics:``); the web
+    service serves its own on ``web_port``.  0: no endpoint."""
+    bind: str = key("127.0.0.1", doc="where the endpoints below listen (beyond loopback: "
+                                     "web_token required)")
+    eventlog_port: int = key(0, tcp_port, doc="the event logger's /metrics (every event "
+                                              "server of the process tree)")
+    router_port: int = key(0, tcp_port, doc="the router's /metrics")
+    worker_port: int = key(0, tcp_port, doc="a worker pool's /metrics (its processes "
+                                            "summed)")
+
+
+@dataclasses.dataclass
 class Config(_Section):
     """The whole validated configuration: top-level keys, ``zmr`` and ``security``."""
 
@@ -258,6 +271,7 @@ class Config(_Section):
                                  "file; reopened after logrotate); '-' is stderr")
     zmr: ZmrConfig = dataclasses.field(default_factory=ZmrConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     #: Where the config came from (a file's path, ``<defaults>``): errors name it.
     source: str = dataclasses.field(default="<defaults>", compare=False)
 
@@ -270,7 +284,8 @@ class Config(_Section):
 
 
 #: The sections (name -> dataclass) and the top level.
-SECTIONS: dict[str, type] = {"zmr": ZmrConfig, "security": SecurityConfig}
+SECTIONS: dict[str, type] = {"zmr": ZmrConfig, "security": SecurityConfig,
+                             "metrics": MetricsConfig}
 
 #: Keys of earlier versions that did nothing, and why.
 REMOVED = {

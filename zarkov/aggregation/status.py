@@ -7,7 +7,12 @@ One document per AggDef name, written by :func:`zarkov.aggregation.run` through 
      running:    {started, full, phase, docs, elapsed, updated, pid, host} | null,
      last:       {started, ended, seconds, docs, full, run_id, resumed},
      last_work:  the same, of the last run that took documents (or was full),
-     last_error: {at, message, full}}
+     last_error: {at, message, full},
+     runs:       {ok, failed, events, seconds_sum, b0..bN}}
+
+``runs`` only grows: runs by outcome, the events incremental runs took, and the
+durations of the runs that succeeded by bucket of :data:`~zarkov.histogram.RUN_BOUNDS`
+(what ``/metrics`` shows; :func:`runs_of` reads it back).
 
 This is a report, not part of the exactly-once mechanism (that is ``agg_run`` and
 ``agg_lease``): a write that fails here is logged and the run goes on, and a
@@ -23,6 +28,7 @@ from typing import Any, Callable, Optional
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
+from zarkov.histogram import RUN_BOUNDS, bucket
 from zarkov.lease import HOST, utcnow
 
 COLLECTION = "agg_status"
@@ -77,7 +83,9 @@ class Recorder:
         if last["docs"] or self.full:
             # Why apart: the real-time loop's runs that find nothing new would hide it.
             fields["last_work"] = last
-        self._set(fields)
+        self._set(fields, {"runs.ok": 1, "runs.events": 0 if self.full else last["docs"],
+                           "runs.seconds_sum": float(result.seconds),
+                           f"runs.b{bucket(RUN_BOUNDS, result.seconds)}": 1})
 
     def failed(self, message: str) -> None:
         """The run failed with ``message`` (recorded only for a defined AggDef)."""
@@ -87,14 +95,30 @@ class Recorder:
         except PyMongoError:
             return
         self._set({"running": None, "last_error": {
-            "at": utcnow(), "message": message[:MESSAGE_CHARS], "full": self.full}})
+            "at": utcnow(), "message": message[:MESSAGE_CHARS], "full": self.full}},
+            {"runs.failed": 1})
 
-    def _set(self, fields: dict) -> None:
+    def _set(self, fields: dict, inc: Optional[dict] = None) -> None:
+        update: dict[str, Any] = {"$set": fields}
+        if inc:
+            update["$inc"] = inc
         try:
-            self.coll.update_one({"_id": self.name}, {"$set": fields}, upsert=True)
+            self.coll.update_one({"_id": self.name}, update, upsert=True)
         except PyMongoError as e:  # a report must never fail the run
             log.warning("%s: cannot record the run's status in %s: %s", self.name,
                         COLLECTION, e)
+
+
+def runs_of(status: dict) -> dict[str, Any]:
+    """The run counters of one status document: ``{ok, failed, events, seconds}``,
+    ``seconds`` a histogram (``{bounds, counts, sum}``) of the successful runs."""
+    runs = status.get("runs") if isinstance(status.get("runs"), dict) else {}
+    assert isinstance(runs, dict)
+    return {"ok": int(runs.get("ok", 0)), "failed": int(runs.get("failed", 0)),
+            "events": int(runs.get("events", 0)),
+            "seconds": {"bounds": list(RUN_BOUNDS),
+                        "counts": [int(runs.get(f"b{i}", 0)) for i in range(len(RUN_BOUNDS) + 1)],
+                        "sum": float(runs.get("seconds_sum", 0.0))}}
 
 
 def read_all(db: Database) -> dict[str, dict]:

@@ -186,8 +186,16 @@ class Committer:
             self._finish_file(path, len(docs), problem)
             self.backlog.popleft()
 
+    def _observe(self, path: str, offset: int | None = None) -> None:
+        """Record the commit latency of the appends now stored: those of ``path`` up
+        to ``offset`` (None: the whole file)."""
+        appends, now = self.journal.appends, time.monotonic()
+        while appends and appends[0][0] == path and (offset is None or appends[0][1] <= offset):
+            self.stats.commit_seconds.observe(now - appends.popleft()[2])
+
     def _finish_file(self, path: str, count: int, problem: str | None) -> None:
         self.done.pop(path, None)
+        self._observe(path)
         if not os.path.exists(path):
             return
         if problem:
@@ -211,6 +219,7 @@ class Committer:
             self._insert(chunk)
             offset += nbytes + HEADER.size * len(chunk)
             self.done[path] = offset
+            self._observe(path, offset)
 
     def _insert(self, docs: list[bytes]) -> None:
         """Store ``docs``, setting aside those the database refuses; raises DatabaseDown
@@ -326,6 +335,7 @@ class Committer:
             log.error("cannot commit to the database (%s); events stay in the journal "
                       "and are retried", e)
         self.stats.db_ok = False
+        self.stats.db_errors += 1
         self.stats.last_db_error = str(e)[:200]
         raise DatabaseDown(str(e)) from e
 

@@ -20,6 +20,7 @@ operating-system crash may lose the last second or so.
 """
 from __future__ import annotations
 
+import collections
 import os
 import struct
 import time
@@ -36,6 +37,7 @@ MAGIC = b"ZJNL\x00\x01\r\n"
 HEADER = struct.Struct("<II")
 SUFFIX = ".jnl"
 SYNC_INTERVAL = 1.0
+APPENDS_KEPT = 4096   # recent appends remembered for the commit latency
 
 
 def list_files(directory: str) -> list[str]:
@@ -106,6 +108,11 @@ class Journal:
         self.closed: list[str] = []      # files full and closed, not yet committed
         self.last_append = 0.0           # monotonic time of the last append
         self.appended = 0                # records appended since start
+        #: (path, end offset, monotonic time) of recent appends: the committer tells
+        #: from them how long each batch waited to be stored (bounded: a stalled
+        #: database must not grow it).
+        self.appends: collections.deque[tuple[str, int, float]] = collections.deque(
+            maxlen=APPENDS_KEPT)
         self._seq = 0
         self._dirty = False
         self._syncer = None
@@ -162,6 +169,8 @@ class Journal:
         self.size += len(blob)
         self.appended += count
         self.last_append = time.monotonic()
+        assert self.path is not None
+        self.appends.append((self.path, self.size, self.last_append))
         self._dirty = True
         if self.size >= self.file_size:
             self.rotate()

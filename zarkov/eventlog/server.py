@@ -49,6 +49,8 @@ from zarkov.eventlog.intake import STATS_INTERVAL, Intake
 from zarkov.eventlog.proxy import Proxy, private_dir
 from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
 from zarkov.eventlog.stats import PROXY_STATS, Stats, read_stats, stats_path, total, write_loop
+from zarkov.metrics.endpoint import MetricsServer
+from zarkov.metrics.families import event_families
 from zarkov.oneline import first_line as clip
 from zarkov.runtime import loops
 from zarkov.runtime.children import Children
@@ -252,6 +254,7 @@ class EventLogger:
         self._private_dir: str | None = None
         self._stopping = False
         self.stopped = gevent.event.Event()
+        self.metrics: MetricsServer | None = None
 
     def start(self) -> "EventLogger":
         """Bind the sockets and start serving; raises zmq.ZMQError if a bind fails,
@@ -268,6 +271,9 @@ class EventLogger:
             self.server = EventServer(cfg).start()
         else:
             self._start_processes()
+        if cfg.metrics.eventlog_port:
+            self.metrics = MetricsServer(cfg, cfg.metrics.eventlog_port, "event logger",
+                                         self._metric_families).start()
         log.info("event logger: BSON on %s, JSON on %s, journal %s, %d server process%s",
                  cfg.bson_bind_address, cfg.json_bind_address, cfg.journal, self.count,
                  "" if self.count == 1 else "es")
@@ -313,11 +319,22 @@ class EventLogger:
         snaps = [s for s in read_stats(self.config.journal) if s.get("index", 0) < self.count]
         return total(snaps)
 
+    def _metric_families(self) -> list:
+        """The event servers' series for ``/metrics`` (from their stats files, or this
+        process's own counters when it is the only server)."""
+        if self.server is not None:
+            snaps = [{**self.server.stats.as_dict(), "alive": True}]
+        else:
+            snaps = [s for s in read_stats(self.config.journal) if s.get("index", 0) < self.count]
+        return event_families(snaps)
+
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop intake, flush the journal and commit what can be within ``timeout`` s."""
         if self._stopping:
             return True
         self._stopping = True
+        if self.metrics is not None:
+            self.metrics.stop()
         try:
             if self.server is not None:
                 return self.server.stop(timeout)

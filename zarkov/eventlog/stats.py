@@ -10,7 +10,6 @@ refused on the public sockets are counted by the parent process, in
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import time
@@ -18,18 +17,23 @@ from typing import Any, Callable, Optional
 
 import gevent
 
+from zarkov.histogram import COMMIT_BOUNDS, Histogram
+from zarkov.runtime import statsfiles
 from zarkov.runtime.loops import Errors
 
-FIELDS = ("accepted", "rejected", "committed", "duplicates", "refused", "errors")
+FIELDS = ("accepted", "rejected", "committed", "duplicates", "refused", "errors",
+          "db_errors")
 PROXY_STATS = "stats-proxy.json"
 
 
 class Stats:
     """Counters: events accepted (journaled), rejected, committed (confirmed stored),
     duplicates (of the committed ones, already in the database: a replay), refused
-    (connections without an authorised CURVE key: nothing they sent was read), and
-    ``errors``: unexpected exceptions of the process's loops (a bug or a broken disk;
-    each logged with its traceback, see :class:`zarkov.loops.Errors`)."""
+    (connections without an authorised CURVE key: nothing they sent was read),
+    ``db_errors`` (inserts that failed for want of the database), the commit latency
+    (``commit_seconds``), and ``errors``: unexpected exceptions of the process's loops
+    (a bug or a broken disk; each logged with its traceback, see
+    :class:`zarkov.loops.Errors`)."""
 
     def __init__(self, index: int = 0):
         self.index = index
@@ -43,6 +47,9 @@ class Stats:
         self.backlog_files = 0
         self.db_ok = True
         self.last_db_error: str | None = None
+        self.db_errors = 0  # inserts that failed for want of the database (retried)
+        #: Seconds from a batch's append to the journal to its acknowledged insert.
+        self.commit_seconds = Histogram(COMMIT_BOUNDS)
         self.errors = Errors(logging.getLogger("zarkov.eventlog"))
         # (time, committed so far) after each insert: the recent commit timeline.
         self.commits: collections.deque = collections.deque(maxlen=64)
@@ -55,6 +62,7 @@ class Stats:
                 "refused": self.refused,
                 "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
                 "backlog_files": self.backlog_files, "db_ok": self.db_ok,
+                "db_errors": self.db_errors, "commit_seconds": self.commit_seconds.as_dict(),
                 "last_db_error": self.last_db_error, "commits": list(self.commits)}
 
 
@@ -65,10 +73,7 @@ def stats_path(journal_dir: str, index: int) -> str:
 
 def write_stats(path: str, stats: Stats) -> None:
     """Replace the stats file atomically (write a temporary file, then rename)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(stats.as_dict(), f)
-    os.replace(tmp, path)
+    statsfiles.write(path, stats.as_dict())
 
 
 def write_loop(path: str, stats: Stats, interval: float,
@@ -91,19 +96,8 @@ def write_loop(path: str, stats: Stats, interval: float,
 
 def read_stats(journal_dir: str) -> list[dict[str, Any]]:
     """The stats of every process that wrote some under ``journal_dir``."""
-    out: list[dict[str, Any]] = []
-    try:
-        names = sorted(n for n in os.listdir(journal_dir)
-                       if n.startswith("stats-") and n.endswith(".json"))
-    except FileNotFoundError:
-        return out
-    for name in names:
-        try:
-            with open(os.path.join(journal_dir, name)) as f:
-                out.append(json.load(f))
-        except (OSError, ValueError):  # being replaced right now: skip this round
-            continue
-    return out
+    return statsfiles.read_all(journal_dir,
+                               lambda n: n.startswith("stats-") and n.endswith(".json"))
 
 
 def total(snapshots: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 theme: :mod:`.api` (the read-only query API and status), :mod:`.events` (events over
 HTTP) and :mod:`.dashboard` (the page and its static files).
 
-Access: the query API and the dashboard require ``Authorization: Bearer <web_token>``
+Access: the query API, ``/metrics`` and the dashboard require ``Authorization: Bearer <web_token>``
 (or the cookie that ``/?token=<web_token>`` sets for a browser) whenever
 ``web_token`` is set, and it must be set to listen beyond loopback.  Without a
 token they answer only requests addressed to a loopback host name, so that a web
@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from zarkov.config import Config
 from zarkov.security import is_loopback_host
-from zarkov.web import api, dashboard, events
+from zarkov.web import api, dashboard, events, metrics
 from zarkov.web.http import (
     MAX_BODY,
     TOKEN_COOKIE,
@@ -114,6 +114,7 @@ def create_app(config: Config, intake: Any = None, rate: Any = None,
     api.register(app, st)
     events.register(app, st)
     dashboard.register(app, st)
+    metrics.register(app, st)
     return app
 
 

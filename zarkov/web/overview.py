@@ -7,7 +7,6 @@ each; :func:`overview` says whether anything is down, for a health check's exit 
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -16,20 +15,11 @@ from pymongo.errors import PyMongoError
 
 from zarkov.config import Config
 from zarkov.eventlog.stats import read_stats
+from zarkov.metrics.families import alive
 from zarkov.web import status
 
 #: Seconds of commits over which an event server's rate is computed.
 RATE_WINDOW = 60.0
-
-
-def _alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:  # another user's process: it runs
-        return True
-    return True
 
 
 def _rate(commits: list, started: float, now: float) -> float:
@@ -53,7 +43,7 @@ def event_servers(config: Config, now: float) -> list[dict[str, Any]]:
         if snap.get("index", 0) < 0:
             continue  # the proxy's refusals, not a server
         out.append({"index": snap.get("index"), "pid": snap.get("pid"),
-                    "alive": _alive(snap.get("pid")),
+                    "alive": alive(snap.get("pid")),
                     "accepted": snap.get("accepted", 0), "committed": snap.get("committed", 0),
                     "rejected": snap.get("rejected", 0),
                     "backlog_files": snap.get("backlog_files", 0),

@@ -57,6 +57,7 @@ def aggdefs(db: Database, late_after: float = 60.0) -> list[dict[str, Any]]:
                     "last_run": d.get("last_run"), "last": st.get("last"),
                     "last_work": st.get("last_work"),
                     "last_error": st.get("last_error"), "running": running,
+                    "runs": agg_status.runs_of(st),
                     # A run record nobody works on: left by a killed run, finished by the next.
                     "pending": (pending[name].get("state") if name in pending and (
                         lease is None or is_stale(lease)) else None)})

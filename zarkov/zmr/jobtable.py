@@ -57,6 +57,26 @@ class JobTable:
 
     def __init__(self) -> None:
         self.jobs: dict[str, Any] = {}
+        #: Jobs finished since the engine started, by final state (``complete``/``error``).
+        self.finished: dict[str, int] = {}
+        self._tallied: set[str] = set()
+
+    def tally(self) -> dict[str, int]:
+        """Count the jobs that finished since the last look; ``finished`` after it."""
+        for job in self.jobs.values():
+            if job.finished and job.job_id not in self._tallied:
+                self._tallied.add(job.job_id)
+                state = str(job.status().get("state"))
+                self.finished[state] = self.finished.get(state, 0) + 1
+        return dict(self.finished)
+
+    def by_state(self) -> dict[str, int]:
+        """The jobs known now (running or kept after they finished), by state."""
+        out: dict[str, int] = {}
+        for job in self.jobs.values():
+            state = str(job.status().get("state"))
+            out[state] = out.get(state, 0) + 1
+        return out
 
     def add(self, job: KnownJob) -> None:
         """Know ``job`` from now on."""
@@ -75,12 +95,14 @@ class JobTable:
         """Forget finished jobs past :data:`KEEP_FINISHED` (or beyond
         :data:`MAX_FINISHED`), and inline outputs nobody fetched in time."""
         now = time.time() if now is None else now
+        self.tally()  # before any finished job is forgotten
         done = sorted((j for j in self.jobs.values() if j.finished),
                       key=lambda j: j.ended or now)
         for i, job in enumerate(done):
             age = now - (job.ended or now)
             if age > KEEP_FINISHED or len(done) - i > MAX_FINISHED:
                 del self.jobs[job.job_id]
+                self._tallied.discard(job.job_id)
             elif age > KEEP_INLINE:
                 job.drop_inline()
 

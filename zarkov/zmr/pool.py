@@ -11,11 +11,16 @@ Works in a plain process (``zcmd zmr-worker``) and under gevent (``zcmd serve``)
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from typing import Optional
 
 from zarkov.config import Config, worker_processes
+from zarkov.metrics.endpoint import MetricsServer
+from zarkov.metrics.families import worker_families
 from zarkov.runtime.children import Children
+from zarkov.zmr import workerstats
 
 log = logging.getLogger("zarkov.zmr.pool")
 
@@ -28,6 +33,9 @@ class WorkerPool:
         self.count = worker_processes(z.processes_per_worker if n is None else n)
         self.children = Children("worker pool", "zarkov.zmr.worker", self.count, config,
                                  fault_point="pool.monitor")
+        self.config = config
+        self.metrics: Optional[MetricsServer] = None
+        self._stats_dir = workerstats.stats_dir(os.getpid())
 
     def pids(self) -> list[int]:
         """Process ids of the running worker processes."""
@@ -38,8 +46,18 @@ class WorkerPool:
         """Worker processes started again since the pool started."""
         return self.children.restarts
 
+    def _metric_families(self) -> list:
+        """The pool's series for ``/metrics``, from its processes' stats files."""
+        return worker_families(workerstats.read_all(self._stats_dir))
+
     def start(self) -> "WorkerPool":
         """Start the processes and the monitor that restarts them."""
+        port = self.config.metrics.worker_port
+        if port:
+            shutil.rmtree(self._stats_dir, ignore_errors=True)  # a former pid's
+            os.makedirs(self._stats_dir, exist_ok=True)
+            self.metrics = MetricsServer(self.config, port, "worker pool",
+                                         self._metric_families).start()
         self.children.start()
         log.info("worker pool: %d processes %s", self.count, self.pids())
         return self
@@ -48,5 +66,8 @@ class WorkerPool:
         """Stop the processes: SIGTERM, SIGKILL after ``timeout`` s."""
         started = time.monotonic()
         self.children.stop(timeout)
+        if self.metrics is not None:
+            self.metrics.stop()
+            shutil.rmtree(self._stats_dir, ignore_errors=True)
         log.info("worker pool stopped (%.1f s)", time.monotonic() - started)
         return True

@@ -37,6 +37,8 @@ import pymongo
 
 from zarkov import faults, runtime, security, storage, wire
 from zarkov.config import Config
+from zarkov.metrics.endpoint import MetricsServer
+from zarkov.metrics.families import router_families
 from zarkov.oneline import first_line
 from zarkov.oneline import short_repr as _short
 from zarkov.runtime import loops
@@ -71,6 +73,7 @@ class Router:
         self._stopped = gevent.event.Event()
         self._started = False
         self.errors = loops.Errors(log)
+        self.metrics: MetricsServer | None = None
 
     @property
     def mongo(self) -> pymongo.MongoClient:
@@ -113,6 +116,9 @@ class Router:
                        loops.spawn("router: sink loop", self._serve_sink),
                        loops.spawn("router: tick loop", self._tick)]
         self._started = True
+        if self.config.metrics.router_port:
+            self.metrics = MetricsServer(self.config, self.config.metrics.router_port,
+                                         "router", self._metric_families).start()
         log.info("router: requests at %s, tasks on port %d, heartbeats on port %d%s",
                  self.zcfg.req_bind, self.src_port, self.sink_port,
                  ", CURVE on" if security.curve_on(self.config) else "")
@@ -137,6 +143,8 @@ class Router:
         """Abort running jobs (their files are removed), close the sockets."""
         if self._stopped.is_set():
             return True
+        if self.metrics is not None:
+            self.metrics.stop()
         running = [j.greenlet for j in self.table.running() if j.greenlet]
         gevent.killall(running, timeout=10)
         gevent.killall([g for g in self._loops if g is not gevent.getcurrent()], timeout=5)
@@ -249,6 +257,11 @@ class Router:
             return {"error": "bad request: no '$command' field"}
         return {"error": f"unknown command {_short(command)}"}
 
+    def _metric_families(self) -> list:
+        """The router's series for ``/metrics``: its own ``status`` reply."""
+        reply = self._status({"recent": 0})
+        return router_families(reply if isinstance(reply, dict) else None)
+
     def _status(self, request: dict) -> "dict | _Later":
         if "job_id" not in request:
             d = self.dispatcher
@@ -257,6 +270,8 @@ class Router:
             return {"workers": len(workers), "worker_pids": [pid for _, pid in workers],
                     "jobs_running": len(self.table.running()),
                     "jobs_known": len(self.table.jobs), "jobs": self.table.recent(request),
+                    "jobs_by_state": self.table.by_state(),
+                    "jobs_finished": self.table.tally(),
                     "errors": self.errors.total, "errors_by_loop": dict(self.errors.counts),
                     "sink_dropped": d.dropped, "worker_errors": d.worker_errors(),
                     "tasks_waiting": d.waiting(), "tasks_resent_lost": d.resent_lost,

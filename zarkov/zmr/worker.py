@@ -54,7 +54,8 @@ import zmq
 from zarkov import errors, faults, runtime, security, wire
 from zarkov.runtime import children, loops
 from zarkov.security import ClientKeys
-from zarkov.zmr import compute
+from zarkov.zmr import compute, workerstats
+from zarkov.zmr.workerstats import WorkerStats
 
 log = logging.getLogger("zarkov.zmr.worker")
 
@@ -120,7 +121,8 @@ class Worker:
     """The loop of one worker process; :meth:`run` returns the exit status."""
 
     def __init__(self, req_uri: str, max_requests: int = 256, suicide_kib: int = 3145728,
-                 parent_pid: int | None = None, keys: ClientKeys | None = None):
+                 parent_pid: int | None = None, keys: ClientKeys | None = None,
+                 stats: WorkerStats | None = None):
         self.req_uri = req_uri
         self.keys = keys
         self.host = urlsplit(req_uri).hostname or "127.0.0.1"
@@ -139,6 +141,7 @@ class Worker:
         self.last_said = 0.0
         self.stopping = threading.Event()
         self.errors = loops.Errors(log)
+        self.stats = stats
 
     def _orphaned(self) -> bool:
         return self.parent_pid is not None and children.orphaned()
@@ -211,6 +214,8 @@ class Worker:
                 sock.send(msg, zmq.NOBLOCK)
             except zmq.ZMQError:  # router away: heartbeats are not worth queueing
                 pass
+            if self.stats is not None:
+                self.stats.write()
         if sock is not None:
             sock.close(0)
 
@@ -229,6 +234,8 @@ class Worker:
             faults.hit("worker.loop", frames[0])
             reply = handle(frames, {"ready": self.ready()})
             self._say(reply)
+            if self.stats is not None:
+                self.stats.task(frames[0], reply[0])
         except Exception:  # noqa: BLE001 - one task must not end the process
             self.errors.record("worker loop")
             self._announce()  # unanswered: the router must still know our room
@@ -257,11 +264,15 @@ class Worker:
                         if self.received >= self.max_requests:
                             log.info("worker %d: recycled after %d tasks", os.getpid(),
                                      self.received)
+                            if self.stats is not None:
+                                self.stats.recycled()
                             self._goodbye()
                             return errors.EXIT_RECYCLE
                         if rss_kib() > self.suicide_kib:
                             log.info("worker %d: recycled at %d KiB RSS", os.getpid(),
                                      rss_kib())
+                            if self.stats is not None:
+                                self.stats.recycled()
                             self._goodbye()
                             return errors.EXIT_RECYCLE
                 if self._orphaned():
@@ -279,6 +290,8 @@ class Worker:
             return 0
         finally:
             self.stopping.set()
+            if self.stats is not None:
+                self.stats.write(force=True)
             beat.join(2 * HEARTBEAT_INTERVAL)
             if self.tasks is not None:
                 self.tasks.close()
@@ -295,8 +308,9 @@ def main() -> int:
     if children.parent_pid():
         children.die_with_parent()
     z = config.zmr
+    stats = workerstats.for_this_process(config, children.parent_pid(), children.child_index())
     return Worker(z.req_uri, z.requests_per_worker_process, z.suicide_level,
-                  children.parent_pid(), security.client_keys(config)).run()
+                  children.parent_pid(), security.client_keys(config), stats).run()
 
 
 if __name__ == "__main__":
