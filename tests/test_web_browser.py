@@ -256,6 +256,9 @@ def test_the_screenshot_over_the_demos_data(procs, mongo_uri, mongo_client, tmp_
     try:
         for name, task in examples.DEMO_AGGDEFS.items():
             db.agg_def.insert_one({"name": name, "task_name": task, "realtime": True})
+        # One run by cron instead, not run yet: its lag shows in the picture.
+        db.agg_def.insert_one({"name": "events_per_day", "realtime": False,
+                               "task_name": "zarkov.examples.EventsPerTypePerDay"})
         history = examples.history(500, 120, seed=7)
         for i in range(0, len(history), 100):
             assert post_json(base, history[i:i + 100]).status == 202
@@ -276,6 +279,10 @@ def test_the_screenshot_over_the_demos_data(procs, mongo_uri, mongo_client, tmp_
                                      "'zagg.types_per_minute'] .chart\") || {dataset: {}})"
                                      ".dataset.keys") not in (None, "0"),
                  timeout=40, what="the demo's aggregates drawn")
+        lag = "return document.querySelector(\"tr[data-name='%s'] td.lag\").textContent"
+        assert wait_for(lambda: js(driver, lag % "events_per_day").startswith("600 · oldest"),
+                        timeout=20, what="the cron AggDef's 600 waiting events on the page")
+        assert js(driver, lag % "types_per_minute") == "none"
         time.sleep(1.0)  # let plotly finish its transitions before the picture
         out = os.environ.get("ZARKOV_SCREENSHOT") or str(tmp_path / "dashboard.png")
         assert driver.save_screenshot(out)
