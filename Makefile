@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_SERVERS ?= ferretdb java
 export PYTEST_ARGS
 
-.PHONY: venv db browser test lint fuzz demo bench screenshot clean stop
+.PHONY: venv db browser prometheus test lint fuzz demo bench screenshot clean stop
 
 venv: $(VENV)/.installed
 
@@ -26,8 +26,12 @@ db: venv
 browser:
 	@scripts/browser-deps
 
+# Debian's prometheus for the Prometheus test (installed when root; none left running).
+prometheus:
+	@scripts/prometheus-deps
+
 # One pytest run per server; fails if any fails or runs no test (scripts/test-servers).
-test: venv browser
+test: venv browser prometheus
 	@scripts/test-servers $(TEST_SERVERS)
 
 # The linter, the type checker and the layers' contract (pyproject.toml says which).
