@@ -86,11 +86,14 @@ def test_check_config_accepts_development_yaml():
 
 def test_check_config_masks_the_passwords(tmp_path):
     path = tmp_path / "z.yaml"
-    path.write_text("shared_key: hunter2hunter2\nweb_token: correct-horse-battery\n")
+    path.write_text("shared_key: hunter2hunter2\nweb_token: correct-horse-battery\n"
+                    "mongo_uri: mongodb://zarkov:s3cret-pw@db1:27017,db2:27017/?tls=true\n")
     out = run_zcmd(str(path), "check-config")
     assert out.returncode == 0, out.stderr
     assert "hunter2" not in out.stdout and "correct-horse" not in out.stdout
+    assert "s3cret" not in out.stdout
     assert "shared_key: '***'" in out.stdout and "web_token: '***'" in out.stdout
+    assert "mongo_uri: mongodb://zarkov:***@db1:27017,db2:27017/?tls=true" in out.stdout
 
 
 def test_command_line_overrides_reach_the_config():

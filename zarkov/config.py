@@ -134,7 +134,8 @@ class ZmrConfig(_Section):
                                    doc="seconds a task may take at most before it is sent "
                                        "again (the limit adapts below it)")
     request_greenlets: int = key(16, positive, doc="requests the router serves at once")
-    job_root: str = key("/tmp/zmr", doc="the router's temporary job files")
+    job_root: str = key("/tmp/zmr", doc="the router's temporary job files (relative "
+                                             "to the working directory)")
     event_limit: int = key(100000, positive, doc="most events one incremental run takes")
     requests_per_worker_process: int = key(256, positive,
                                            doc="tasks after which a worker recycles itself")
@@ -186,7 +187,9 @@ class SecurityConfig(_Section):
                 try:
                     keyfiles.read_key_file(path, secret=secret)
                 except keyfiles.KeyFileError as e:
-                    fail(name, f"{e}; make one with 'zcmd keys new <name>'")
+                    fail(name, f"{e}; make one with " + (
+                        "'zcmd keys init <dir>' (the servers' pair)" if name == "server_key"
+                        else "'zcmd keys new <dir> <name>'"))
         if self.server_key is not None and self.authorized_keys is None:
             fail("authorized_keys", "needed with security.server_key: the directory of the "
                  "client public keys allowed in (zcmd keys authorize <file>)")
@@ -247,7 +250,8 @@ class Config(_Section):
                                     "networks) whose X-Forwarded-For the beacon believes")
     lag_warning_seconds: float = key(60.0, positive, doc="an AggDef whose oldest waiting "
                                      "event is older than this is shown late (dashboard)")
-    journal: str = key("journal", doc="directory of the write-ahead journal")
+    journal: str = key("journal", doc="directory of the write-ahead journal (relative to "
+                                       "the working directory)")
     journal_file_size: int = key(262144, positive, doc="bytes of a journal file")
     rejects_file_size: int = key(16 << 20, positive, doc="bytes of the rejects file "
                                  "(journal/rejects.jsonl) before it is rotated")
