@@ -131,15 +131,29 @@ def _probe_renames(db: Database) -> tuple[bool, bool]:
                 log.warning("could not drop probe collection %s: %s", name, e)
 
 
-_cache: "weakref.WeakKeyDictionary[MongoClient, dict[str, Capabilities]]" = (
-    weakref.WeakKeyDictionary())
+# Keyed by the client's identity, not equality: two MongoClients of the same seeds are
+# equal, and a weak dictionary keyed by equality drops the entry of the living one
+# when an equal client it was first stored under is collected.
+_cache: dict[int, tuple["weakref.ref[MongoClient]", dict[str, Capabilities]]] = {}
 _lock = threading.Lock()
+
+
+def _known(client: MongoClient) -> dict[str, Capabilities]:
+    """The capabilities probed with ``client`` so far, by database (under ``_lock``)."""
+    key = id(client)
+    entry = _cache.get(key)
+    if entry is None or entry[0]() is not client:
+        def forget(_: object) -> None:
+            _cache.pop(key, None)
+        entry = (weakref.ref(client, forget), {})
+        _cache[key] = entry
+    return entry[1]
 
 
 def capabilities(client: MongoClient, database: str) -> Capabilities:
     """What the server behind ``client`` can do in ``database`` (probed once, then kept)."""
     with _lock:
-        known = _cache.setdefault(client, {})
+        known = _known(client)
         if database not in known:
             who = identify(client)
             renames_dotted, renames_over = _probe_renames(client[database])
