@@ -43,6 +43,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 from bson import SON
 from bson.codec_options import CodecOptions
 from bson.int64 import Int64
+from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
 from pymongo.database import Database
 from pymongo.errors import ConfigurationError, PyMongoError
@@ -196,6 +197,26 @@ def approx_count(db: Database, name: str, caps: Optional[Capabilities] = None) -
         return 0
 
 
+def _documents(data: bytes) -> Iterator[bytes]:
+    """The documents of concatenated BSON (a raw batch)."""
+    at = 0
+    while at + 4 <= len(data):
+        size = _LEN.unpack_from(data, at)[0]
+        yield data[at:at + size]
+        at += size
+
+
+_OID_FIRST = b"\x07_id\x00"
+
+
+def _id_of(raw: bytes) -> Any:
+    """The ``_id`` of a raw document; without decoding the rest when it comes first
+    and is an ObjectId (as the event logger stores every event)."""
+    if raw[4:9] == _OID_FIRST:
+        return ObjectId(raw[9:21])
+    return RawBSONDocument(raw)["_id"]
+
+
 def _array(docs: Sequence[bytes]) -> bytes:
     """Raw documents as a BSON array (what a server batch is)."""
     parts = [b"\x03" + str(i).encode() + b"\x00" + d for i, d in enumerate(docs)]
@@ -301,14 +322,23 @@ class Reads:
             yield _array(docs)
 
     def _fetch(self, name: str, ids: list) -> dict:
-        """``{_id: raw document}`` of those of ``ids`` that collection ``name`` holds."""
+        """``{_id: raw document}`` of those of ``ids`` that collection ``name`` holds,
+        :data:`CONCURRENCY` queries in flight (the server works on several at once)."""
         coll = self.db.get_collection(name, codec_options=_RAW)
         if self.caps.id_reads == ID_IN:
-            return {d["_id"]: d.raw for i in range(0, len(ids), IN_BATCH)
-                    for d in coll.find({"_id": {"$in": ids[i:i + IN_BATCH]}})}
+            def query(part: list) -> list[bytes]:
+                return [doc for batch in coll.find_raw_batches({"_id": {"$in": part}})
+                        for doc in _documents(batch)]
+            parts = [ids[i:i + IN_BATCH] for i in range(0, len(ids), IN_BATCH)]
+        else:
+            def query(part: list) -> list[bytes]:
+                d = coll.find_one({"_id": part[0]})
+                return [] if d is None else [d.raw]
+            parts = [[i] for i in ids]
+        if len(parts) == 1:
+            return {_id_of(raw): raw for raw in query(parts[0])}
         with ThreadPoolExecutor(CONCURRENCY) as pool:
-            got = pool.map(lambda i: coll.find_one({"_id": i}), ids)
-            return {d["_id"]: d.raw for d in got if d is not None}
+            return {_id_of(raw): raw for docs in pool.map(query, parts) for raw in docs}
 
 
 class _Cache:
