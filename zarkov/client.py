@@ -81,7 +81,9 @@ class ZarkovClient:
               extra: Any = None, timestamp: dt.datetime | None = None) -> bool:
         """Send one event; the logger fills ``timestamp`` with the receive time when None.
 
-        Returns False when the event was dropped (queue full past the send timeout).
+        ``type``, ``context``, ``extra`` are the event's fields (SPEC 3), positional or
+        keyword.  Returns False when the event was dropped (queue full past the send
+        timeout).
         """
         doc: dict[str, Any] = {"type": type, "context": context}
         if extra is not None:

@@ -23,7 +23,7 @@ hand) jobs write straight to their targets, as the 2011 design did: ``replace`` 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import bson
 from pymongo.collection import Collection
@@ -92,6 +92,30 @@ def _collection_name(collection: Union[Collection, str]) -> str:
         return collection
     raise TaskError(f"output collection must be a pymongo Collection or a name, "
                     f"got {collection!r}")
+
+
+def _check_filter(filter: Any, kind: str) -> None:
+    # Why: map given in filter's place (start_mr(socket, coll, full, map, reduce))
+    # would otherwise fail deep in the query encoding with "not iterable".
+    if filter is None or isinstance(filter, Mapping):
+        return
+    what = (f"function '{getattr(filter, '__name__', '?')}'" if callable(filter)
+            else type(filter).__name__)
+    form = ("start_mr(socket, collection, full, filter=None, map=None, reduce=None, "
+            "map_name=None, reduce_name=None)" if kind == "mr"
+            else "start_xmr(socket, full, filter=None, map=None, reduce=None, ...)")
+    raise TaskError(f"filter must be a query document or None, got {what}: the "
+                    f"arguments are {form}; give map and reduce by keyword")
+
+
+def _check_name(what: str, func: Any, name: Optional[str]) -> None:
+    # Why: a function's source defines its own name; another *_name would only fail
+    # on the worker ("does not define a function named ...") after the run started.
+    fname = getattr(func, "__name__", None)
+    if callable(func) and name and fname and fname != "<lambda>" and name != fname:
+        raise TaskError(f"{what}_name '{name}' is not the name of the {what} function "
+                        f"'{fname}' (a *_name goes with source text; leave it out "
+                        f"for a function)")
 
 
 class Task:
@@ -185,6 +209,9 @@ class Task:
                  finalize: Any = None, finalize_name: Optional[str] = None) -> Any:
         """Start a map-reduce job from the input collection into ``collection``.
 
+        The article's signature, positional or keyword: ``start_mr(socket,
+        collection, full, filter=None, map=None, reduce=None, map_name=None,
+        reduce_name=None)``; ``finalize``/``finalize_name`` come after it.
         ``map``/``reduce``/``finalize`` are module-level functions (shipped as source)
         or source text with the matching ``*_name``.  Returns the job id.
         """
@@ -209,6 +236,10 @@ class Task:
                          map_name: Optional[str], reduce_name: Optional[str],
                          finalize: Any, finalize_name: Optional[str]) -> Any:
         """Build and send a mapreduce (``mr``) or xmapreduce (``xmr``) request."""
+        _check_filter(filter, kind)
+        for what, func, name in (("map", map, map_name), ("reduce", reduce, reduce_name),
+                                 ("finalize", finalize, finalize_name)):
+            _check_name(what, func, name)
         try:
             request = jobclient.mapreduce_request(
                 map, reduce, finalize, query=self._query(filter), xmr=kind == "xmr",
