@@ -104,3 +104,21 @@ def test_perftest_and_rotate_through_zcmd(procs, config_file, db, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "event to event.0" in out.stdout
     assert db["event.0"].count_documents({}) == 1500
+
+
+def test_an_insert_in_parts_reports_each_refusal_at_its_place_in_the_batch(db):
+    from pymongo.errors import BulkWriteError
+
+    from zarkov.eventlog.committer import DUPLICATE_CODES, PARALLEL_MIN, insert_unordered
+    n = PARALLEL_MIN + 500  # in parts, the second part's refusal past the first's size
+    docs = [bson.encode({"_id": i, "n": i}) for i in range(n)]
+    db.event.insert_many([{"_id": 10, "n": -1}, {"_id": n - 3, "n": -1}])
+    with pytest.raises(BulkWriteError) as e:
+        insert_unordered(db.event, docs)
+    errors = e.value.details["writeErrors"]
+    assert sorted(x["index"] for x in errors) == [10, n - 3]
+    assert {x["code"] for x in errors} <= DUPLICATE_CODES
+    assert db.event.count_documents({}) == n
+    assert db.event.count_documents({"n": -1}) == 2  # the first ones stay
+    insert_unordered(db.event.database.other, docs)  # no error: nothing raised
+    assert db.other.count_documents({}) == n

@@ -56,6 +56,8 @@ from zarkov.runtime import loops
 LINGER = 0.02
 CHUNK_BYTES = 4 << 20
 CHUNK_DOCS = 10000
+PARALLEL = 2          # parts of an insert in flight at once (see insert_unordered)
+PARALLEL_MIN = 2000   # the least documents split into parts
 RETRY_MIN, RETRY_MAX = 0.5, 5.0
 DUPLICATE_CODES = frozenset((11000, 11001, 12582))
 LONE_TRIES = 2      # tries alone, each failing with ping answering, before a refusal
@@ -262,7 +264,7 @@ class Committer:
         """One insert: None when done (refusals of single documents included), else the
         error that failed it as a whole; raises DatabaseDown on a write concern error."""
         try:
-            self.collection.insert_many([RawBSONDocument(d) for d in docs], ordered=False)
+            insert_unordered(self.collection, docs)
         except BulkWriteError as e:
             errors = e.details.get("writeErrors", [])
             dups = sum(1 for x in errors if x.get("code") in DUPLICATE_CODES)
@@ -338,6 +340,42 @@ class Committer:
         self.stats.db_errors += 1
         self.stats.last_db_error = str(e)[:200]
         raise DatabaseDown(str(e)) from e
+
+
+def insert_unordered(collection: Collection, docs: list[bytes]) -> None:
+    """``insert_many(ordered=False)`` of ``docs``, in :data:`PARALLEL` parts on as many
+    connections at once when there are at least :data:`PARALLEL_MIN` documents.
+
+    Why: one insert at a time leaves the server idle while the reply travels and the
+    next batch is encoded, and the logger's other work delays both.  An unordered
+    insert promises no order, so parts in flight together are the same insert; their
+    per-document errors come back as one BulkWriteError (indexes into ``docs``), any
+    other error of a part fails the whole (the caller's retry stores each document
+    once: they carry their ``_id``).
+    """
+    if len(docs) < PARALLEL_MIN:
+        collection.insert_many([RawBSONDocument(d) for d in docs], ordered=False)
+        return
+    step = -(-len(docs) // PARALLEL)
+    starts = list(range(0, len(docs), step))
+    jobs = [gevent.spawn(collection.insert_many,
+                         [RawBSONDocument(d) for d in docs[at:at + step]], ordered=False)
+            for at in starts]
+    gevent.joinall(jobs)
+    failed = next((j.exception for j in jobs if j.exception is not None
+                   and not isinstance(j.exception, BulkWriteError)), None)
+    if failed is not None:
+        raise failed
+    errors: list[dict] = []
+    concern: list[dict] = []
+    for at, job in zip(starts, jobs):
+        if isinstance(job.exception, BulkWriteError):
+            details = job.exception.details
+            errors += [{**x, "index": x["index"] + at} for x in details.get("writeErrors", [])]
+            concern += details.get("writeConcernErrors", [])
+    if errors or concern:
+        raise BulkWriteError({"writeErrors": errors, "writeConcernErrors": concern,
+                              "nInserted": len(docs) - len(errors)})
 
 
 def _digest(doc: bytes) -> bytes:
