@@ -129,7 +129,7 @@ def router_families(reply: Optional[dict[str, Any]]) -> list[Metric]:
     return [up, workers, jobs, ended, retries, waiting, errors, refused]
 
 
-def aggdef_families(aggdefs: Iterable[dict[str, Any]], now: float) -> list[Metric]:
+def aggdef_families(aggdefs: Iterable[dict[str, Any]]) -> list[Metric]:
     """Per AggDef (``/aggdefs`` entries, with their ``runs`` counters): runs,
     their duration, events counted, and the lag."""
     runs = CounterMetricFamily("zarkov_aggdef_runs", "Aggregation runs by outcome.",

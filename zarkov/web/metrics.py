@@ -9,7 +9,6 @@ route (the URL rule, not the path: no series per query string) and status.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from flask import Flask, Response, request
@@ -52,7 +51,7 @@ class WebMetrics:
             log.warning("metrics: cannot read the AggDefs: %s", e)
             aggdefs = []
             db_up.add_metric([], 0)
-        return [*out, db_up, *aggdef_families(aggdefs, time.time())]
+        return [*out, db_up, *aggdef_families(aggdefs)]
 
 
 def register(app: Flask, st: State) -> None:
