@@ -135,6 +135,18 @@ def db(mongo_client, db_name):
 
 
 @pytest.fixture
+def mim():
+    """The model bound to Ming's in-memory database (``M.doc_session.db`` works): for
+    pure unit tests only."""
+    from zarkov import config as C
+    from zarkov import model as M
+    M.configure(C.from_dict({"mongo_uri": "mim://", "mongo_database": "zt_mim"}))
+    yield M
+    M.doc_session.db.client.drop_database("zt_mim")
+    M._bound = None
+
+
+@pytest.fixture
 def procs(tmp_path):
     """Start processes with procs.start()/procs.zcmd(); all stopped at teardown."""
     p = Processes(str(tmp_path))

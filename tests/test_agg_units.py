@@ -19,15 +19,6 @@ from zarkov.task import JobFailed, RunContext, Task, TaskError
 
 
 # -- model -------------------------------------------------------------------------
-@pytest.fixture
-def mim():
-    """The model bound to Ming's in-memory database."""
-    M.configure(C.from_dict({"mongo_uri": "mim://", "mongo_database": "zt_mim"}))
-    yield M
-    M.doc_session.db.client.drop_database("zt_mim")
-    M._bound = None
-
-
 def test_register_as_in_the_article(mim):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # ming.orm is ming.odm's alias

@@ -103,15 +103,6 @@ def sent(monkeypatch):
     return requests
 
 
-@pytest.fixture
-def mim():
-    """The model bound to Ming's in-memory database (``M.doc_session.db`` works)."""
-    M.configure(C.from_dict({"mongo_uri": "mim://", "mongo_database": "zt_orig"}))
-    yield M
-    M.doc_session.db.client.drop_database("zt_orig")
-    M._bound = None
-
-
 def _job(request: dict) -> dict:
     """What a job does, without the shipped source text."""
     return {k: v for k, v in request.items() if not k.endswith("_text")}
