@@ -22,7 +22,7 @@ from zarkov.config import Config
 from zarkov.errors import ConfigError
 from zarkov.metrics.families import build_info
 from zarkov.runtime import StartError
-from zarkov.security import is_loopback_host
+from zarkov.security import host_name, is_loopback_host
 
 log = logging.getLogger("zarkov.metrics")
 
@@ -59,7 +59,7 @@ def bind_problem(config: Config, host: str, what: str) -> Optional[str]:
     """Why an endpoint may not listen on ``host`` with this config, or None."""
     if not is_loopback_host(host) and not config.web_token:
         return (f"{config.source}: key 'web_token': required when {what} ({host}) is "
-                "beyond loopback; set a token or bind 127.0.0.1")
+                "beyond loopback; set a token of 16+ characters or bind 127.0.0.1")
     return None
 
 
@@ -81,8 +81,7 @@ def guarded(app: Callable, token: Optional[str]) -> Callable:
                               [("WWW-Authenticate", 'Bearer realm="zarkov"')])
         else:
             host = environ.get("HTTP_HOST") or environ.get("SERVER_NAME", "")
-            name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-            if not is_loopback_host(name):
+            if not is_loopback_host(host_name(host)):
                 return refuse("403 Forbidden", f"host {host!r}: without web_token only "
                               "loopback host names are served")
         return app(environ, start_response)

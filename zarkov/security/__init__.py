@@ -73,6 +73,13 @@ def is_loopback(address: str) -> bool:
     return host == "lo" or is_loopback_host(host)
 
 
+def host_name(host: str) -> str:
+    """The name or address of a Host header, without its port."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0]
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether ``host`` (a name or an address, IPv6 with or without brackets) is loopback."""
     host = host.strip("[]").lower()

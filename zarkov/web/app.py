@@ -24,14 +24,14 @@ from pymongo.errors import PyMongoError
 from werkzeug.exceptions import HTTPException
 
 from zarkov.config import Config
-from zarkov.security import is_loopback_host
+from zarkov.metrics.endpoint import bind_problem as endpoint_bind_problem
+from zarkov.security import host_name, is_loopback_host
 from zarkov.web import api, dashboard, events, metrics
 from zarkov.web.http import (
     MAX_BODY,
     TOKEN_COOKIE,
     State,
     error,
-    host_name,
     json_response,
     trusted,
 )
@@ -47,11 +47,7 @@ log = logging.getLogger("zarkov.web")
 
 def bind_problem(config: Config) -> Optional[str]:
     """Why the web service may not start with this config (one line), or None."""
-    if not is_loopback_host(config.web_bind) and not config.web_token:
-        return (f"{config.source}: key 'web_token': required when web_bind "
-                f"({config.web_bind}) is beyond loopback; set a token of 16+ characters "
-                "or bind 127.0.0.1")
-    return None
+    return endpoint_bind_problem(config, config.web_bind, "web_bind")
 
 
 def create_app(config: Config, intake: Any = None, rate: Any = None,

@@ -54,13 +54,6 @@ def error(status: int, message: str, parameter: Optional[str] = None,
     return json_response(body, status, headers)
 
 
-def host_name(host: str) -> str:
-    """The name or address of a Host header, without its port."""
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0]
-
-
 def trusted(address: Optional[str], proxies: tuple) -> bool:
     """Whether ``address`` belongs to one of the trusted proxy networks."""
     if not address or not proxies:
