@@ -10,12 +10,16 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.aggtools import ENV, register
+from tests.strategies import fuzz_settings
 from tests.support import Cluster, free_port, run_zcmd, wait_for
 from tests.webtools import get, request, start_serve, web_base
 from zarkov.histogram import cumulative
+from zarkov.security import host_name, is_loopback_host
 
 TOKEN = "a-long-enough-token-for-tests"
 TYPES = "my.more.CountTypes"
@@ -160,3 +164,25 @@ def test_a_metrics_bind_beyond_loopback_without_a_token_exits_2_naming_the_key(c
     out = run_zcmd(path, "zmr-router", timeout=60)
     assert out.returncode == 2
     assert "web_token" in out.stderr and "metrics.bind" in out.stderr
+
+
+@pytest.mark.fuzz
+@fuzz_settings(300)
+@given(path=st.just("/metrics") | st.text(max_size=30),
+       host=st.sampled_from(["127.0.0.1:9", "[::1]:9", "localhost"]) | st.text(max_size=40),
+       auth=st.just(f"Bearer {TOKEN}") | st.text(max_size=60),
+       token=st.sampled_from([None, TOKEN]))
+def test_fuzzed_requests_to_a_metrics_endpoint_get_one_of_its_answers(path, host, auth, token):
+    from zarkov.metrics.endpoint import guarded
+    app = guarded(lambda environ, start: (start("200 OK", []), [b"metrics\n"])[1], token)
+    got = []
+    body = app({"PATH_INFO": path, "HTTP_HOST": host, "HTTP_AUTHORIZATION": auth},
+               lambda status, headers: got.append(status))
+    assert len(got) == 1 and got[0][:3] in {"200", "401", "403", "404"}
+    assert b"".join(body)
+    if got[0].startswith("200"):  # only /metrics, with the token or a loopback Host
+        assert path == "/metrics"
+        if token:
+            assert auth[:7].lower() == "bearer " and auth[7:].strip() == TOKEN
+        else:
+            assert is_loopback_host(host_name(host))

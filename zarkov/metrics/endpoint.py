@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from zarkov.config import Config
 from zarkov.errors import ConfigError
 from zarkov.metrics.families import build_info
-from zarkov.runtime import StartError
+from zarkov.runtime import StartError, loops
 from zarkov.security import host_name, is_loopback_host
 
 log = logging.getLogger("zarkov.metrics")
@@ -103,6 +103,7 @@ class MetricsServer:
         self.app = guarded(make_wsgi_app(registry_of(build, what)), config.web_token)
         self._server: Optional[ThreadingWSGIServer] = None
         self._thread: Optional[threading.Thread] = None
+        self._stopping = False
 
     def start(self) -> "MetricsServer":
         """Listen (StartError when the port is taken), then serve in a thread."""
@@ -117,15 +118,17 @@ class MetricsServer:
             raise StartError(f"{self.what}: cannot serve /metrics on {host}:{self.port}: "
                              f"{e.strerror or e}") from None
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.5},
-                                        name=f"{self.what} metrics", daemon=True)
-        self._thread.start()
+        # Watched: should the serving loop end while the process lives, the process
+        # stops (exit 70) rather than go on without its metrics.
+        self._thread = loops.start_thread(f"{self.what}: metrics loop",
+                                          self._server.serve_forever,
+                                          expected_end=lambda: self._stopping)
         log.info("%s: Prometheus metrics at http://%s:%d/metrics", self.what, host, self.port)
         return self
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop serving."""
+        self._stopping = True
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
