@@ -56,7 +56,7 @@ from zarkov.runtime import loops
 from zarkov.runtime.children import Children
 
 SOCKET_NAMES = ("events-bson", "events-json")  # their names in zarkov.security
-BATCH = 100             # most messages taken from a socket before journaling them
+BATCH = 500             # most messages taken from a socket before journaling them
 DRAIN_AT_STOP = 200000  # most messages still taken from the sockets when stopping
 PROXY_STOP = 2.0        # seconds a proxy may take to obey TERMINATE
 _plain_recv = zmq_plain.Socket.recv
