@@ -132,6 +132,23 @@ def test_article_example_on_a_local_cluster_with_engine_option(db, config_file):
     A.assert_clean(db)
 
 
+def test_local_cluster_workers_do_not_profile():
+    """A ``local`` cluster serves no dashboard: its workers skip Dask's sampling
+    profiler (about 10% of a scan task's time)."""
+    import dask
+
+    from zarkov.dask_engine.cluster import connect
+    cfg = C.from_dict({"zmr": {"engine": "dask", "dask_scheduler": "local", "dask_workers": 1}})
+    dask_client, cluster = connect(cfg, 60)
+    try:
+        seen = dask_client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+    finally:
+        dask_client.close()
+        assert cluster is not None
+        cluster.close()
+    assert list(seen.values()) == [False]
+
+
 def test_without_dask_zcmd_says_what_to_install(db, config_file, tmp_path):
     shadow = tmp_path / "shadow" / "distributed"
     shadow.mkdir(parents=True)
