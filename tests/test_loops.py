@@ -157,3 +157,31 @@ def test_a_dead_pool_monitor_ends_zmr_worker_with_status_70(procs, config_file):
     log = procs.log("worker")
     assert "worker pool monitor died" in log and "worker pool stopped" in log
     procs.kill(p, signal.SIGKILL)  # reaps the group: no worker process may be left
+
+
+def test_a_busy_loop_lets_a_greenlet_woken_by_io_run_at_its_next_pause():
+    # Why it matters: the event logger's receive loop pauses this way between
+    # batches; its committer waits on the database's replies.  With gevent.sleep(0)
+    # the reader waited some fifty rounds of the loop (gevent polls I/O once per
+    # fifty callbacks), and a burst of events waited for its inserts.
+    import gevent
+    from gevent import socket
+
+    from zarkov.runtime import loops
+
+    a, b = socket.socketpair()
+    got: list[bytes] = []
+    reader = gevent.spawn(lambda: got.append(a.recv(1)))
+    try:
+        loops.let_others_run()  # the reader now waits on its socket
+        assert not got
+        b.sendall(b"x")
+        rounds = 0
+        while not got and rounds < 1000:
+            rounds += 1
+            loops.let_others_run()
+        assert got == [b"x"] and rounds <= 2, f"the reader ran after {rounds} rounds"
+    finally:
+        reader.kill()
+        a.close()
+        b.close()

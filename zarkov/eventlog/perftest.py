@@ -15,6 +15,7 @@ import bson
 import gevent
 
 from zarkov.client import ZarkovClient
+from zarkov.runtime import loops
 from zarkov.security import ClientKeys
 
 TYPES = ("login", "create", "download", "view", "commit", "comment")
@@ -55,7 +56,7 @@ def run(uri: str, n: int, concurrency: int, rate: float, shared_key: str | None 
                 client.send_raw(bson.encode(synthetic_event(seq, rng)))
                 sent[0] += 1
                 if k % 100 == 99:
-                    gevent.sleep(0)  # why: let the reporter and the other senders run
+                    loops.let_others_run()  # the reporter, the other senders
         finally:
             client.close()
 

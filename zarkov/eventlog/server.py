@@ -155,7 +155,7 @@ class EventServer:
                     self._handle(batch, prepare, source)
                 except Exception:  # noqa: BLE001 - _handle guards each step; a last resort
                     self.stats.errors.record(loop, f"on a batch of {len(batch)} messages")
-            gevent.sleep(0)  # why: let the committer and the other socket run
+            loops.let_others_run()  # the committer's inserts, the other socket
 
     @staticmethod
     def _drain(sock, batch: list, limit: int) -> None:
