@@ -162,8 +162,9 @@ def test_a_dead_pool_monitor_ends_zmr_worker_with_status_70(procs, config_file):
 def test_a_busy_loop_lets_a_greenlet_woken_by_io_run_at_its_next_pause():
     # Why it matters: the event logger's receive loop pauses this way between
     # batches; its committer waits on the database's replies.  With gevent.sleep(0)
-    # the reader waited some fifty rounds of the loop (gevent polls I/O once per
-    # fifty callbacks), and a burst of events waited for its inserts.
+    # the reader waited for fifty rounds of the loop and 5 ms at least (gevent runs
+    # queued callbacks that long before it polls I/O), and a burst of events
+    # waited for its inserts.
     import gevent
     from gevent import socket
 

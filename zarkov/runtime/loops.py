@@ -130,9 +130,10 @@ def let_others_run() -> None:
     go on: what a busy greenlet loop calls between two rounds of work.
 
     Why not ``gevent.sleep(0)``: that queues the caller as a callback, and gevent runs
-    up to 50 callbacks before it polls for I/O again, so a loop that queues itself
-    again after each round of a few milliseconds keeps a greenlet waiting on a socket
-    waiting a hundred milliseconds and more (the event logger's inserts, measured: a
+    queued callbacks without polling for I/O until it has run fifty of them and its
+    switch interval (5 ms) is over, so a loop that queues itself again after each
+    round of a few milliseconds keeps a greenlet waiting on a socket waiting a
+    hundred milliseconds and more (the event logger's inserts, measured: a
     1,000-document round trip to the server took 40-60 ms during a burst instead of
     10).  A timer fires only after the next poll, so what I/O woke runs first.
     """
