@@ -205,7 +205,6 @@ def load_example(name: str, tmp_path: Path) -> tuple[C.Config, dict[str, Any]]:
 
 def check_startup(config: C.Config, call: ZcmdCall) -> None:
     """What the command checks before it starts anything (each would exit 2)."""
-    from zarkov.metrics.endpoint import bind_problem as metrics_problem
     from zarkov.web.app import bind_problem as web_problem
 
     security.check_binds(config, BIND_KEYS)
@@ -218,7 +217,7 @@ def check_startup(config: C.Config, call: ZcmdCall) -> None:
         assert 0 < port < 65536, f"{config.source}: web-server needs a web_port"
     m = config.metrics
     if m.eventlog_port or m.router_port or m.worker_port:
-        problem = metrics_problem(config, m.bind, "metrics.bind")
+        problem = security.http_bind_problem(config, m.bind, "metrics.bind")
         assert problem is None, problem
 
 

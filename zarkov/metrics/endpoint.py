@@ -22,7 +22,7 @@ from zarkov.config import Config
 from zarkov.errors import ConfigError
 from zarkov.metrics.families import build_info
 from zarkov.runtime import StartError, loops
-from zarkov.security import host_name, is_loopback_host
+from zarkov.security import host_name, http_bind_problem, is_loopback_host
 
 log = logging.getLogger("zarkov.metrics")
 
@@ -53,14 +53,6 @@ def registry_of(build: Families, what: str) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Callback(build, what))
     return registry
-
-
-def bind_problem(config: Config, host: str, what: str) -> Optional[str]:
-    """Why an endpoint may not listen on ``host`` with this config, or None."""
-    if not is_loopback_host(host) and not config.web_token:
-        return (f"{config.source}: key 'web_token': required when {what} ({host}) is "
-                "beyond loopback; set a token of 16+ characters or bind 127.0.0.1")
-    return None
 
 
 def guarded(app: Callable, token: Optional[str]) -> Callable:
@@ -108,7 +100,7 @@ class MetricsServer:
     def start(self) -> "MetricsServer":
         """Listen (StartError when the port is taken), then serve in a thread."""
         host = self.config.metrics.bind
-        problem = bind_problem(self.config, host, "metrics.bind")
+        problem = http_bind_problem(self.config, host, "metrics.bind")
         if problem:
             raise ConfigError(problem)
         try:

@@ -91,6 +91,17 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def http_bind_problem(config: Config, host: str, what: str) -> str | None:
+    """Why an HTTP endpoint (the web service, a ``/metrics`` port) may not listen on
+    ``host`` with this config, or None: beyond loopback it needs ``web_token``.
+
+    ``what`` names the config key, for the one-line error."""
+    if not is_loopback_host(host) and not config.web_token:
+        return (f"{config.source}: key 'web_token': required when {what} ({host}) is "
+                "beyond loopback; set a token of 16+ characters or bind 127.0.0.1")
+    return None
+
+
 def curve_on(config: Config) -> bool:
     """Whether this host's servers use CURVE (``security.server_key`` is set)."""
     return config.security.server_key is not None

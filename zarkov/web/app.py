@@ -24,8 +24,7 @@ from pymongo.errors import PyMongoError
 from werkzeug.exceptions import HTTPException
 
 from zarkov.config import Config
-from zarkov.metrics.endpoint import bind_problem as endpoint_bind_problem
-from zarkov.security import host_name, is_loopback_host
+from zarkov.security import host_name, http_bind_problem, is_loopback_host
 from zarkov.web import api, dashboard, events, metrics
 from zarkov.web.http import (
     MAX_BODY,
@@ -47,7 +46,7 @@ log = logging.getLogger("zarkov.web")
 
 def bind_problem(config: Config) -> Optional[str]:
     """Why the web service may not start with this config (one line), or None."""
-    return endpoint_bind_problem(config, config.web_bind, "web_bind")
+    return http_bind_problem(config, config.web_bind, "web_bind")
 
 
 def create_app(config: Config, intake: Any = None, rate: Any = None,
