@@ -14,7 +14,7 @@ import signal
 import pytest
 
 from tests.aggtools import ENV, add_events, register
-from tests.support import free_port, run_zcmd, wait_for
+from tests.support import free_port, run_zcmd, wait_for, write_config
 from tests.webtools import get, post_json, request, start_serve, web_base
 from zarkov.eventlog import journal as J
 
@@ -199,6 +199,29 @@ def test_the_event_rate_counts_what_is_stored(served, zconfig, db):
                       ["totals"]["committed"] == 300 and r, what="the stats to say 300")
     assert sum(rate * 5 for _, rate in report["series"]) == pytest.approx(300)
     assert report["now"] > 0 and len(report["series"]) == 12
+
+
+def test_the_event_rate_counts_an_event_logger_on_another_host(procs, zconfig, tmp_path, db):
+    # The logger has a journal of its own, as it would on another host: the web
+    # service reads none of its stats files, only the registry of streams.
+    from zarkov.client import ZarkovClient
+    elsewhere = dict(zconfig, journal=str(tmp_path / "logger-host" / "journal"))
+    procs.zcmd("eventlog", write_config(str(tmp_path / "logger.yaml"), elsewhere), "eventlog")
+    procs.zcmd("web", write_config(str(tmp_path / "web.yaml"), zconfig), "web-server")
+    base = web_base(zconfig)
+    wait_for(lambda: get(base, "/health").status == 200, what="zcmd web-server")
+    client = ZarkovClient(zconfig["bson_uri"])
+    for i in range(300):
+        client.event("tick", {"i": i})
+    client.close()
+    wait_for(lambda: db.event.count_documents({}) == 300, what="300 events stored")
+
+    def counted() -> dict | None:
+        r = get(base, "/events/rate", minutes=1, step=5).json()
+        return r if round(sum(rate * 5 for _, rate in r["series"])) == 300 else None
+    report = wait_for(counted, what="the event rate to count the 300 events")
+    assert report["now"] > 0
+    assert report["totals"]["committed"] == 0  # no stats file of it here: nothing twice
 
 
 def journal_one_then_die(procs, path: str, zconfig: dict):

@@ -58,8 +58,9 @@ def create_app(config: Config, intake: Any = None, rate: Any = None,
     client = client or pymongo.MongoClient(
         config.mongo_uri, serverSelectionTimeoutMS=3000, connectTimeoutMS=3000,
         socketTimeoutMS=60000, tz_aware=False)
-    st = State(config, client, QueryApi(client[config.mongo_database]), intake,
-               rate or EventRate(config.journal),
+    rate = rate or EventRate(config.journal)
+    rate.read_streams_from(client[config.mongo_database])
+    st = State(config, client, QueryApi(client[config.mongo_database]), intake, rate,
                tuple(ipaddress.ip_network(p, strict=False) for p in config.web_trusted_proxies),
                RunNames())
     app.extensions["zarkov"] = st

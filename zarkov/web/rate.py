@@ -7,16 +7,27 @@ commit timeline: ``(time, committed so far)`` after each insert, the last 64.  A
 process's timeline for ``KEEP`` seconds, and turns the increments into a rate per
 time bucket.  A process is known by its file, pid and start time, so a restarted
 logger (whose counters start again from 0) is a new process.
+
+Event servers on other hosts write no file here: their rate comes from the
+registry of streams (:mod:`zarkov.streams`, ``event_stream``), which every committer
+updates after each insert with how far its stream is stored.  Each sample reads it
+once and keeps, per stream, ``(updated, stored)``: a stream then counts like a
+process.  The streams this host's files already count (same host, a journal under
+the same directory) are left out, so that nothing counts twice.
 """
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import os
+import socket
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import gevent
+from pymongo.errors import PyMongoError
 
+from zarkov import streams
 from zarkov.eventlog.stats import FIELDS, read_stats, total
 from zarkov.runtime import loops
 
@@ -24,6 +35,7 @@ KEEP = 1800.0      # seconds of history kept (the longest window that can be ask
 TIMELINE = 64      # points a stats file keeps (Stats.commits maxlen)
 SAMPLE_EVERY = 1.0
 NOW_WINDOW = 10.0  # seconds over which the "now" rate is computed
+NEW_STREAM = 5.0   # seconds: a stream first seen this soon after it began counts whole
 
 
 class EventRate:
@@ -37,6 +49,12 @@ class EventRate:
         self._sampled = 0.0
         self._greenlet: Optional[gevent.Greenlet] = None
         self.errors = loops.Errors()
+        self._registry: Optional[Callable[[], Iterable[dict[str, Any]]]] = None
+
+    def read_streams_from(self, db: Any) -> None:
+        """Count too the streams of the registry in database ``db`` that no stats file
+        here counts (event servers on other hosts)."""
+        self._registry = lambda: streams.listing(db)
 
     def stats_dirs(self) -> list[str]:
         """The journal directory and the web intakes' directories under it."""
@@ -61,6 +79,7 @@ class EventRate:
                         pts[float(snap["started"])] = 0
                 for t, c in commits:
                     pts[float(t)] = int(c)
+        seen |= self._sample_streams(now)
         for key in list(self.points):
             pts = self.points[key]
             for t in [t for t in pts if t < now - KEEP]:
@@ -69,6 +88,39 @@ class EventRate:
                 self.latest.pop(key, None)
                 if not pts:
                     del self.points[key]
+
+    def _sample_streams(self, now: float) -> set[tuple]:
+        """Merge the registry's streams that are not this host's; their keys."""
+        if self._registry is None:
+            return set()
+        try:
+            docs = list(self._registry())
+        except PyMongoError:  # no database: /health says so; the files still count
+            return set()
+        here, mine = socket.gethostname(), os.path.realpath(self.journal_dir)
+        keys = set()
+        for doc in docs:
+            journal = doc.get("journal")
+            if doc.get("host") == here and isinstance(journal, str) and \
+                    os.path.realpath(journal).startswith(mine + os.sep):
+                continue  # counted by its stats file
+            updated, stored = _seconds(doc.get("updated")), doc.get("stored")
+            if updated is None or not isinstance(stored, int):
+                continue
+            key = ("stream", doc["_id"])
+            keys.add(key)
+            pts = self.points.get(key)
+            if pts is None:
+                pts = self.points[key] = {}
+                started = _seconds(doc.get("started"))
+                # A stream that began just now counts from its first event (positions
+                # start at 1; ``started`` is its first insert); an older one from now
+                # on, not all its history at once.
+                if started is not None and now - NEW_STREAM <= started <= updated:
+                    pts[min(started, now) - 1e-3] = 0
+            # Another host's clock may be ahead: never a point in the future.
+            pts[min(updated, now)] = int(stored)
+        return keys
 
     def fresh(self) -> None:
         """Sample unless a sample was taken within the last half second."""
@@ -124,3 +176,12 @@ class EventRate:
         """Stop sampling."""
         if self._greenlet is not None:
             self._greenlet.kill()
+
+
+def _seconds(value: Any) -> Optional[float]:
+    """Seconds since the epoch of a registry time (a naive datetime is UTC)."""
+    if not isinstance(value, dt.datetime):
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.timestamp()
