@@ -3,6 +3,7 @@ import collections
 import json
 import re
 import signal
+import socket
 import time
 
 import pytest
@@ -169,11 +170,16 @@ def test_zcmd_status_shows_the_service_and_fails_once_it_is_down(served, zconfig
     assert re.search(rf"router      {re.escape(zconfig['zmr']['req_uri'])}: [12] worker "
                      r"process\(es\), \d+ job\(s\) running", text), text
     assert "events      server 0 (pid " in text and "NOT RUNNING" not in text, text
+    # The stream its logger began (a fresh journal), from the registry: what a host
+    # without event servers shows of the others.
+    assert re.search(rf"stream      \w+ \(event\) on {re.escape(socket.gethostname())}, "
+                     r"pid \d+: stored up to 30, last insert \d+ s ago", text), text
     assert "aggdef      per_type: last run" in text and "up to date" in text, text
     report = json.loads(run_zcmd(path, "status", "--json", timeout=60).stdout)
     (agg,) = report["aggdefs"]
     assert agg["lag"] == {"waiting": 0, "oldest_age": None, "late": False}
     assert sum(s["committed"] for s in report["event_servers"]) == 30
+    assert [s["stored"] for s in report["streams"]] == [30]
     procs.kill(proc, signal.SIGTERM)
     down = run_zcmd(path, "status", timeout=60)
     assert down.returncode == 1, down.stdout

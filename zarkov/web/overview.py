@@ -1,18 +1,21 @@
 """The whole service on one page: what ``zcmd status`` prints (and ``--json`` gives).
 
 Event servers (from their stats files under ``journal``, so on the host that runs
-them), the router and its workers, the jobs running on both engines, every AggDef
+them), the event streams of every host that stored events lately (from the registry
+in the database), the router and its workers, the jobs running on both engines, every AggDef
 with its last run and its lag.  ``problems`` lists what is down or behind, one line
 each; :func:`overview` says whether anything is down, for a health check's exit code.
 """
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Any
 
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
+from zarkov import streams as registry
 from zarkov.config import Config
 from zarkov.eventlog.stats import read_stats
 from zarkov.metrics.families import alive
@@ -20,6 +23,9 @@ from zarkov.web import status
 
 #: Seconds of commits over which an event server's rate is computed.
 RATE_WINDOW = 60.0
+#: Seconds since its last insert within which a stream is listed (each crash of an
+#: event server begins a new stream: the older ones are only counted).
+STREAMS_SHOWN = 3600.0
 
 
 def _rate(commits: list, started: float, now: float) -> float:
@@ -53,6 +59,25 @@ def event_servers(config: Config, now: float) -> list[dict[str, Any]]:
     return out
 
 
+def event_streams(db: Database, now: float) -> tuple[list[dict[str, Any]], int]:
+    """The streams that stored events in the last :data:`STREAMS_SHOWN` seconds, on
+    every host (newest first), and how many others the registry holds."""
+    shown, older = [], 0
+    for doc in registry.listing(db):
+        updated = doc.get("updated")
+        if not isinstance(updated, dt.datetime):
+            older += 1
+            continue
+        at = updated.replace(tzinfo=dt.timezone.utc) if updated.tzinfo is None else updated
+        if now - at.timestamp() > STREAMS_SHOWN:
+            older += 1
+            continue
+        shown.append({"stream": doc["_id"], "collection": doc.get("collection"),
+                      "host": doc.get("host"), "pid": doc.get("pid"),
+                      "stored": doc.get("stored"), "updated": updated})
+    return shown, older
+
+
 def overview(config: Config, db: Database) -> tuple[dict[str, Any], bool]:
     """Everything ``zcmd status`` shows, and whether nothing is down."""
     now = time.time()
@@ -79,6 +104,7 @@ def overview(config: Config, db: Database) -> tuple[dict[str, Any], bool]:
     if not router["ok"]:
         problems.append(f"router {config.zmr.req_uri}: {router.get('error')}")
         down = True
+    shown, older = event_streams(db, now) if database["ok"] else ([], 0)
     aggdefs = status.aggdefs(db, config.lag_warning_seconds) if database["ok"] else []
     for a in aggdefs:
         if a["lag"]["late"]:
@@ -86,5 +112,5 @@ def overview(config: Config, db: Database) -> tuple[dict[str, Any], bool]:
                             f"oldest for {a['lag']['oldest_age']:.0f} s")
     running = [j for j in jobs["jobs"] if j.get("ended") is None and j.get("state") != "lost"]
     return {"ok": not down, "database": database, "event_servers": servers,
-            "router": router, "jobs_running": running, "aggdefs": aggdefs,
-            "problems": problems}, not down
+            "streams": shown, "streams_older": older, "router": router,
+            "jobs_running": running, "aggdefs": aggdefs, "problems": problems}, not down

@@ -60,6 +60,13 @@ def lines(r: dict[str, Any]) -> list[str]:
         out.append(f"events      server {s['index']} ({state}): {s['accepted']:,} accepted, "
                    f"{s['committed']:,} stored, {s['rejected']:,} rejected, "
                    f"{s['rate']:,.1f}/s, {s['backlog_files']} journal files waiting")
+    for st in r["streams"]:
+        out.append(f"stream      {st['stream']} ({st['collection']}) on {st['host']}, "
+                   f"pid {st['pid']}: stored up to {st['stored']:,}, last insert "
+                   f"{_ago(st['updated'])}")
+    if r["streams_older"]:
+        out.append(f"stream      and {r['streams_older']} more with no insert for an hour "
+                   "or longer")
     router = r["router"]
     if router["ok"]:
         out.append(f"router      {router['uri']}: {router.get('workers', 0)} worker "
