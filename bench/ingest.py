@@ -25,7 +25,9 @@ each acknowledged insert), taking the journal as first in, first out; the databa
 is not polled, since a FerretDB look-up by ``_id`` scans the collection.
 
 Prints each run, then the medians and the ratio logger / ceiling (target ≥ 0.9;
-latency p99 ≤ 250 ms at half the ceiling).
+latency p99 ≤ 250 ms at half the ceiling), and the CPU time per event of the logger's
+processes and of the database server (found by its port with ``ss``) during the flat
+out runs: on a machine of few cores they share, what bounds the ratio.
 All of it runs on each database server (``--server``, see bench/servers.py: both
 bundled servers by default), then the figures are printed side by side.  Usage:
 ``python bench/ingest.py [--server both] [--events 100000] [--runs 3]
@@ -57,6 +59,7 @@ import yaml
 import zmq
 from bson import ObjectId
 from bson.raw_bson import RawBSONDocument
+from procstat import cpu_seconds, listening_pid
 
 from tests.support import free_port
 from zarkov import keyfiles as K
@@ -176,8 +179,11 @@ def make_keys(directory: str) -> dict:
 
 
 def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
-               servers: int, rate: float = 0.0, keys: dict | None = None) -> dict:
-    """One measured run of ``zcmd eventlog``: rates and latencies.
+               servers: int, rate: float = 0.0, keys: dict | None = None,
+               server_pid: int | None = None) -> dict:
+    """One measured run of ``zcmd eventlog``: rates, latencies, and the CPU per event
+    of the logger's processes and of the database server (``server_pid``), from the
+    clients' start to the last insert.
 
     ``rate`` (events/s in all, 0 = flat out) paces the clients; ``keys`` (from
     :func:`make_keys`) makes every socket CURVE."""
@@ -218,6 +224,9 @@ def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
             first += count
         for p in senders:
             assert p.stdout.readline().strip() == "ready"
+        workers = sorted({logger.pid, *read_stats(cfg["journal"], servers)["pids"]})
+        cpu0 = sum(map(cpu_seconds, workers))
+        db_cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
         t0 = time.time()
         for p in senders:
             p.stdin.write("go\n")
@@ -228,6 +237,8 @@ def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
             for i, commits in enumerate(st["commits"]):
                 timelines[i].update((t, c) for t, c in commits)
             if st["committed"] >= n:
+                logger_cpu = sum(map(cpu_seconds, workers)) - cpu0
+                db_cpu = cpu_seconds(server_pid) - db_cpu0 if server_pid else float("nan")
                 break
             if logger.poll() is not None:
                 raise RuntimeError(f"the event logger exited; see {log.name}")
@@ -249,7 +260,8 @@ def logger_run(client: pymongo.MongoClient, uri: str, n: int, clients: int,
         lat = sorted(latencies(send_times, timelines))
         return {"rate": n / elapsed, "steady": 0.8 * n / max(hi - lo, 1e-9),
                 "seconds": elapsed, "events": len(lat), "lat_median": statistics.median(lat),
-                "lat_p99": lat[max(0, int(len(lat) * 0.99) - 1)]}
+                "lat_p99": lat[max(0, int(len(lat) * 0.99) - 1)],
+                "logger_us": logger_cpu / n * 1e6, "server_us": db_cpu / n * 1e6}
     finally:
         for p in senders:
             if p.poll() is None:
@@ -304,13 +316,16 @@ def measure(server: servers.Server, args) -> dict[str, str]:
     key_dir = tempfile.mkdtemp(prefix="zbench-keys-")
     keys = None if args.no_curve else make_keys(key_dir)
     ceilings, runs, paced, curve, curve_paced = [], [], [], [], []
+    port = pymongo.uri_parser.parse_uri(uri)["nodelist"][0][1]
+    db_pid = listening_pid(port)  # None: a server elsewhere, or ss cannot say
     # A first ceiling warms the server up (the java server's JIT: the first run of
     # inserts was measured 3x slower than the next) and is not counted; the paced
     # runs use the median of the ceilings measured before them.
     ceiling(client, args.events, args.batch)
     for i in range(args.runs):
         c = ceiling(client, args.events, args.batch)
-        r = logger_run(client, uri, args.events, args.clients, args.event_servers)
+        r = logger_run(client, uri, args.events, args.clients, args.event_servers,
+                       server_pid=db_pid)
         ceilings.append(c)
         rate = args.load * statistics.median(ceilings)
         p = logger_run(client, uri, int(rate * args.paced_seconds), args.clients,
@@ -319,7 +334,8 @@ def measure(server: servers.Server, args) -> dict[str, str]:
         paced.append(p)
         print(f"run {i + 1}: ceiling {c:,.0f}/s; logger {r['rate']:,.0f}/s end to end "
               f"({r['seconds']:.2f} s), {r['steady']:,.0f}/s steady; ratio {r['rate'] / c:.2f}; "
-              f"burst latency median {r['lat_median']:.2f} s; at {rate:,.0f}/s latency "
+              f"burst latency median {r['lat_median']:.2f} s; CPU per event: logger "
+              f"{r['logger_us']:.1f} us, server {r['server_us']:.1f} us; at {rate:,.0f}/s latency "
               f"median {p['lat_median'] * 1000:.0f} ms, p99 {p['lat_p99'] * 1000:.0f} ms",
               flush=True)
         if keys:
@@ -333,7 +349,8 @@ def measure(server: servers.Server, args) -> dict[str, str]:
                   f"{rc['steady']:,.0f}/s steady; CURVE / plain {rc['rate'] / r['rate']:.2f}; "
                   f"at {rate:,.0f}/s latency median {pc['lat_median'] * 1000:.0f} ms, "
                   f"p99 {pc['lat_p99'] * 1000:.0f} ms", flush=True)
-    med = {k: statistics.median(r[k] for r in runs) for k in ("rate", "steady")}
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("rate", "steady", "logger_us", "server_us")}
     lat = {k: statistics.median(p[k] for p in paced) for k in ("lat_median", "lat_p99")}
     ceil = statistics.median(ceilings)
     ratio = statistics.median(r["rate"] / c for r, c in zip(runs, ceilings))
@@ -342,12 +359,15 @@ def measure(server: servers.Server, args) -> dict[str, str]:
           f"ratios {ratio:.2f}; target >= 0.9); "
           f"steady {med['steady']:,.0f}/s = {med['steady'] / ceil:.2f}x; latency send->stored "
           f"at {args.load:g}x the ceiling: median {lat['lat_median'] * 1000:.0f} ms, "
-          f"p99 {lat['lat_p99'] * 1000:.0f} ms")
+          f"p99 {lat['lat_p99'] * 1000:.0f} ms; CPU per event (flat out): logger "
+          f"{med['logger_us']:.1f} us, server {med['server_us']:.1f} us")
     figures = {"ceiling: insert_many batches": f"{ceil:,.0f} events/s",
                "logger, end to end": f"{med['rate']:,.0f} events/s {med['rate'] / ceil:.2f}x",
                "logger, steady (10% -> 90%)": f"{med['steady']:,.0f} events/s",
                f"latency median at {args.load:g}x ceiling": f"{lat['lat_median'] * 1000:.0f} ms",
-               f"latency p99 at {args.load:g}x ceiling": f"{lat['lat_p99'] * 1000:.0f} ms"}
+               f"latency p99 at {args.load:g}x ceiling": f"{lat['lat_p99'] * 1000:.0f} ms",
+               "CPU per event: logger processes": f"{med['logger_us']:.1f} us",
+               "CPU per event: database server": f"{med['server_us']:.1f} us"}
     if curve:
         cmed = statistics.median(r["rate"] for r in curve)
         cratio = statistics.median(rc["rate"] / r["rate"] for rc, r in zip(curve, runs))

@@ -53,6 +53,7 @@ import bson
 import pymongo
 import servers
 import yaml
+from procstat import cpu_seconds, peak_rss_mb
 
 from tests.support import free_port
 from zarkov import keyfiles as K
@@ -130,21 +131,6 @@ def baseline(coll, map_text: str) -> tuple[float, dict]:
         k = (key["type"], key["day"])
         counts[k] = counts.get(k, 0) + v
     return time.perf_counter() - t0, counts
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) that process ``pid`` has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Cluster:
