@@ -358,3 +358,30 @@ def test_aggdefs_shows_each_aggdefs_lag_from_reads_by_id(web):
     db.agg_position.update_one({"_id": "lagging"}, {"$set": {"streams": {stream: 3}}})
     lag = {a["name"]: a["lag"] for a in client.get("/aggdefs").json["aggdefs"]}["lagging"]
     assert lag["waiting"] == 12 and lag["oldest_age"] >= 120 and lag["late"] is True
+
+
+def test_the_event_rate_counts_streams_of_other_hosts_and_skips_what_it_cannot_read(
+        web, tmp_path):
+    # What /events/rate takes from the registry of streams: a stream of another host
+    # that began just now counts whole; documents that are not what a committer
+    # writes (another program's, a damaged one) are left out, not a failed request.
+    import socket
+
+    from zarkov.streams import COLLECTION
+    client, _, db = web
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    mine = str(tmp_path / "journal" / "0")
+    db[COLLECTION].insert_many([
+        {"_id": "00000000000000a1", "collection": "event", "stored": 40, "host": "elsewhere",
+         "pid": 1, "journal": "/var/zarkov/journal/0", "started": now, "updated": now},
+        # this host's own, under its journal: its stats file counts it
+        {"_id": "00000000000000a2", "collection": "event", "stored": 1000,
+         "host": socket.gethostname(), "pid": 2, "journal": mine, "started": now,
+         "updated": now},
+        {"_id": "00000000000000a3", "stored": "many", "updated": now, "started": now},
+        {"_id": "00000000000000a4", "stored": 7, "updated": "yesterday"},
+        {"_id": "00000000000000a5", "stored": 9, "journal": 5, "host": None},
+    ])
+    report = client.get("/events/rate?minutes=1&step=5").get_json()
+    assert round(sum(rate * 5 for _, rate in report["series"])) == 40
+    assert report["now"] == 4.0  # 40 events over the 10 s window
