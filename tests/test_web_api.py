@@ -385,3 +385,30 @@ def test_the_event_rate_counts_streams_of_other_hosts_and_skips_what_it_cannot_r
     report = client.get("/events/rate?minutes=1&step=5").get_json()
     assert round(sum(rate * 5 for _, rate in report["series"])) == 40
     assert report["now"] == 4.0  # 40 events over the 10 s window
+
+
+def test_a_stream_idle_for_longer_than_the_history_counts_its_next_events(db, tmp_path):
+    # The rate keeps 30 minutes of points; the last point of a stream stays beyond
+    # that, or the first insert after a long quiet hour would count for nothing.
+    import time
+
+    from zarkov.streams import COLLECTION
+    from zarkov.web.rate import KEEP, EventRate
+
+    def at(t: float) -> dt.datetime:
+        return dt.datetime.fromtimestamp(t, dt.timezone.utc).replace(tzinfo=None)
+
+    rate = EventRate(str(tmp_path / "journal"))
+    rate.read_streams_from(db)
+    now = time.time()
+    began = now - KEEP - 300
+    db[COLLECTION].insert_one({"_id": "00000000000000b1", "collection": "event",
+                               "host": "elsewhere", "stored": 40, "started": at(began),
+                               "updated": at(began)})
+    rate.sample(now=began + 1)
+    rate.sample(now=now - 5)  # quiet for longer than the history kept
+    db[COLLECTION].update_one({"_id": "00000000000000b1"},
+                              {"$set": {"stored": 100, "updated": at(now - 2)}})
+    rate.sample()
+    report = rate.report(seconds=60, step=5)
+    assert round(sum(r * 5 for _, r in report["series"])) == 60

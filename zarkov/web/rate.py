@@ -60,9 +60,10 @@ class EventRate:
         """The journal directory and the web intakes' directories under it."""
         return [self.journal_dir] + sorted(glob.glob(os.path.join(self.journal_dir, "web-*")))
 
-    def sample(self) -> None:
-        """Read every stats file once and merge its timeline."""
-        now = time.time()
+    def sample(self, now: Optional[float] = None) -> None:
+        """Read every stats file (and the registry) once and merge the timelines;
+        ``now``: the time of the sample (default: the clock's)."""
+        now = time.time() if now is None else now
         self._sampled = time.monotonic()
         seen = set()
         for directory in self.stats_dirs():
@@ -80,13 +81,17 @@ class EventRate:
                 for t, c in commits:
                     pts[float(t)] = int(c)
         seen |= self._sample_streams(now)
+        cutoff = now - KEEP
         for key in list(self.points):
             pts = self.points[key]
-            for t in [t for t in pts if t < now - KEEP]:
+            expired = sorted(t for t in pts if t < cutoff)
+            # The last point before the history's start stays, while its process or
+            # stream is there: the increment of its next insert starts from it.
+            for t in expired[:-1]:
                 del pts[t]
             if key not in seen:
                 self.latest.pop(key, None)
-                if not pts:
+                if not pts or max(pts) < cutoff:
                     del self.points[key]
 
     def _sample_streams(self, now: float) -> set[tuple]:
