@@ -412,3 +412,31 @@ def test_a_stream_idle_for_longer_than_the_history_counts_its_next_events(db, tm
     rate.sample()
     report = rate.report(seconds=60, step=5)
     assert round(sum(r * 5 for _, r in report["series"])) == 60
+
+
+def test_zcmd_status_lists_the_streams_a_committer_wrote_and_leaves_out_the_rest(db):
+    # A damaged registry document must not take zcmd status down (it formats
+    # `stored` as a number).
+    import time
+
+    from zarkov.cli.commands.status import lines
+    from zarkov.streams import COLLECTION
+    from zarkov.web.overview import event_streams
+
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    db[COLLECTION].insert_many([
+        {"_id": "00000000000000c1", "collection": "event", "stored": 1234, "host": "h1",
+         "pid": 7, "started": now, "updated": now},
+        {"_id": "00000000000000c2", "collection": "event", "stored": 5, "host": "h1",
+         "pid": 6, "updated": now - dt.timedelta(hours=2)},
+        {"_id": "00000000000000c3", "stored": "many", "updated": now},
+        {"_id": "00000000000000c4", "stored": 3, "updated": "yesterday"},
+    ])
+    shown, older = event_streams(db, time.time())
+    assert [s["stream"] for s in shown] == ["00000000000000c1"] and older == 1
+    text = lines({"ok": True, "database": {"name": "z", "ok": True}, "event_servers": [],
+                  "streams": shown, "streams_older": older,
+                  "router": {"ok": False, "uri": "tcp://127.0.0.1:1"}, "jobs_running": [],
+                  "aggdefs": [], "problems": []})
+    assert any("00000000000000c1 (event) on h1, pid 7: stored up to 1,234" in t for t in text)
+    assert "stream      and 1 more with no insert for an hour or longer" in text

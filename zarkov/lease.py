@@ -67,6 +67,14 @@ def utcnow() -> datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+def utc_seconds(when: datetime) -> float:
+    """Seconds since the epoch of a time from the database (naive: UTC, as pymongo
+    hands them back by default)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
 def is_stale(doc: dict, now: Optional[datetime] = None) -> bool:
     """Whether a lease document's holder is gone (see the module docstring)."""
     now = now or utcnow()

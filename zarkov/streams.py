@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import datetime
 from typing import Any
 
 from bson.int64 import Int64
@@ -69,5 +70,8 @@ def bounds(db: Database, collection: str) -> dict[str, int]:
 
 
 def listing(db: Database) -> list[dict[str, Any]]:
-    """Every stream's document, newest first (for people)."""
-    return list(registry(db).find().sort("updated", -1))
+    """Every stream's document as a committer writes it (``stored`` an integer,
+    ``updated`` a time), newest first; anything else in the collection (another
+    program's document, a damaged one) is left out."""
+    return [d for d in registry(db).find().sort("updated", -1)
+            if isinstance(d.get("stored"), int) and isinstance(d.get("updated"), datetime)]

@@ -7,7 +7,6 @@ same series from the same kind of snapshot.
 """
 from __future__ import annotations
 
-import datetime
 import os
 from typing import Any, Iterable, Optional
 
@@ -20,6 +19,7 @@ from prometheus_client.core import (
 
 from zarkov import __version__
 from zarkov.histogram import cumulative
+from zarkov.lease import utc_seconds
 
 #: The outcomes of ``zarkov_events_total`` and the stats fields they come from.
 EVENT_OUTCOMES = (("accepted", "accepted"), ("rejected", "rejected"),
@@ -161,15 +161,8 @@ def aggdef_families(aggdefs: Iterable[dict[str, Any]]) -> list[Metric]:
         running.add_metric([name], 1 if a.get("running") else 0)
         ended = (a.get("last") or {}).get("ended")
         if ended is not None and hasattr(ended, "timestamp"):
-            last_ok.add_metric([name], _utc_timestamp(ended))
+            last_ok.add_metric([name], utc_seconds(ended))
     return [runs, seconds, counted, waiting, oldest, running, last_ok]
-
-
-def _utc_timestamp(when: Any) -> float:
-    # The database hands back naive datetimes in UTC.
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return float(when.timestamp())
 
 
 def worker_families(snapshots: Iterable[dict[str, Any]]) -> list[Metric]:

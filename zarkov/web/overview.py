@@ -8,7 +8,6 @@ each; :func:`overview` says whether anything is down, for a health check's exit 
 """
 from __future__ import annotations
 
-import datetime as dt
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ from pymongo.errors import PyMongoError
 from zarkov import streams as registry
 from zarkov.config import Config
 from zarkov.eventlog.stats import read_stats
+from zarkov.lease import utc_seconds
 from zarkov.metrics.families import alive
 from zarkov.web import status
 
@@ -64,17 +64,12 @@ def event_streams(db: Database, now: float) -> tuple[list[dict[str, Any]], int]:
     every host (newest first), and how many others the registry holds."""
     shown, older = [], 0
     for doc in registry.listing(db):
-        updated = doc.get("updated")
-        if not isinstance(updated, dt.datetime):
-            older += 1
-            continue
-        at = updated.replace(tzinfo=dt.timezone.utc) if updated.tzinfo is None else updated
-        if now - at.timestamp() > STREAMS_SHOWN:
+        if now - utc_seconds(doc["updated"]) > STREAMS_SHOWN:
             older += 1
             continue
         shown.append({"stream": doc["_id"], "collection": doc.get("collection"),
                       "host": doc.get("host"), "pid": doc.get("pid"),
-                      "stored": doc.get("stored"), "updated": updated})
+                      "stored": doc["stored"], "updated": doc["updated"]})
     return shown, older
 
 

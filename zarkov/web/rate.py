@@ -29,6 +29,7 @@ from pymongo.errors import PyMongoError
 
 from zarkov import streams
 from zarkov.eventlog.stats import FIELDS, read_stats, total
+from zarkov.lease import utc_seconds
 from zarkov.runtime import loops
 
 KEEP = 1800.0      # seconds of history kept (the longest window that can be asked)
@@ -109,22 +110,21 @@ class EventRate:
             if doc.get("host") == here and isinstance(journal, str) and \
                     os.path.realpath(journal).startswith(mine + os.sep):
                 continue  # counted by its stats file
-            updated, stored = _seconds(doc.get("updated")), doc.get("stored")
-            if updated is None or not isinstance(stored, int):
-                continue
+            updated = utc_seconds(doc["updated"])
             key = ("stream", doc["_id"])
             keys.add(key)
             pts = self.points.get(key)
             if pts is None:
                 pts = self.points[key] = {}
-                started = _seconds(doc.get("started"))
+                began = doc.get("started")
+                started = utc_seconds(began) if isinstance(began, dt.datetime) else None
                 # A stream that began just now counts from its first event (positions
                 # start at 1; ``started`` is its first insert); an older one from now
                 # on, not all its history at once.
                 if started is not None and now - NEW_STREAM <= started <= updated:
                     pts[min(started, now) - 1e-3] = 0
             # Another host's clock may be ahead: never a point in the future.
-            pts[min(updated, now)] = int(stored)
+            pts[min(updated, now)] = int(doc["stored"])
         return keys
 
     def fresh(self) -> None:
@@ -182,11 +182,3 @@ class EventRate:
         if self._greenlet is not None:
             self._greenlet.kill()
 
-
-def _seconds(value: Any) -> Optional[float]:
-    """Seconds since the epoch of a registry time (a naive datetime is UTC)."""
-    if not isinstance(value, dt.datetime):
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.timestamp()
