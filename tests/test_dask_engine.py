@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import bson
 import pytest
@@ -364,6 +365,76 @@ def test_pieces_of_ids_of_several_types_fall_back_to_a_scan(db):
     caps = dataclasses.replace(storage.capabilities(db.client, db.name), id_reads=ID_RANGE)
     pieces, docs = _read_all(db, caps, ["event"], {}, every=10)
     assert [p[0] for p in pieces] == ["scan"] and len(docs) == 100
+
+
+def test_natural_slices_read_every_document_once_and_notice_a_shift(db):
+    """Where natural-order slices cost what they return (mongo-java-server; forced
+    elsewhere), a large filter is cut into two slices per worker thread; a document
+    deleted before a boundary between two slices' reads makes them disagree."""
+    from zarkov.dask_engine import split, tasks
+    db.ev.insert_many([{"_id": i, "t": i % 3} for i in range(3000)])
+    caps = dataclasses.replace(storage.capabilities(db.client, db.name), natural_slices=True)
+    for query, n in (({}, 3000), ({"t": 1}, 1000)):
+        pieces = split.pieces(db, caps, ["ev"], query, threads=3, slice_min=100)
+        assert [p[0] for p in pieces] == ["slice"] * 6, query
+        reads = [tasks.read_slice(_uri(db), db.name, p) for p in pieces]
+        ids = [d["_id"] for data, _ in reads for d in bson.decode_all(data)]
+        assert sorted(ids) == sorted(d["_id"] for d in db.ev.find(query)) and len(ids) == n
+        assert split.slices_agree(pieces, [edges for _, edges in reads])
+    assert [p[0] for p in split.pieces(db, caps, ["ev"], {}, threads=3)] == ["scan"]
+    pieces = split.pieces(db, caps, ["ev"], {}, threads=2, slice_min=100)
+    first = tasks.read_slice(_uri(db), db.name, pieces[0])
+    db.ev.delete_one({"_id": 7})
+    second = tasks.read_slice(_uri(db), db.name, pieces[1])
+    assert not split.slices_agree(pieces, [first[1], second[1]])
+
+
+def test_a_job_whose_slices_shifted_is_read_again_as_one_scan(db, monkeypatch):
+    """A job over slices counts each document once; when a document is deleted while
+    its slices are read, the job reads its input again as one scan, and every
+    document left is counted once."""
+    from distributed import Client, LocalCluster
+
+    from zarkov.dask_engine import split, tasks
+    from zarkov.dask_engine.job import DaskJob
+    from zarkov.zmr.jobspec import JobSpec
+    db.ev.insert_many([{"_id": i} for i in range(4000)])
+    real_read, real_pieces = tasks.read_slice, split.pieces
+    caps = dataclasses.replace(storage.capabilities(db.client, db.name), natural_slices=True)
+    monkeypatch.setattr(split, "pieces", lambda db_, caps_, *a, **k:
+                        real_pieces(db_, caps, *a, **{**k, "slice_min": 100}))
+    reads, one_at_a_time, delete = [], threading.Lock(), threading.Event()
+
+    def read_then_delete(uri, database, piece):
+        with one_at_a_time:
+            out = real_read(uri, database, piece)
+            reads.append(piece[2]["skip"])
+            if delete.is_set() and len(reads) == 1:  # between two slices' reads
+                db.ev.delete_one({"_id": 7})         # before their boundary
+        return out
+
+    monkeypatch.setattr(tasks, "read_slice", read_then_delete)
+    fns = {"map": ["def m(objects):\n    for o in objects:\n        yield o['_id'], 1\n", "m"],
+           "reduce": ["def r(key, values):\n    return sum(values)\n", "r"]}
+    spec = JobSpec(kind="mapreduce", fns=fns, database=db.name, input_names=["ev"],
+                   inline_max=1 << 24)
+
+    def counted() -> dict:
+        job = DaskJob(spec, lambda: dc, _uri(db), db.client, 1 << 20, 2, "local")
+        job.run()
+        assert job.info["state"] == "complete", job.info.get("traceback")
+        [out] = job.info["inline"]
+        return {d["_id"]: d["value"] for d in bson.decode_all(out["docs"])}
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as dc:
+        assert counted() == {i: 1 for i in range(4000)}
+        assert sorted(reads) == [0, 1000, 2000, 3000]
+        reads.clear()
+        delete.set()
+        assert counted() == {i: 1 for i in range(4000) if i != 7}
+        assert sorted(reads) == [0, 1000, 2000, 3000]  # then one scan, not by slices
 
 
 def positions_of(db) -> list[Range]:

@@ -8,7 +8,8 @@ The phases and the status document are the router's (:mod:`zarkov.zmr.job`):
 
 * one task per piece of the input (:mod:`.split`) reads it from the database and
   maps + combines it into ``parts`` partitions (a ``scan`` piece is first read and
-  cut into chunks by one task, then one map task per chunk);
+  cut into chunks by one task, then one map task per chunk; the slices of a
+  collection must agree on their edges, else the job is read again as one scan);
 * the shuffle is Dask's: one small task per (map result, partition) picks that
   partition's records, and the reduce task of partition ``p`` depends on every
   map's pick of ``p``, so Dask moves each partition's records worker to worker;
@@ -128,6 +129,16 @@ class DaskJob(JobState):
         except Exception:  # noqa: BLE001 - the task's own exception, or a cancellation
             raise self._failure(fut) from None
 
+    def _gather(self, client: Client, futures: list[Future]) -> list[Any]:
+        """The results of ``futures`` in one exchange with the scheduler."""
+        try:
+            return client.gather(futures)
+        except Exception:  # a task's own exception, or a cancellation: which one
+            failed = next((f for f in futures if f.status != "finished"), None)
+            if failed is None:
+                raise
+            raise self._failure(failed) from None
+
     def _each(self, futures: list[Future], on_done: Callable[[Future], None]) -> None:
         """Wait for every future; ``on_done`` for each as it completes; fail fast."""
         # The gateway's client is not Dask's default one: name its loop.
@@ -159,16 +170,32 @@ class DaskJob(JobState):
         end); then the maps are watched for progress, then the reduces.
         """
         spec = self.spec
-        xmr = spec.kind == "xmapreduce"
-        finalize = spec.output_type != "reduce"
-        fns = spec.fns
         self._phase("map")
         db = self.mongo[spec.database]
         nthreads = client.nthreads()
-        workers = sorted(nthreads)
         threads = max(1, sum(nthreads.values()))
         caps = storage.capabilities(self.mongo, spec.database)
         pieces = split.pieces(db, caps, spec.input_names, spec.query, threads)
+        outputs = self._graph(client, pieces, sorted(nthreads), threads)
+        if outputs is None:
+            log.warning("job %s: documents moved in the input while its slices were read; "
+                        "reading it again as one scan", self.job_id)
+            with self._lock:
+                for key in ("docs_read", "chunks_done", "partitions_done"):
+                    self.info[key] = 0
+            scans = [("scan", [name], spec.query) for name in spec.input_names]
+            outputs = self._graph(client, scans, sorted(nthreads), threads)
+            assert outputs is not None, "scans have no slices to disagree"
+        return outputs
+
+    def _graph(self, client: Client, pieces: list[tuple], workers: list[str],
+               threads: int) -> Optional[dict[str, bytes]]:
+        """Map, shuffle and reduce ``pieces``; None when its slices did not cover the
+        input once each (:func:`split.slices_agree`)."""
+        spec = self.spec
+        xmr = spec.kind == "xmapreduce"
+        finalize = spec.output_type != "reduce"
+        fns = spec.fns
         direct = [p for p in pieces if p[0] != "scan"]
         scans = [p for p in pieces if p[0] == "scan"]
         chunks: list[Future] = []  # futures of (chunk, docs) of the scans
@@ -204,6 +231,11 @@ class DaskJob(JobState):
         maps += [self._submit(client, tasks.map_chunk, fns, c, parts, xmr, key="map",
                               workers=workers[i % len(workers)] if workers else None)
                  for i, c in enumerate(chunks)]
+        # The pieces' document counts and a slice's edges: a tiny task where each map
+        # result is (moving the results to one place would cost more than the tasks),
+        # submitted now so that each runs as its map ends.
+        summaries = [self._submit(client, tasks.summary, m, key="summary")
+                     for m in maps[:len(direct)]]
         reduces = []
         for p in range(parts):
             picks = [self._submit(client, tasks.partition, m, p, key="pick") for m in maps]
@@ -216,10 +248,11 @@ class DaskJob(JobState):
             self._add("chunks_done")
 
         self._each(maps, mapped)
-        # The pieces' document counts: a tiny task where each map result is (moving
-        # the results to one place would cost more than the tasks).
-        counts = [self._submit(client, tasks.item, m, 0, key="docs") for m in maps[:len(direct)]]
-        self._add("docs_read", sum(self._result(f) for f in counts))
+        got = self._gather(client, summaries)
+        self._add("docs_read", sum(n for n, _ in got))
+        if not split.slices_agree(direct, [edges for _, edges in got]):
+            client.cancel(reduces)
+            return None
         self._phase("reduce")
         with self._lock:
             self.info["partitions_total"] = len(reduces)

@@ -17,7 +17,13 @@ What a piece may be depends on which reads cost what they return on the server
   with (FerretDB: all but ``_id`` equality; mongo-java-server: all but ``_id``
   equality and ``$in``), the filter is one ``scan`` piece: one cursor, its documents
   cut into chunks by the worker that reads it and mapped on every worker.  Splitting
-  it there would multiply the server's work by the number of pieces.
+  it into filtered ranges there would multiply the server's work by the number of
+  pieces.  Except where natural-order slices cost what they return
+  (mongo-java-server): a large input is cut into ``slice`` pieces by ``skip`` and
+  ``limit``, each read and mapped by one task, and each slice reads one document
+  past its end, which must be the next slice's first: a document deleted or inserted
+  before a boundary between the reads shifts the slices, and the job is then read
+  again as one scan (:func:`slices_agree`).
 
 No ``$bucketAuto``, ``splitVector`` or ``$sample``: FerretDB has none of them.
 """
@@ -38,6 +44,9 @@ MIN_PIECE = 1000
 MAX_PIECE = 50_000
 #: Documents between two ``_id`` boundaries of a filter's pieces (MongoDB).
 BOUNDARY_EVERY = 20_000
+#: Fewest matching documents cut into natural-order slices (mongo-java-server): below
+#: that one scan piece costs less than counting them and a task per slice.
+SLICE_MIN = 10_000
 
 
 def piece_size(total: int, threads: int) -> int:
@@ -52,7 +61,8 @@ def sub_ranges(rng: Range, size: int) -> list[Range]:
 
 
 def pieces(db: Database, caps: Capabilities, names: Sequence[str], query: Mapping[str, Any],
-           threads: int, boundary_every: int = BOUNDARY_EVERY) -> list[tuple]:
+           threads: int, boundary_every: int = BOUNDARY_EVERY,
+           slice_min: int = SLICE_MIN) -> list[tuple]:
     """The pieces of a job's input (see the module docstring and :data:`tasks.Piece`)."""
     names = list(names)
     plan = split_selection(query)
@@ -63,15 +73,19 @@ def pieces(db: Database, caps: Capabilities, names: Sequence[str], query: Mappin
             size = piece_size(sum(len(r) for r in ranges), threads)
             out = [("range", names, sub.clause()) for r in ranges for sub in sub_ranges(r, size)]
             if others is not None:
-                out += filter_pieces(db, caps, names, others, boundary_every)
+                out += filter_pieces(db, caps, names, others, boundary_every, threads,
+                                     slice_min)
             return out
-    return filter_pieces(db, caps, names, dict(query), boundary_every)
+    return filter_pieces(db, caps, names, dict(query), boundary_every, threads, slice_min)
 
 
 def filter_pieces(db: Database, caps: Capabilities, names: Sequence[str],
-                  query: dict, boundary_every: int = BOUNDARY_EVERY) -> list[tuple]:
+                  query: dict, boundary_every: int = BOUNDARY_EVERY, threads: int = 1,
+                  slice_min: int = SLICE_MIN) -> list[tuple]:
     """Pieces of a filter that is not ranges of positions (see the module docstring)."""
     if caps.id_reads != ID_RANGE:
+        if caps.natural_slices and threads > 1:
+            return [p for name in names for p in slices(db, name, query, threads, slice_min)]
         return [("scan", list(names), query)]
     out: list[tuple] = []
     for name in names:
@@ -90,6 +104,44 @@ def filter_pieces(db: Database, caps: Capabilities, names: Sequence[str],
             both = {"$and": [query, clause]} if query and clause else (query or clause)
             out.append(("query", [name], both))
     return out
+
+
+def slices(db: Database, name: str, query: dict, threads: int,
+           least: int = SLICE_MIN) -> list[tuple]:
+    """``query``'s matches in collection ``name`` as natural-order slices, or one scan.
+
+    Two slices per worker thread (while one worker reads, another maps), and slices
+    of at most :data:`MAX_PIECE` documents for ``{}`` (whose skip costs the server
+    nothing; a filter's skip matches what it skips, so more slices would cost more
+    server time).  Documents added after the count are read by the last slice, which
+    has no limit.
+    """
+    count = db[name].estimated_document_count() if not query else db[name].count_documents(query)
+    if count < max(least, 2):
+        return [("scan", [name], query)]
+    k = max(2 * threads, 1 if query else -(-count // MAX_PIECE))
+    size = -(-count // k)
+    return [("slice", [name], {"filter": query, "skip": skip,
+                               "limit": size if skip + size < count else None})
+            for skip in range(0, count, size)]
+
+
+def slices_agree(pieces: Sequence[tuple], edges: Sequence[Any]) -> bool:
+    """Whether the slices of one read cover their collection once each: ``edges``
+    holds, for each piece, the (first ``_id``, ``_id`` one past its end) its read
+    saw (None for pieces that are not slices).  A slice's one-past-the-end must be
+    the next slice's first (both None where the matches ran out early); else a
+    document deleted or inserted before a boundary between the two reads shifted
+    them, and a document may have been read twice or not at all.
+    """
+    previous = None
+    for piece, edge in zip(pieces, edges):
+        if piece[0] != "slice":
+            continue
+        if piece[2]["skip"] and (previous is None or previous[1] != edge[0]):
+            return False
+        previous = edge
+    return True
 
 
 def id_boundaries(db: Database, name: str, query: dict, every: int) -> "list | None":

@@ -9,10 +9,12 @@ that Dask runs again after losing a worker can never write twice.
 """
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Any, Mapping, Optional, Sequence
 
 import pymongo
+from bson.raw_bson import RawBSONDocument
 
 from zarkov import storage
 from zarkov.storage.capabilities import ID_RANGE
@@ -26,7 +28,8 @@ _lock = threading.Lock()
 #: id where the server's ``_id`` index serves no range; ``("query", names, filter)``
 #: — a filter whose cost is what it returns on this server (MongoDB ``_id``
 #: ranges); ``("scan", names, filter)`` — one cursor over the filter, whose
-#: documents are cut into chunks for the map tasks.
+#: documents are cut into chunks for the map tasks; ``("slice", [name], {filter,
+#: skip, limit})`` — a natural-order slice of the filter's matches (mongo-java-server).
 Piece = tuple
 
 
@@ -40,8 +43,10 @@ def mongo(uri: str) -> pymongo.MongoClient:
 
 
 def read_piece(uri: str, database: str, piece: Piece) -> bytes:
-    """The documents of one ``range`` or ``query`` piece, concatenated BSON."""
+    """The documents of one ``range``, ``query`` or ``slice`` piece, concatenated BSON."""
     kind, names, what = piece
+    if kind == "slice":
+        return read_slice(uri, database, piece)[0]
     db = mongo(uri)[database]
     reads = storage.reads(db)
     if kind == "range" and reads.caps.id_reads != ID_RANGE:
@@ -51,7 +56,31 @@ def read_piece(uri: str, database: str, piece: Piece) -> bytes:
         arrays = reads.by_id(names, rng.ids())
     else:
         arrays = find_arrays(db, names, what)
-    return b"".join(reader.concatenated(a) for a in arrays)
+    return b"".join(reader.concatenated_fast(a) for a in arrays)
+
+
+def read_slice(uri: str, database: str, piece: Piece) -> tuple[bytes, tuple[Any, Any]]:
+    """The documents of a ``slice`` piece, and its edges for :func:`split.slices_agree`:
+    (the ``_id`` of its first document, of the document one past its end), each None
+    where there is none.  The one past the end is read in the same query and left out.
+    """
+    _, names, what = piece
+    limit = what["limit"]
+    arrays = find_arrays(mongo(uri)[database], names, what["filter"], skip=what["skip"],
+                         limit=None if limit is None else limit + 1)
+    data = b"".join(reader.concatenated_fast(a) for a in arrays)
+    offsets = list(reader.offsets(data))
+    first = _id_at(data, offsets[0]) if offsets else None
+    past = None
+    if limit is not None and len(offsets) > limit:
+        past = _id_at(data, offsets[limit])
+        data = data[:offsets[limit]]
+    return data, (first, past)
+
+
+def _id_at(data: bytes, pos: int) -> Any:
+    (n,) = struct.unpack_from("<i", data, pos)
+    return RawBSONDocument(data[pos:pos + n]).get("_id")
 
 
 def scan_chunks(uri: str, database: str, piece: Piece, chunk_size: int,
@@ -69,11 +98,16 @@ def scan_chunks(uri: str, database: str, piece: Piece, chunk_size: int,
 
 
 def map_piece(fns: Mapping[str, Any], uri: str, database: str, piece: Piece,
-              parts: int, xmr: bool) -> tuple[int, dict[int, bytes]]:
-    """Read a piece and map + combine it: (documents read, {partition: records})."""
-    n, _, out = compute.run_map(compute.load_functions(fns), read_piece(uri, database, piece),
-                                parts, xmr)
-    return n, out
+              parts: int, xmr: bool) -> tuple[int, dict[int, bytes], Optional[tuple]]:
+    """Read a piece and map + combine it: (documents read, {partition: records}, the
+    edges of a slice or None)."""
+    edges = None
+    if piece[0] == "slice":
+        data, edges = read_slice(uri, database, piece)
+    else:
+        data = read_piece(uri, database, piece)
+    n, _, out = compute.run_map(compute.load_functions(fns), data, parts, xmr)
+    return n, out, edges
 
 
 def map_chunk(fns: Mapping[str, Any], chunk: tuple[bytes, int], parts: int,
@@ -103,6 +137,11 @@ def counts(chunks: list[tuple[bytes, int]]) -> list[int]:
 def item(value: Any, index: Any) -> Any:
     """``value[index]`` (a chunk of a scan, the count of a map result)."""
     return value[index]
+
+
+def summary(result: tuple[int, dict[int, bytes], Optional[tuple]]) -> tuple[int, Optional[tuple]]:
+    """(documents read, edges of a slice or None) of a :func:`map_piece` result."""
+    return result[0], result[2]
 
 
 def partition(result: tuple[int, dict[int, bytes]], p: int) -> bytes:

@@ -83,6 +83,12 @@ class Capabilities(Identity):
     #: else every filter but ``_id`` reads the whole collection.  By name: MongoDB
     #: only (mongo-java-server uses unique indexes alone, FerretDB none).
     indexed_filters: bool = False
+    #: Slices of a filter's matches in natural order (``skip`` + ``limit``, no sort)
+    #: cost what they return, and a document keeps its place in that order while it
+    #: lives (mongo-java-server's memory backend: one slot per document, a freed slot
+    #: reused by a later insert).  By name: elsewhere ``skip`` reads what it skips
+    #: (FerretDB) or natural order may move (MongoDB's storage engines).
+    natural_slices: bool = False
 
     @property
     def update_batch(self) -> int:
@@ -162,6 +168,7 @@ def capabilities(client: MongoClient, database: str) -> Capabilities:
                                            bulk_updates=who.server != "FerretDB",
                                            atomic_updates=who.server != "FerretDB",
                                            id_reads=_ID_READS.get(who.server, ID_RANGE),
-                                           indexed_filters=who.server not in _ID_READS)
+                                           indexed_filters=who.server not in _ID_READS,
+                                           natural_slices=who.server == "mongo-java-server")
             log.debug("%s, database %s: %s", known[database].label, database, known[database])
         return known[database]

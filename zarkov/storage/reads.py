@@ -132,13 +132,18 @@ def _cursor(reply: RawBSONDocument) -> tuple[int, bytes]:
     return cursor_id, batch
 
 
-def _find(db, name: str, query: Mapping[str, Any], batch_size: int):
+def _find(db, name: str, query: Mapping[str, Any], batch_size: int, skip: int = 0,
+          limit: Optional[int] = None):
     """Run ``find``; return (its reply, the session its cursor belongs to or None).
 
     MongoDB ties a cursor to the session of its ``find``, so every ``getMore`` must
     come in the same session: an explicit one, where the server has sessions.
     """
     command = SON([("find", name), ("filter", dict(query)), ("batchSize", batch_size)])
+    if skip:
+        command["skip"] = skip
+    if limit is not None:
+        command["limit"] = limit
     session = db.client.start_session(causal_consistency=False)
     try:
         return db.command(command, codec_options=_RAW, session=session), session
@@ -151,11 +156,13 @@ def _find(db, name: str, query: Mapping[str, Any], batch_size: int):
 
 
 def find_arrays(db, names: Sequence[str], query: Mapping[str, Any],
-                batch_size: int = BATCH_SIZE) -> Iterator[bytes]:
-    """Every matching document of each named collection: the server's batches, each
-    a raw BSON array of documents."""
+                batch_size: int = BATCH_SIZE, skip: int = 0,
+                limit: Optional[int] = None) -> Iterator[bytes]:
+    """Every matching document of each named collection (past the first ``skip``, at
+    most ``limit``, in natural order): the server's batches, each a raw BSON array of
+    documents."""
     for name in names:
-        reply, session = _find(db, name, query, batch_size)
+        reply, session = _find(db, name, query, batch_size, skip, limit)
         cursor_id = 0
         try:
             cursor_id, batch = _cursor(reply)

@@ -43,9 +43,18 @@ def concatenated(array: bytes) -> bytes:
     return b"".join(out)
 
 
-# bson's own (C) version of _concatenated, which pymongo uses for its raw batches:
-# the router's only per-document work then is to check chunk boundaries.
-_concatenated = getattr(bson, "_array_of_documents_to_buffer", concatenated)
+#: :func:`concatenated` in C where bson has it (pymongo uses it for its raw batches):
+#: the router's only per-document work then is to check chunk boundaries.
+concatenated_fast = getattr(bson, "_array_of_documents_to_buffer", concatenated)
+
+
+def offsets(docs: bytes) -> Iterator[int]:
+    """Where each document of concatenated BSON starts."""
+    unpack = _LEN.unpack_from
+    pos, end = 0, len(docs)
+    while pos < end:
+        yield pos
+        pos += unpack(docs, pos)[0]
 
 
 def cut_chunks(arrays: Iterable[bytes], chunk_size: int) -> Iterator[tuple[bytes, int]]:
@@ -55,7 +64,7 @@ def cut_chunks(arrays: Iterable[bytes], chunk_size: int) -> Iterator[tuple[bytes
     size = count = 0
     unpack = _LEN.unpack_from
     for array in arrays:
-        docs = _concatenated(array)
+        docs = concatenated_fast(array)
         view = memoryview(docs)
         pos = start = 0
         end = len(docs)
