@@ -85,9 +85,10 @@ class Capabilities(Identity):
     indexed_filters: bool = False
     #: Slices of a filter's matches in natural order (``skip`` + ``limit``, no sort)
     #: cost what they return, and a document keeps its place in that order while it
-    #: lives (mongo-java-server's memory backend: one slot per document, a freed slot
-    #: reused by a later insert).  By name: elsewhere ``skip`` reads what it skips
-    #: (FerretDB) or natural order may move (MongoDB's storage engines).
+    #: lives (mongo-java-server: in memory, one slot per document, a freed slot
+    #: reused by a later insert; with ``-data``, H2 keeps documents in ``_id`` order).
+    #: By name: elsewhere ``skip`` reads what it skips (FerretDB) or natural order may
+    #: move (MongoDB's storage engines).
     natural_slices: bool = False
 
     @property
