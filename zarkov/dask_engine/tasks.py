@@ -9,16 +9,15 @@ that Dask runs again after losing a worker can never write twice.
 """
 from __future__ import annotations
 
-import struct
+import itertools
 import threading
 from typing import Any, Mapping, Optional, Sequence
 
 import pymongo
-from bson.raw_bson import RawBSONDocument
 
 from zarkov import storage
 from zarkov.storage.capabilities import ID_RANGE
-from zarkov.storage.reads import find_arrays
+from zarkov.storage.reads import documents, find_arrays, id_of
 from zarkov.zmr import compute, reader
 
 _clients: dict[str, pymongo.MongoClient] = {}
@@ -69,18 +68,17 @@ def read_slice(uri: str, database: str, piece: Piece) -> tuple[bytes, tuple[Any,
     arrays = find_arrays(mongo(uri)[database], names, what["filter"], skip=what["skip"],
                          limit=None if limit is None else limit + 1)
     data = b"".join(reader.concatenated_fast(a) for a in arrays)
-    offsets = list(reader.offsets(data))
-    first = _id_at(data, offsets[0]) if offsets else None
+    docs = documents(data)
+    head = next(docs, None)
+    first = None if head is None else id_of(head)
     past = None
-    if limit is not None and len(offsets) > limit:
-        past = _id_at(data, offsets[limit])
-        data = data[:offsets[limit]]
+    if head is not None and limit is not None:
+        # At most limit + 1 come back: one past the end is the last of them.
+        extra = next(itertools.islice(docs, limit - 1, None), None)
+        if extra is not None:
+            past = id_of(extra)
+            data = data[:len(data) - len(extra)]
     return data, (first, past)
-
-
-def _id_at(data: bytes, pos: int) -> Any:
-    (n,) = struct.unpack_from("<i", data, pos)
-    return RawBSONDocument(data[pos:pos + n]).get("_id")
 
 
 def scan_chunks(uri: str, database: str, piece: Piece, chunk_size: int,

@@ -204,7 +204,7 @@ def approx_count(db: Database, name: str, caps: Optional[Capabilities] = None) -
         return 0
 
 
-def _documents(data: bytes) -> Iterator[bytes]:
+def documents(data: bytes) -> Iterator[bytes]:
     """The documents of concatenated BSON (a raw batch)."""
     at = 0
     while at + 4 <= len(data):
@@ -216,7 +216,7 @@ def _documents(data: bytes) -> Iterator[bytes]:
 _OID_FIRST = b"\x07_id\x00"
 
 
-def _id_of(raw: bytes) -> Any:
+def id_of(raw: bytes) -> Any:
     """The ``_id`` of a raw document; without decoding the rest when it comes first
     and is an ObjectId (as the event logger stores every event)."""
     if raw[4:9] == _OID_FIRST:
@@ -335,7 +335,7 @@ class Reads:
         if self.caps.id_reads == ID_IN:
             def query(part: list) -> list[bytes]:
                 return [doc for batch in coll.find_raw_batches({"_id": {"$in": part}})
-                        for doc in _documents(batch)]
+                        for doc in documents(batch)]
             parts = [ids[i:i + IN_BATCH] for i in range(0, len(ids), IN_BATCH)]
         else:
             def query(part: list) -> list[bytes]:
@@ -343,9 +343,9 @@ class Reads:
                 return [] if d is None else [d.raw]
             parts = [[i] for i in ids]
         if len(parts) == 1:
-            return {_id_of(raw): raw for raw in query(parts[0])}
+            return {id_of(raw): raw for raw in query(parts[0])}
         with ThreadPoolExecutor(CONCURRENCY) as pool:
-            return {_id_of(raw): raw for docs in pool.map(query, parts) for raw in docs}
+            return {id_of(raw): raw for docs in pool.map(query, parts) for raw in docs}
 
 
 class _Cache:

@@ -48,15 +48,6 @@ def concatenated(array: bytes) -> bytes:
 concatenated_fast = getattr(bson, "_array_of_documents_to_buffer", concatenated)
 
 
-def offsets(docs: bytes) -> Iterator[int]:
-    """Where each document of concatenated BSON starts."""
-    unpack = _LEN.unpack_from
-    pos, end = 0, len(docs)
-    while pos < end:
-        yield pos
-        pos += unpack(docs, pos)[0]
-
-
 def cut_chunks(arrays: Iterable[bytes], chunk_size: int) -> Iterator[tuple[bytes, int]]:
     """Re-cut the documents of raw BSON arrays into (chunk, document count) of at most
     ``chunk_size`` bytes: the documents concatenated, as ``bson.decode_all`` reads."""
