@@ -9,6 +9,7 @@ import pymongo
 
 from tests.eventlog_util import load, push, seqs, start_logger, stats, wait_accepted
 from tests.support import wait_for
+from zarkov import faults
 
 
 def burst(first: int, n: int) -> list[dict]:
@@ -19,12 +20,19 @@ def burst(first: int, n: int) -> list[dict]:
 
 def test_sigkill_before_everything_is_committed_then_restart_stores_each_event_once(
         procs, config_file, db):
+    """SIGKILL with part of the journal stored: the committer pauses before the insert
+    of the batch holding a marked event in the middle (without it, a fast server had
+    stored every event before the kill, and the test proved nothing)."""
     path = config_file()
     cfg = load(path)
-    p = start_logger(procs, path)
+    p = start_logger(procs, path, env={"ZARKOV_FAULTS": "commit.insert:pause"})
     n = 20000
-    push(cfg["bson_bind_address"], burst(0, n))
+    events = burst(0, n)
+    events[n // 2]["extra"]["mark"] = faults.MARK.decode()
+    push(cfg["bson_bind_address"], events)
     wait_accepted(procs, p, cfg["journal"], n)
+    wait_for(lambda: "zarkov-fault-pause commit.insert" in procs.log("eventlog"),
+             what="the committer paused")
     procs.kill(p)  # SIGKILL: no flush, no goodbye
     stored = db.event.count_documents({})
     assert stored < n, "everything was committed before the kill: the test proves nothing"
