@@ -10,7 +10,7 @@ insert the committer publishes how far each stream of the batch is now stored
 inserted whole before its bound moves, and batches go in journal order), then
 :func:`zarkov.eventlog.notify.committed` tells the real-time loop, which aggregates
 them at once.  Events
-carry their ``_id`` from the journal, and ``insert_many(ordered=False)`` reports a
+carry their ``_id`` from the journal, and an unordered insert reports a
 duplicate key for one already stored, so committing a record twice (a replay after
 a crash, a retry after a lost reply) stores it once.  A file is deleted once all its
 records are committed.  When the database is unreachable, files wait and the commit
@@ -39,7 +39,6 @@ import time
 from typing import Any
 
 import gevent
-from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, PyMongoError
 
@@ -51,6 +50,7 @@ from zarkov.eventlog.rejects import RejectLog
 from zarkov.eventlog.stats import Stats
 from zarkov.oneline import first_line as clip
 from zarkov.runtime import loops
+from zarkov.storage.writes import insert_raw
 
 #: Seconds the oldest record of the open file waits for others to join its insert.
 LINGER = 0.02
@@ -343,8 +343,9 @@ class Committer:
 
 
 def insert_unordered(collection: Collection, docs: list[bytes]) -> None:
-    """``insert_many(ordered=False)`` of ``docs``, in :data:`PARALLEL` parts on as many
-    connections at once when there are at least :data:`PARALLEL_MIN` documents.
+    """``insert_many(ordered=False)`` of ``docs`` (:func:`zarkov.storage.writes.insert_raw`),
+    in :data:`PARALLEL` parts on as many connections at once when there are at least
+    :data:`PARALLEL_MIN` documents.
 
     Why: one insert at a time leaves the server idle while the reply travels and the
     next batch is encoded, and the logger's other work delays both.  An unordered
@@ -354,13 +355,11 @@ def insert_unordered(collection: Collection, docs: list[bytes]) -> None:
     once: they carry their ``_id``).
     """
     if len(docs) < PARALLEL_MIN:
-        collection.insert_many([RawBSONDocument(d) for d in docs], ordered=False)
+        insert_raw(collection, docs)
         return
     step = -(-len(docs) // PARALLEL)
     starts = list(range(0, len(docs), step))
-    jobs = [gevent.spawn(collection.insert_many,
-                         [RawBSONDocument(d) for d in docs[at:at + step]], ordered=False)
-            for at in starts]
+    jobs = [gevent.spawn(insert_raw, collection, docs[at:at + step]) for at in starts]
     gevent.joinall(jobs)
     failed = next((j.exception for j in jobs if j.exception is not None
                    and not isinstance(j.exception, BulkWriteError)), None)

@@ -44,6 +44,51 @@ def raw_batches(coll, size: int = BATCH) -> Iterator[list[bytes]]:
         yield batch
 
 
+class _Raw(RawBSONDocument):
+    """A raw document taken as it is: the bytes were checked where they were made.
+
+    Why: ``RawBSONDocument()`` checks the size of the bytes it wraps again, twice the
+    cost of this wrapper (0.37 against 0.16 us a document).
+    """
+
+    __slots__ = ()
+
+    def __init__(self, raw: bytes):
+        self._RawBSONDocument__raw = raw
+        self._RawBSONDocument__inflated_doc = None
+        self._RawBSONDocument__codec_options = None
+
+
+#: The most bytes of documents sent as one ``insert`` command by :func:`insert_raw`
+#: (the command is one BSON document, at most 16 MiB).
+COMMAND_BYTES = 8 << 20
+
+
+def insert_raw(coll, docs: list[bytes]) -> None:
+    """``insert_many(docs, ordered=False)`` of raw BSON documents, each with its ``_id``.
+
+    Raises BulkWriteError (``writeErrors`` indexed into ``docs``) when the server
+    refuses some documents, and what ``insert_many`` raises otherwise.  Why not
+    ``insert_many``: up to :data:`COMMAND_BYTES`, one ``insert`` command skips the
+    driver's per-document bookkeeping (client CPU per 250-byte event 1.2 against
+    2.0 us); beyond that the driver splits the documents into messages.
+    """
+    if sum(map(len, docs)) > COMMAND_BYTES:
+        coll.insert_many([RawBSONDocument(d) for d in docs], ordered=False)
+        return
+    command: dict = {"insert": coll.name, "documents": [_Raw(d) for d in docs],
+                     "ordered": False}
+    if not coll.write_concern.is_server_default:
+        command["writeConcern"] = coll.write_concern.document
+    reply = coll.database.command(command)
+    errors = reply.get("writeErrors")
+    concern = reply.get("writeConcernError")
+    if errors or concern:
+        raise BulkWriteError({"writeErrors": errors or [],
+                              "writeConcernErrors": [concern] if concern else [],
+                              "nInserted": reply.get("n", 0)})
+
+
 def _rebatch(batches: Batches, size: int) -> Iterator[list[bytes]]:
     for batch in batches:
         for i in range(0, len(batch), size):
