@@ -13,7 +13,7 @@ import uuid
 
 import bson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.conftest import make_config
@@ -29,7 +29,15 @@ from tests.strategies import (
     multipart,
 )
 from tests.support import wait_for, write_config
-from zarkov.eventlog.schema import MAX_BSON_SIZE, MAX_DEPTH, Rejected, prepare_bson, prepare_json
+from zarkov.eventlog.schema import (
+    MAX_BSON_SIZE,
+    MAX_DEPTH,
+    Rejected,
+    decode_many,
+    prepare_bson,
+    prepare_json,
+)
+from zarkov.eventlog.stream import Stream
 
 pytestmark = pytest.mark.fuzz
 
@@ -70,6 +78,35 @@ def test_prepare_json_returns_a_storable_event_or_rejects(msg):
 @given(st.one_of(bson_messages(), bson_events(nan=True).map(bson.encode)))
 def test_prepare_bson_returns_a_storable_event_or_rejects(msg):
     _prepared_or_rejected(prepare_bson, msg)
+
+
+def _outcome(prepare, *args) -> object:
+    try:
+        return prepare(*args)
+    except Rejected as e:
+        return f"rejected: {e}"
+
+
+_GOOD = bson.encode({"type": "view", "extra": 1})
+
+
+@fuzz_settings(300)
+@given(st.lists(st.one_of(bson_messages(), bson_events(nan=True).map(bson.encode)),
+                max_size=6))
+@example([_GOOD, _GOOD + b"\x00", _GOOD])       # one message longer than it says
+@example([_GOOD, _GOOD[:-1], _GOOD])             # one shorter
+@example([_GOOD, bson.encode({"type": "x", "$command": "event_noval"})])
+def test_a_batch_decoded_at_once_prepares_every_message_as_if_alone(msgs):
+    # The event server decodes a batch in one call (decode_many): each message must
+    # come out the same (same bytes, same position, or the same reason to reject it).
+    alone, batch = Stream.detached(), Stream("")
+    batch.stream = alone.stream
+    decoded = decode_many(msgs)
+    assert decoded is None or len(decoded) == len(msgs)
+    for i, msg in enumerate(msgs):
+        expected = _outcome(prepare_bson, msg, 0, alone)
+        doc = None if decoded is None else decoded[i]
+        assert _outcome(prepare_bson, msg, 0, batch, doc) == expected
 
 
 @pytest.mark.parametrize("depth, ok", [(MAX_DEPTH - 2, True), (MAX_DEPTH - 1, False),

@@ -141,22 +141,46 @@ def _command(doc: dict) -> Any:
     return cmd
 
 
-def prepare_bson(msg: bytes, now_ms: int, ids: "Stream | None" = None) -> bytes:
+def decode_many(msgs: list[bytes]) -> "list[dict] | None":
+    """The documents of BSON messages decoded in one call, or None when any message is
+    not exactly one valid BSON document within the size limit (then
+    :func:`prepare_bson` decodes each alone and names what is wrong with it).
+
+    Why: the decoder reads its options anew on every call, which costs a third of
+    decoding a small event; one call for a batch pays it once.
+    """
+    size = _INT32.unpack_from
+    for msg in msgs:
+        # Each message's own length must be its declared one: then the documents of
+        # the joined bytes are exactly the messages, one each.
+        if not 5 <= len(msg) <= MAX_EVENT_SIZE or size(msg)[0] != len(msg):
+            return None
+    try:
+        docs = bson.decode_all(b"".join(msgs), _CODEC)
+    except Exception:  # noqa: BLE001 - some message is not valid: decode each alone
+        return None
+    return docs if len(docs) == len(msgs) else None
+
+
+def prepare_bson(msg: bytes, now_ms: int, ids: "Stream | None" = None,
+                 doc: "dict | None" = None) -> bytes:
     """Validate one BSON message and return the document to journal and store.
 
     ``now_ms`` is the receive time (milliseconds since the epoch) used when the event
-    has no timestamp; ``ids`` the stream its position comes from (the journal's).
+    has no timestamp; ``ids`` the stream its position comes from (the journal's);
+    ``doc`` the message already decoded (by :func:`decode_many`), if it was.
     Raises Rejected when the message is not a valid event.
     """
     size = len(msg)
     if size > MAX_EVENT_SIZE:
         raise Rejected(f"message of {size} bytes is over the 16 MB limit")
-    try:
-        doc = bson.decode(msg, _CODEC)
-    except Exception as e:  # noqa: BLE001 - InvalidBSON and friends: not one document
-        if "recursion" in str(e):  # what pymongo says past ~1000 levels
-            raise Rejected(_TOO_DEEP) from None
-        raise Rejected(f"not a BSON document ({clip(e)})") from None
+    if doc is None:
+        try:
+            doc = bson.decode(msg, _CODEC)
+        except Exception as e:  # noqa: BLE001 - InvalidBSON and friends: not one document
+            if "recursion" in str(e):  # what pymongo says past ~1000 levels
+                raise Rejected(_TOO_DEEP) from None
+            raise Rejected(f"not a BSON document ({clip(e)})") from None
     if size >= _BSON_DEEP_FROM:
         check_depth(doc)
     if "$command" in doc:

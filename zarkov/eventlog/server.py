@@ -47,7 +47,7 @@ from zarkov import faults, security
 from zarkov.eventlog import notify
 from zarkov.eventlog.intake import STATS_INTERVAL, Intake
 from zarkov.eventlog.proxy import Proxy, private_dir
-from zarkov.eventlog.schema import Rejected, now_millis, prepare_bson, prepare_json
+from zarkov.eventlog.schema import Rejected, decode_many, now_millis, prepare_bson, prepare_json
 from zarkov.eventlog.stats import PROXY_STATS, Stats, read_stats, stats_path, total, write_loop
 from zarkov.metrics.endpoint import MetricsServer
 from zarkov.metrics.families import event_families
@@ -183,21 +183,28 @@ class EventServer:
         now = now_millis()
         key = self.key
         reject = self.intake.reject
+        msgs = []
+        for frames in batch:
+            msg = frames[-1]
+            if key is not None:
+                if len(frames) != 2 or not hmac.compare_digest(frames[0], key):
+                    reject(source, msg, "missing or wrong shared key")
+                    continue
+            elif len(frames) > 2:
+                reject(source, msg, f"{len(frames)} frames: expected 1, "
+                       "or 2 with a shared key")
+                continue
+            msgs.append(msg)
+        decoded = decode_many(msgs) if prepare is prepare_bson else None
         with self.intake.appending() as ids:
             docs, kept = [], []
-            for frames in batch:
-                msg = frames[-1]
-                if key is not None:
-                    if len(frames) != 2 or not hmac.compare_digest(frames[0], key):
-                        reject(source, msg, "missing or wrong shared key")
-                        continue
-                elif len(frames) > 2:
-                    reject(source, msg, f"{len(frames)} frames: expected 1, "
-                           "or 2 with a shared key")
-                    continue
+            for i, msg in enumerate(msgs):
                 try:
                     faults.hit("eventlog.message", msg)
-                    docs.append(prepare(msg, now, ids))
+                    if decoded is None:
+                        docs.append(prepare(msg, now, ids))
+                    else:
+                        docs.append(prepare_bson(msg, now, ids, decoded[i]))
                     kept.append(msg)
                 except Rejected as e:
                     reject(source, msg, str(e))
