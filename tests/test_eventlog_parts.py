@@ -65,6 +65,42 @@ def test_journal_reads_back_and_stops_at_a_torn_tail(tmp_path):
     j2.close()
 
 
+def test_the_journal_hands_the_committer_what_it_wrote_as_read_back_from_any_record(tmp_path):
+    # What the committer takes from memory must be what it would read from the files:
+    # from every record boundary (a commit may stop inside an append), to the end of a
+    # closed file or to where the open file ends.
+    j = J.Journal(str(tmp_path / "j"), file_size=500)
+    j.open()
+    sent = [bson.encode({"i": i, "pad": "x" * (i % 7) * 9}) for i in range(40)]
+    at = 0
+    for size in (1, 3, 2, 5, 1, 4, 6, 2, 3, 1, 2, 4, 6):
+        batch = sent[at:at + size]
+        at += size
+        j.append([J.frame(d) for d in batch], len(batch), batch)
+    assert at == len(sent) and len(j.closed) >= 3
+    files = [*j.closed, j.path]
+    for path in files:
+        records = J.read_records(path)[0]
+        bounds = [len(J.MAGIC)]
+        for d in records:
+            bounds.append(bounds[-1] + J.HEADER.size + len(d))
+        end = None if path in j.closed else j.size
+        for k, start in enumerate(bounds):
+            assert j.recorded(path, start, end) == records[k:], (path, start)
+        assert j.recorded(path, 0, end) == records
+        assert j.recorded(path, bounds[1] + 1, end) is None  # not a record's start
+    first = j.closed[0]
+    j.forget(first, len(J.MAGIC) + J.HEADER.size + len(sent[0]))  # the first append
+    assert j.recorded(first, 0) is None  # no longer all kept: read the file
+    assert j.recorded(first, len(J.MAGIC) + J.HEADER.size + len(sent[0])) == \
+        J.read_records(first)[0][1:]
+    j.forget(first)
+    assert j.recorded(first, 0) is None
+    j.append([J.frame(sent[0])], 1)  # not kept: the open file then reads from disk
+    assert j.recorded(j.path, len(J.MAGIC), j.size) is None
+    j.close()
+
+
 def test_rotate_keeps_num_event_logs_and_dumps_the_oldest(db, tmp_path, expect_path):
     for name, n in (("event", 3), ("event.0", 2), ("event.1", 1)):
         db[name].insert_many([{"type": name, "i": i} for i in range(n)])

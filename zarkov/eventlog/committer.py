@@ -159,7 +159,9 @@ class Committer:
         path, end = j.path, j.size
         assert path is not None, "no open journal file"
         start = self.done.get(path, len(MAGIC))
-        docs, _, _ = read_records(path, start, end)
+        docs = j.recorded(path, start, end)
+        if docs is None:
+            docs, _, _ = read_records(path, start, end)
         self._insert_records(path, start, docs)
 
     def _commit_backlog(self) -> None:
@@ -169,10 +171,13 @@ class Committer:
         ndocs = nbytes = 0
         for path in list(self.backlog):
             start = self.done.get(path, 0)
-            try:
-                docs, _, problem = read_records(path, start)
-            except FileNotFoundError:
-                docs, problem = [], None
+            problem = None
+            docs = self.journal.recorded(path, start)
+            if docs is None:
+                try:
+                    docs, _, problem = read_records(path, start)
+                except FileNotFoundError:
+                    docs = []
             size = sum(map(len, docs))
             if group and (ndocs + len(docs) > CHUNK_DOCS or nbytes + size > CHUNK_BYTES):
                 break
@@ -197,6 +202,7 @@ class Committer:
 
     def _finish_file(self, path: str, count: int, problem: str | None) -> None:
         self.done.pop(path, None)
+        self.journal.forget(path)
         self._observe(path)
         if not os.path.exists(path):
             return
@@ -221,6 +227,7 @@ class Committer:
             self._insert(chunk)
             offset += nbytes + HEADER.size * len(chunk)
             self.done[path] = offset
+            self.journal.forget(path, offset)
             self._observe(path, offset)
 
     def _insert(self, docs: list[bytes]) -> None:

@@ -143,7 +143,7 @@ class Intake:
         records = [J.frame(d) for d in docs]
         while True:
             try:
-                self.journal.append(records, len(records))
+                self.journal.append(records, len(records), docs)
                 break
             except OSError as e:
                 if not wait:

@@ -38,6 +38,9 @@ HEADER = struct.Struct("<II")
 SUFFIX = ".jnl"
 SYNC_INTERVAL = 1.0
 APPENDS_KEPT = 4096   # recent appends remembered for the commit latency
+#: Most bytes of appended documents kept in memory for the committer (see
+#: :meth:`Journal.recorded`); beyond it, the committer reads the files back.
+KEPT_BYTES = 64 << 20
 
 
 def list_files(directory: str) -> list[str]:
@@ -113,6 +116,11 @@ class Journal:
         #: database must not grow it).
         self.appends: collections.deque[tuple[str, int, float]] = collections.deque(
             maxlen=APPENDS_KEPT)
+        #: What this process appended and the committer has not yet stored: per file,
+        #: (start offset, end offset, documents) of each append (see :meth:`recorded`).
+        self._kept: dict[str, list[tuple[int, int, list[bytes]]]] = {}
+        self._kept_bytes = 0
+        self._sizes: dict[str, int] = {}   # the final size of each closed file kept
         self._seq = 0
         self._dirty = False
         self._syncer = None
@@ -149,8 +157,10 @@ class Journal:
             written = os.write(self.fd, view)
             view = view[written:]
 
-    def append(self, records: Iterable[bytes], count: int) -> None:
-        """Append already framed records (``count`` of them) in one write.
+    def append(self, records: Iterable[bytes], count: int,
+               docs: list[bytes] | None = None) -> None:
+        """Append already framed records (``count`` of them) in one write; ``docs``,
+        their documents, are kept in memory for the committer (:meth:`recorded`).
 
         Raises OSError (the file unchanged) when the write fails; the caller may retry.
         """
@@ -166,6 +176,10 @@ class Journal:
             except OSError:
                 pass
             raise
+        if docs is not None and self._kept_bytes < KEPT_BYTES:
+            assert self.path is not None
+            self._kept.setdefault(self.path, []).append((self.size, self.size + len(blob), docs))
+            self._kept_bytes += len(blob)
         self.size += len(blob)
         self.appended += count
         self.last_append = time.monotonic()
@@ -176,6 +190,53 @@ class Journal:
             self.rotate()
         self.changed.set()
 
+    def recorded(self, path: str, start: int, end: int | None = None) -> list[bytes] | None:
+        """The documents of ``path`` from offset ``start`` to ``end`` (None: the end of
+        a closed file) as appended, or None when they are not all kept in memory
+        (then read them with :func:`read_records`).
+
+        Why: reading back what this process has just written, checksums and all,
+        costs about a tenth of the logger's time per event.
+        """
+        if end is None:
+            end = self._sizes.get(path)
+        parts = self._kept.get(path)
+        if end is None or not parts:
+            return None
+        start = max(start, len(MAGIC))
+        docs: list[bytes] = []
+        at = start
+        for first, last, appended in parts:
+            if last <= start:
+                continue
+            if first < at == start:  # ``start`` inside an append: skip the records before
+                pos, k = first, 0
+                while pos < at:
+                    pos += HEADER.size + len(appended[k])
+                    k += 1
+                if pos != at:
+                    return None
+                appended = appended[k:]
+            elif first != at:  # a gap: that append was not kept
+                return None
+            docs.extend(appended)
+            at = last
+            if at >= end:
+                break
+        return docs if at == end else None
+
+    def forget(self, path: str, offset: int | None = None) -> None:
+        """Drop what is kept of ``path`` up to ``offset`` (None: all of it): stored."""
+        parts = self._kept.get(path)
+        if parts is None:
+            return
+        while parts and (offset is None or parts[0][1] <= offset):
+            first, last, _ = parts.pop(0)
+            self._kept_bytes -= last - first
+        if not parts:
+            del self._kept[path]
+            self._sizes.pop(path, None)
+
     def has_records(self) -> bool:
         """True when the open file holds at least one record."""
         return self.size > len(MAGIC)
@@ -184,6 +245,8 @@ class Journal:
         """Close the open file (it joins ``closed``) and open the next one."""
         old_fd, old_path = self.fd, self.path
         assert old_fd is not None and old_path is not None, "the journal is closed"
+        if old_path in self._kept:
+            self._sizes[old_path] = self.size
         self._new_file()
         self.closed.append(old_path)
         self._dirty = True
@@ -226,6 +289,8 @@ class Journal:
             os.close(fd)
         if self.size > len(MAGIC):
             self.closed.append(path)
+            if path in self._kept:
+                self._sizes[path] = self.size
         else:
             os.unlink(path)
         self.stream.close()
