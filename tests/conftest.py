@@ -6,6 +6,11 @@ ZARKOV_TEST_SERVER (``ferretdb``, the default, or ``java``), which scripts/dev-d
 starts.  ``make test`` runs the suite once per bundled server.  The server's name
 and version are printed in pytest's header and in its summary line.
 
+A test that touches no server (its fixtures do not include ``server``: unit tests,
+in-process fuzzing, the multi-host tests with their own FerretDB) runs once per
+``make test``: scripts/test-servers sets ``ZARKOV_TEST_SERVERLESS=skip`` for the runs
+after the first, which then deselect it.
+
 A test that cannot pass on one server says so with
 ``@pytest.mark.server_limit("<kind>", reason="<the server's limit>")``: it is then
 expected to fail there (``xfail(strict=True)``), never skipped.
@@ -61,6 +66,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("ZARKOV_TEST_SERVERLESS") == "skip":
+        # Why: such a test gives the same result whatever the server; an earlier run
+        # of make test ran it (see the module docstring).
+        ran = [item for item in items if "server" not in item.fixturenames]
+        if ran:
+            config.hook.pytest_deselected(items=ran)
+            items[:] = [item for item in items if "server" in item.fixturenames]
     for item in items:
         engine = getattr(item, "callspec", None) and item.callspec.params.get("engine")
         if engine not in (None, "router") and item.get_closest_marker("any_engine"):
