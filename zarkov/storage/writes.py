@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator, Optional
 
 from bson.codec_options import CodecOptions
-from bson.raw_bson import RawBSONDocument
+from bson.raw_bson import DEFAULT_RAW_BSON_OPTIONS, RawBSONDocument
 from pymongo import ReplaceOne
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError
@@ -56,7 +56,22 @@ class _Raw(RawBSONDocument):
     def __init__(self, raw: bytes):
         self._RawBSONDocument__raw = raw
         self._RawBSONDocument__inflated_doc = None
-        self._RawBSONDocument__codec_options = None
+        self._RawBSONDocument__codec_options = DEFAULT_RAW_BSON_OPTIONS
+
+
+def _raw_wrapper() -> type:
+    # Why: _Raw sets RawBSONDocument's private slots; should a pymongo release name
+    # them otherwise, inserts fall back to the public class instead of failing.
+    try:
+        probe = _Raw(b"\x0c\x00\x00\x00\x10n\x00\x01\x00\x00\x00\x00")
+        if bytes(probe.raw[:1]) == b"\x0c" and probe["n"] == 1:
+            return _Raw
+    except Exception:  # noqa: BLE001 - any failure: use the public class
+        pass
+    return RawBSONDocument
+
+
+_wrap = _raw_wrapper()
 
 
 #: The most bytes of documents sent as one ``insert`` command by :func:`insert_raw`
@@ -76,7 +91,7 @@ def insert_raw(coll, docs: list[bytes]) -> None:
     if sum(map(len, docs)) > COMMAND_BYTES:
         coll.insert_many([RawBSONDocument(d) for d in docs], ordered=False)
         return
-    command: dict = {"insert": coll.name, "documents": [_Raw(d) for d in docs],
+    command: dict = {"insert": coll.name, "documents": [_wrap(d) for d in docs],
                      "ordered": False}
     if not coll.write_concern.is_server_default:
         command["writeConcern"] = coll.write_concern.document
