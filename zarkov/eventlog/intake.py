@@ -140,10 +140,9 @@ class Intake:
         (why: the messages were taken off a socket, and ZeroMQ meanwhile queues the
         next ones and then pushes back on the senders).
         """
-        records = [J.frame(d) for d in docs]
         while True:
             try:
-                self.journal.append(records, len(records), docs)
+                self.journal.append(docs)
                 break
             except OSError as e:
                 if not wait:
@@ -151,7 +150,7 @@ class Intake:
                 log.error("%s: cannot write the journal (%s); retrying in a second",
                           self.name, e)
                 gevent.sleep(RETRY_WRITE)
-        self.stats.accepted += len(records)
+        self.stats.accepted += len(docs)
 
     def reject(self, source: str, data: bytes, reason: str) -> None:
         """Set aside a message that is not an accepted event, with its reason."""

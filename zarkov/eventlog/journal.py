@@ -25,7 +25,6 @@ import os
 import struct
 import time
 import zlib
-from typing import Iterable
 
 import gevent
 import gevent.event
@@ -157,14 +156,13 @@ class Journal:
             written = os.write(self.fd, view)
             view = view[written:]
 
-    def append(self, records: Iterable[bytes], count: int,
-               docs: list[bytes] | None = None) -> None:
-        """Append already framed records (``count`` of them) in one write; ``docs``,
-        their documents, are kept in memory for the committer (:meth:`recorded`).
+    def append(self, docs: list[bytes]) -> None:
+        """Append the BSON documents ``docs`` as records, in one write; they are kept
+        in memory for the committer (:meth:`recorded`).
 
         Raises OSError (the file unchanged) when the write fails; the caller may retry.
         """
-        blob = b"".join(records)
+        blob = b"".join([frame(d) for d in docs])
         try:
             self._write(blob)
         except OSError:
@@ -176,12 +174,12 @@ class Journal:
             except OSError:
                 pass
             raise
-        if docs is not None and self._kept_bytes < KEPT_BYTES:
+        if self._kept_bytes < KEPT_BYTES:
             assert self.path is not None
             self._kept.setdefault(self.path, []).append((self.size, self.size + len(blob), docs))
             self._kept_bytes += len(blob)
         self.size += len(blob)
-        self.appended += count
+        self.appended += len(docs)
         self.last_append = time.monotonic()
         assert self.path is not None
         self.appends.append((self.path, self.size, self.last_append))
