@@ -64,10 +64,12 @@ class Commands(monitoring.CommandListener):
 
     def __init__(self):
         self.finds: list[dict] = []
+        self.sorts: list[dict] = []
 
     def started(self, event):
         if event.command_name == "find" and str(event.command["find"]).startswith("event"):
             self.finds.append(dict(event.command.get("filter") or {}))
+            self.sorts.append(dict(event.command.get("sort") or {}))
 
     def succeeded(self, event):
         pass
@@ -112,14 +114,49 @@ def test_reads_by_position_take_exactly_the_range_the_way_the_server_serves_it(
     kinds = {server.caps.id_reads}
     if kinds == {storage.ID_RANGE}:  # the filter as it is: index scans
         assert listener.finds == [query, query]
-    elif kinds == {storage.ID_IN}:  # $in lists, then the marked ones by their filter
-        assert all(list(f) == ["_id"] and "$in" in f["_id"] for f in listener.finds[:-2])
+    elif kinds == {storage.ID_IN}:  # the newest, $in lists, then the marked by their filter
+        assert listener.finds[0] == {} and listener.sorts[0] == {"$natural": -1}
+        assert all(list(f) == ["_id"] and "$in" in f["_id"] for f in listener.finds[1:-2])
         assert listener.finds[-2:] == [{"jobs": "run-1"}] * 2
     else:  # one id at a time
         ones = listener.finds[:-2]
         assert all(list(f) == ["_id"] and isinstance(f["_id"], ObjectId) for f in ones)
         # 20 ids in event, then the 5 found neither there nor... in event.0 (and 2990).
         assert len(ones) == 20 + 6
+
+
+def test_a_range_among_the_newest_events_is_read_from_the_end_where_that_is_cheap(
+        db, watched, server):
+    """mongo-java-server: a run that keeps up finds its range at the end of natural order
+    and needs no ``$in`` list; an older range costs one short read more; an event
+    stored in a slot freed by a deletion (the memory backend reuses them) is still
+    found.  Elsewhere no such read is made."""
+    wdb, listener = watched
+    A.add_events(db, 3000, kind="logged")
+    stream = A.logger_stream(db).stream
+    key = positions.key(stream)
+
+    def read(after: int, upto: int) -> list:
+        listener.finds.clear()
+        listener.sorts.clear()
+        got = _ids(storage.reads(wdb).arrays(["event"], Range(key, after, upto).clause()))
+        assert sorted(got) == [positions.oid(stream, n) for n in range(after + 1, upto + 1)]
+        return listener.finds
+
+    tail = server.caps.natural_slices
+    newest = read(2940, 3000)
+    if tail:
+        assert newest == [{}] and listener.sorts == [{"$natural": -1}]  # no $in list
+    older = read(1000, 1050)
+    if tail:
+        assert older[0] == {} and len(older) == 2 and "$in" in older[1]["_id"]
+    else:
+        assert {"$natural": -1} not in listener.sorts
+    db.event.delete_many({"_seq": {"$lte": 300}})
+    A.add_events(db, 100, kind="logged")  # into the freed slots, or at the end
+    read(3000, 3100)
+    if tail:
+        assert read(2940, 3000) == []  # the cache has them
 
 
 def test_reads_by_position_with_a_task_filter_ask_the_server(db, watched, server):
