@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 
 import bson
 import pytest
@@ -160,3 +161,33 @@ def test_an_insert_in_parts_reports_each_refusal_at_its_place_in_the_batch(db):
     assert db.event.count_documents({"n": -1}) == 2  # the first ones stay
     insert_unordered(db.event.database.other, docs)  # no error: nothing raised
     assert db.other.count_documents({}) == n
+
+
+def test_messages_a_socket_loop_holds_while_gathering_more_are_stored_at_stop(
+        zconfig, db, monkeypatch):
+    """A small batch waits a moment for more messages (the event server's GATHER); a
+    stop in that moment journals and stores it like everything still queued."""
+    import gevent
+    import zmq
+
+    from zarkov import config as C
+    from zarkov.eventlog import server as S
+
+    monkeypatch.setattr(S, "GATHER", 60.0)
+    srv = S.EventServer(C.from_dict(zconfig)).start()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    try:
+        push.connect(zconfig["bson_uri"])
+        push.send(bson.encode({"type": "held"}))
+        deadline = time.monotonic() + 10
+        while not srv._held.get("bson") and time.monotonic() < deadline:
+            gevent.sleep(0.01)  # the server's loops run while this one sleeps
+        assert srv._held.get("bson"), "the bson loop never held the message"
+        push.send(bson.encode({"type": "queued"}))
+        gevent.sleep(0.05)  # reaches the server's queue; its loop still waits
+    finally:
+        push.close(0)
+        ctx.term()
+        assert srv.stop(10)
+    assert sorted(d["type"] for d in db.event.find()) == ["held", "queued"]
