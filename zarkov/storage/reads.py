@@ -67,11 +67,11 @@ ID_BATCH = 1000
 IN_BATCH = 64
 #: Bytes of events read by id kept for the next reads of the same positions.
 CACHE_BYTES = 32 << 20
-#: Most ids of a read looked for first among the newest documents; documents per
-#: server batch of that read, and read beyond the ids' count (other streams' events
-#: stored among them) (:meth:`Reads.prefetch_tail`).
+#: Most ids of a read looked for first among the newest documents
+#: (:meth:`Reads.prefetch_tail`); documents per server batch of that read; documents
+#: read beyond the ids' count (other streams' events stored among them).
 TAIL_MOST = 10_000
-TAIL_FIRST = 256
+TAIL_BATCH = 256
 TAIL_SLACK = 256
 #: Queries of one id in flight at once (FerretDB).
 CONCURRENCY = 8
@@ -328,7 +328,7 @@ class Reads:
             found: dict = {}
             cursor = coll.find_raw_batches({}, sort=[("$natural", -1)],
                                            limit=len(wanted) + TAIL_SLACK,
-                                           batch_size=TAIL_FIRST)
+                                           batch_size=TAIL_BATCH)
             try:
                 for batch in cursor:
                     before = len(found)
