@@ -286,9 +286,11 @@ class Reads:
             yield from find_arrays(self.db, names, query, batch_size)
             return
         ranges, others, _ = plan
+        ids: Iterable[Any] = (oid for r in ranges for oid in r.ids())
         if self.caps.natural_slices and sum(len(r) for r in ranges) <= TAIL_MOST:
-            self.prefetch_tail(names[0], [oid for r in ranges for oid in r.ids()])
-        yield from self.by_id(names, (oid for r in ranges for oid in r.ids()))
+            ids = list(ids)
+            self.prefetch_tail(names[0], ids)
+        yield from self.by_id(names, ids)
         if others is not None:
             yield from find_arrays(self.db, names, others, batch_size)
 
